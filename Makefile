@@ -1,0 +1,38 @@
+# The two commands a new machine needs:  `make demo`  and  `make test`.
+# Everything they need is installed here, into .venv, from pinned versions.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench models clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[convert,dev]'
+	touch $(STAMP)
+
+models/build/agent.yaml: $(STAMP)
+	$(PY) -m models
+
+models: $(STAMP)
+	$(PY) -m models
+
+# Build the sample bundles if missing, start the agent, send it real images, print the answers.
+demo: models/build/agent.yaml
+	$(VENV)/bin/edge-agent demo --config models/build/agent.yaml
+
+test: $(STAMP)
+	deploy/ensure-mosquitto.sh
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: $(STAMP)
+	$(PY) -m bench overhead
+
+clean:
+	rm -rf $(VENV) models/build

@@ -1,0 +1,25 @@
+"""Inference runtimes behind one interface; ``create_backend`` picks by the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.backends.base import Backend, BackendInfo
+from agent.bundle.manifest import Manifest
+from agent.config import RuntimeConfig
+
+
+def create_backend(model_path: Path, manifest: Manifest, runtime: RuntimeConfig) -> Backend:
+    # Imported lazily: a box serving only ONNX models never imports LiteRT, and vice versa.
+    if manifest.runtime == "onnx":
+        from agent.backends.onnx import OnnxBackend
+
+        return OnnxBackend(model_path, manifest, runtime.onnx)
+    if manifest.runtime == "litert":
+        from agent.backends.litert import LiteRTBackend
+
+        return LiteRTBackend(model_path, manifest, runtime.litert)
+    raise ValueError(f"unknown runtime {manifest.runtime!r}")
+
+
+__all__ = ["Backend", "BackendInfo", "create_backend"]

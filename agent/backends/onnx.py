@@ -1,0 +1,117 @@
+"""ONNX Runtime backend.
+
+Execution providers are tried in the configured order; a provider that is not
+installed, or that fails to create a session for this model, is skipped with one
+log line, and the CPU provider is always the last resort. ``info.provider`` says
+which provider actually runs the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.backends.base import Backend
+from agent.bundle.manifest import OIP_TO_NUMPY, Manifest
+from agent.config import OnnxConfig
+from agent.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+class OnnxBackend(Backend):
+    runtime = "onnx"
+
+    def __init__(self, model_path: Path, manifest: Manifest, config: OnnxConfig) -> None:
+        super().__init__(model_path, manifest)
+        self.config = config
+        self._session: ort.InferenceSession | None = None
+        self._output_names: list[str] = []
+        self._input_dtypes: dict[str, np.dtype] = {}
+
+    @property
+    def max_concurrency(self) -> int:
+        # InferenceSession.run is thread-safe; each concurrent run uses the
+        # intra-op pool, so more than a few only adds contention.
+        return self.config.sessions
+
+    def _session_options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.config.intra_op_threads
+        opts.inter_op_num_threads = self.config.inter_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        return opts
+
+    def load(self) -> None:
+        wanted = [p for p in self.config.providers if p != CPU] + [CPU]
+        installed = set(available_providers())
+        errors: list[str] = []
+        for provider in wanted:
+            self.info.providers_tried.append(provider)
+            if provider not in installed:
+                errors.append(f"{provider}: not available in this onnxruntime build")
+                continue
+            options = self.config.provider_options.get(provider, {})
+            chain: list[str | tuple[str, dict[str, str]]] = [(provider, options)]
+            if provider != CPU:
+                chain.append(CPU)  # ops the accelerator lacks still run
+            try:
+                session = ort.InferenceSession(
+                    str(self.model_path), sess_options=self._session_options(), providers=chain
+                )
+            except Exception as exc:  # noqa: BLE001 - ORT raises bare RuntimeError/Fail
+                errors.append(f"{provider}: {exc}")
+                if provider == CPU:
+                    raise ModelLoadError(
+                        f"ONNX Runtime cannot load {self.model_path.name}: {exc}"
+                    ) from exc
+                continue
+            if provider != wanted[0]:
+                self.info.fallback_reason = "; ".join(errors)
+                log.warning(
+                    "%s:%s runs on %s, preferred provider unavailable (%s)",
+                    self.manifest.name, self.manifest.version, provider, self.info.fallback_reason,
+                )
+            self._session = session
+            self.info.provider = session.get_providers()[0]
+            break
+        assert self._session is not None
+        self._check_signature(self._session)
+
+    def _check_signature(self, session: ort.InferenceSession) -> None:
+        """The manifest must describe the model it ships with."""
+        model_inputs = {i.name: i for i in session.get_inputs()}
+        model_outputs = {o.name for o in session.get_outputs()}
+        for spec in self.manifest.inputs:
+            if spec.name not in model_inputs:
+                raise ModelLoadError(f"manifest input {spec.name!r} is not an input of the model")
+            self._input_dtypes[spec.name] = np.dtype(OIP_TO_NUMPY[spec.datatype])
+        for spec in self.manifest.outputs:
+            if spec.name not in model_outputs:
+                raise ModelLoadError(f"manifest output {spec.name!r} is not an output of the model")
+        self._output_names = [o.name for o in self.manifest.outputs]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._session
+        if session is None:
+            raise ModelLoadError(f"{self.manifest.name}:{self.manifest.version} is not loaded")
+        feed = {
+            name: np.asarray(value, dtype=self._input_dtypes.get(name, value.dtype))
+            for name, value in inputs.items()
+        }
+        results = session.run(self._output_names, feed)
+        return dict(zip(self._output_names, results, strict=True))
+
+    def unload(self) -> None:
+        self._session = None
+        self.info.provider = "unloaded"

@@ -1,0 +1,1 @@
+"""Model converters: trained models to signed, quantized, self-testing bundles."""

@@ -1,0 +1,1 @@
+"""Fleet service (registry, devices, rollouts). Arrives with the fleet issue."""
