@@ -185,4 +185,3 @@ def load_config(path: Path) -> AgentConfig:
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-

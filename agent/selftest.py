@@ -24,16 +24,18 @@ def load_vectors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
         raise SelfTestError(f"test vectors {path.name} unreadable: {exc}") from exc
-    inputs = {k[len(INPUT_PREFIX):]: v for k, v in arrays.items() if k.startswith(INPUT_PREFIX)}
+    inputs = {k[len(INPUT_PREFIX) :]: v for k, v in arrays.items() if k.startswith(INPUT_PREFIX)}
     expected = {
-        k[len(EXPECTED_PREFIX):]: v for k, v in arrays.items() if k.startswith(EXPECTED_PREFIX)
+        k[len(EXPECTED_PREFIX) :]: v for k, v in arrays.items() if k.startswith(EXPECTED_PREFIX)
     }
     if not inputs or not expected:
         raise SelfTestError(f"test vectors {path.name} hold no inputs or no expected outputs")
     return inputs, expected
 
 
-def save_vectors(path: Path, inputs: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+def save_vectors(
+    path: Path, inputs: dict[str, np.ndarray], expected: dict[str, np.ndarray]
+) -> None:
     arrays = {INPUT_PREFIX + k: v for k, v in inputs.items()}
     arrays |= {EXPECTED_PREFIX + k: v for k, v in expected.items()}
     with open(path, "wb") as f:
@@ -48,7 +50,7 @@ def run_self_test(backend: Backend, manifest: Manifest, directory: Path) -> str:
     inputs, expected = load_vectors(directory / spec.file)
     try:
         got = backend.infer(inputs)
-    except Exception as exc:  # noqa: BLE001 - any runtime failure fails the test
+    except Exception as exc:
         raise SelfTestError(f"self-test inference failed: {exc}") from exc
     n = next(iter(inputs.values())).shape[0]
     for name, want in expected.items():

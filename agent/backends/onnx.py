@@ -69,7 +69,7 @@ class OnnxBackend(Backend):
                 session = ort.InferenceSession(
                     str(self.model_path), sess_options=self._session_options(), providers=chain
                 )
-            except Exception as exc:  # noqa: BLE001 - ORT raises bare RuntimeError/Fail
+            except Exception as exc:
                 errors.append(f"{provider}: {exc}")
                 if provider == CPU:
                     raise ModelLoadError(
@@ -80,7 +80,10 @@ class OnnxBackend(Backend):
                 self.info.fallback_reason = "; ".join(errors)
                 log.warning(
                     "%s:%s runs on %s, preferred provider unavailable (%s)",
-                    self.manifest.name, self.manifest.version, provider, self.info.fallback_reason,
+                    self.manifest.name,
+                    self.manifest.version,
+                    provider,
+                    self.info.fallback_reason,
                 )
             self._session = session
             self.info.provider = session.get_providers()[0]

@@ -4,8 +4,8 @@ from agent.bundle.archive import BundleContents, read_bundle, write_bundle
 from agent.bundle.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
-    SelfTestSpec,
     Manifest,
+    SelfTestSpec,
     TensorSpec,
 )
 from agent.bundle.signing import TrustStore, generate_keypair, sign_manifest

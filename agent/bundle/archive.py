@@ -142,7 +142,9 @@ def _extract_verified(
                         digest.update(chunk)
                         dst.write(chunk)
             except (tarfile.TarError, EOFError, OSError) as exc:
-                raise BundleError(f"{bundle.name} is truncated or corrupt at {name}: {exc}") from exc
+                raise BundleError(
+                    f"{bundle.name} is truncated or corrupt at {name}: {exc}"
+                ) from exc
             if digest.hexdigest() != entry.sha256:
                 raise BundleError(f"{name}: sha256 mismatch, the file was altered")
         (out / MANIFEST_NAME).write_bytes(manifest_bytes)

@@ -1,0 +1,186 @@
+"""A small Prometheus registry: counters, gauges and histograms with labels.
+
+Only ever touched from the event loop thread (the runner records after awaiting
+the executor), so no locks.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+LabelValues = tuple[str, ...]
+
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt_labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+@dataclass
+class _Metric:
+    name: str
+    help: str
+    kind: str
+    labels: tuple[str, ...]
+    values: dict[LabelValues, float] = field(default_factory=dict)
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        for lv, v in sorted(self.values.items()):
+            out.append(f"{self.name}{_fmt_labels(self.labels, lv)} {v:g}")
+        return out
+
+
+class Counter(_Metric):
+    def inc(self, *labels: str, value: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + value
+
+
+class Gauge(_Metric):
+    def set(self, *labels: str, value: float) -> None:
+        self.values[labels] = value
+
+    def remove(self, *labels: str) -> None:
+        self.values.pop(labels, None)
+
+
+@dataclass
+class _HistogramSeries:
+    counts: list[int]
+    total: float = 0.0
+    n: int = 0
+
+
+class Histogram:
+    def __init__(
+        self, name: str, help: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> None:
+        self.name, self.help, self.labels, self.buckets = name, help, labels, buckets
+        self.series: dict[LabelValues, _HistogramSeries] = {}
+
+    def observe(self, *labels: str, value: float) -> None:
+        s = self.series.get(labels)
+        if s is None:
+            s = self.series[labels] = _HistogramSeries([0] * len(self.buckets))
+        i = bisect.bisect_left(self.buckets, value)
+        if i < len(self.buckets):
+            s.counts[i] += 1
+        s.total += value
+        s.n += 1
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for lv, s in sorted(self.series.items()):
+            cumulative = 0
+            for bound, c in zip(self.buckets, s.counts, strict=True):
+                cumulative += c
+                le = _fmt_labels(self.labels, lv, f'le="{bound:g}"')
+                out.append(f"{self.name}_bucket{le} {cumulative}")
+            inf = _fmt_labels(self.labels, lv, 'le="+Inf"')
+            out.append(f"{self.name}_bucket{inf} {s.n}")
+            out.append(f"{self.name}_sum{_fmt_labels(self.labels, lv)} {s.total:g}")
+            out.append(f"{self.name}_count{_fmt_labels(self.labels, lv)} {s.n}")
+        return out
+
+
+class Metrics:
+    """The agent's metrics. Names follow Prometheus conventions (seconds, _total)."""
+
+    def __init__(self) -> None:
+        mv = ("model", "version")
+        self.http_requests = Counter(
+            "edgefleet_http_requests_total",
+            "HTTP requests by route and status",
+            "counter",
+            ("route", "status"),
+        )
+        self.inference_requests = Counter(
+            "edgefleet_inference_requests_total",
+            "Inference requests by model version and outcome (success, failure, rejected)",
+            "counter",
+            (*mv, "outcome"),
+        )
+        self.request_duration = Histogram(
+            "edgefleet_request_duration_seconds",
+            "Time from request received to answer ready, per model version",
+            mv,
+            LATENCY_BUCKETS,
+        )
+        self.queue_duration = Histogram(
+            "edgefleet_queue_duration_seconds",
+            "Time an inference waited for a free model instance",
+            mv,
+            LATENCY_BUCKETS,
+        )
+        self.compute_duration = Histogram(
+            "edgefleet_compute_duration_seconds",
+            "Time the backend spent computing one execution",
+            mv,
+            LATENCY_BUCKETS,
+        )
+        self.executions = Counter(
+            "edgefleet_inference_executions_total",
+            "Backend executions (one batch counts once)",
+            "counter",
+            mv,
+        )
+        self.queue_depth = Gauge(
+            "edgefleet_queue_depth",
+            "Inferences waiting or running per model version",
+            "gauge",
+            mv,
+        )
+        self.model_ready = Gauge(
+            "edgefleet_model_ready",
+            "1 when the version is loaded and passed its self-test; active says which serves",
+            "gauge",
+            (*mv, "active"),
+        )
+        self.activations = Counter(
+            "edgefleet_activations_total",
+            "Model version activations by result",
+            "counter",
+            ("model", "result"),
+        )
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in (
+            self.http_requests,
+            self.inference_requests,
+            self.request_duration,
+            self.queue_duration,
+            self.compute_duration,
+            self.executions,
+            self.queue_depth,
+            self.model_ready,
+            self.activations,
+        ):
+            lines.extend(m.render())
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,94 @@
+"""Runs a loaded backend from the event loop without ever blocking it.
+
+``ModelRunner`` is the async face of one model version: a bounded queue (a full
+queue answers 503 with Retry-After rather than letting latency grow without end),
+a semaphore sized to the backend's declared concurrency, and the blocking
+``infer`` in a worker thread. The dynamic batcher wraps this same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from typing import Protocol
+
+import numpy as np
+
+from agent.backends.base import Backend
+from agent.errors import Unavailable
+from agent.metrics import Metrics
+
+Tensors = dict[str, np.ndarray]
+
+
+class InferenceHandle(Protocol):
+    async def infer(self, inputs: Tensors) -> Tensors: ...
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        backend: Backend,
+        executor: Executor,
+        metrics: Metrics,
+        max_queue: int,
+    ) -> None:
+        self.backend = backend
+        self.executor = executor
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self._slots = asyncio.Semaphore(backend.max_concurrency)
+        self._pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        m = backend.manifest
+        self._labels = (m.name, m.version)
+        self._compute_ewma = 0.005
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def infer(self, inputs: Tensors) -> Tensors:
+        if self._pending >= self.max_queue:
+            self.metrics.inference_requests.inc(*self._labels, "rejected")
+            # How long the queue ahead needs, roughly: a hint, not a promise.
+            wait = self._pending * self._compute_ewma / max(1, self.backend.max_concurrency)
+            raise Unavailable(
+                f"{self._labels[0]}:{self._labels[1]} queue is full ({self._pending} waiting)",
+                retry_after=max(1.0, round(wait, 1)),
+            )
+        self._pending += 1
+        self._idle.clear()
+        self.metrics.queue_depth.set(*self._labels, value=self._pending)
+        queued = time.perf_counter()
+        try:
+            async with self._slots:
+                started = time.perf_counter()
+                loop = asyncio.get_running_loop()
+                outputs = await loop.run_in_executor(self.executor, self.backend.infer, inputs)
+                done = time.perf_counter()
+        except Exception:
+            self.metrics.inference_requests.inc(*self._labels, "failure")
+            raise
+        finally:
+            self._pending -= 1
+            self.metrics.queue_depth.set(*self._labels, value=self._pending)
+            if self._pending == 0:
+                self._idle.set()
+        compute = done - started
+        self._compute_ewma = 0.9 * self._compute_ewma + 0.1 * compute
+        self.metrics.queue_duration.observe(*self._labels, value=started - queued)
+        self.metrics.compute_duration.observe(*self._labels, value=compute)
+        self.metrics.executions.inc(*self._labels)
+        self.metrics.inference_requests.inc(*self._labels, "success")
+        return outputs
+
+    async def drain(self, within_s: float) -> bool:
+        """Wait until nothing is queued or running; False if ``within_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), within_s)
+            return True
+        except TimeoutError:
+            return False

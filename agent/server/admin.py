@@ -1,0 +1,138 @@
+"""Local management endpoints (``/v1/...``): model status, bundle install,
+activation, rollback and labels. The fleet link drives the same registry calls."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent.errors import BadRequest, PayloadTooLarge
+from agent.server.context import services
+from agent.server.responses import json_response, read_json_object
+
+routes = web.RouteTableDef()
+
+
+def _spool_file(spool: Path) -> Path:
+    spool.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=spool, suffix=".bundle")
+    os.close(fd)
+    return Path(name)
+
+
+def model_status(request: web.Request, name: str) -> dict[str, Any]:
+    registry = services(request).registry
+    state = registry.known_state(name)
+    loaded = registry.loaded_versions(name)
+    versions = []
+    for version in state.installed:
+        lv = loaded.get(version)
+        row: dict[str, Any] = {
+            "version": version,
+            "active": version == state.active,
+            "labels": sorted(k for k, v in state.labels.items() if v == version),
+            "loaded": lv is not None,
+        }
+        if lv is not None:
+            row |= {
+                "runtime": lv.manifest.runtime,
+                "provider": lv.backend.info.provider,
+                "provider_fallback": lv.backend.info.fallback_reason,
+                "self_test": lv.self_test,
+                "queue": lv.runner.pending,
+            }
+        versions.append(row)
+    return {
+        "name": name,
+        "active": state.active,
+        "previous": state.previous,
+        "labels": state.labels,
+        "last_error": state.last_error,
+        "versions": versions,
+    }
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    registry = services(request).registry
+    return json_response({"models": [model_status(request, n) for n in registry.model_names()]})
+
+
+@routes.get("/v1/models/{model}")
+async def show_model(request: web.Request) -> web.Response:
+    return json_response(model_status(request, request.match_info["model"]))
+
+
+@routes.post("/v1/bundles")
+async def upload_bundle(request: web.Request) -> web.Response:
+    """Install a bundle sent as the request body; ``?activate=1`` also activates it."""
+    svc = services(request)
+    limit = svc.config.store.max_member_bytes
+    loop = asyncio.get_running_loop()
+    io = svc.io_executor
+    spool = svc.config.store.path / ".uploads"
+    tmp = await loop.run_in_executor(io, _spool_file, spool)
+    try:
+        size = 0
+        with open(tmp, "wb") as f:  # noqa: ASYNC230 - writes go through the executor below
+            async for chunk in request.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"bundle larger than the {limit} byte limit")
+                await loop.run_in_executor(io, f.write, chunk)
+        if size == 0:
+            raise BadRequest("empty bundle body")
+        manifest = await svc.registry.install(tmp)
+    finally:
+        await loop.run_in_executor(io, functools.partial(tmp.unlink, missing_ok=True))
+    result: dict[str, Any] = {"name": manifest.name, "version": manifest.version, "installed": True}
+    if request.query.get("activate") in ("1", "true", "yes"):
+        await svc.registry.activate(manifest.name, manifest.version)
+        result["active"] = True
+    return json_response(result, 201)
+
+
+@routes.post("/v1/models/{model}/versions/{version}/activate")
+async def activate(request: web.Request) -> web.Response:
+    name, version = request.match_info["model"], request.match_info["version"]
+    registry = services(request).registry
+    registry.known_state(name)
+    lv = await registry.activate(name, version)
+    return json_response({"name": name, "active": lv.manifest.version, "self_test": lv.self_test})
+
+
+@routes.post("/v1/models/{model}/rollback")
+async def rollback(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    registry = services(request).registry
+    registry.known_state(name)
+    lv = await registry.rollback(name)
+    return json_response({"name": name, "active": lv.manifest.version})
+
+
+@routes.put("/v1/models/{model}/labels/{label}")
+async def set_label(request: web.Request) -> web.Response:
+    name, label = request.match_info["model"], request.match_info["label"]
+    doc = await read_json_object(request)
+    version = doc.get("version")
+    if not isinstance(version, str):
+        raise BadRequest("body needs a string 'version'")
+    registry = services(request).registry
+    registry.known_state(name)
+    await registry.set_label(name, label, version)
+    return json_response({"name": name, "label": label, "version": version})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        text=services(request).metrics.render(),
+        content_type="text/plain",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )

@@ -1,0 +1,134 @@
+"""The agent's HTTP application: routes, error translation, auth, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from agent.bundle.signing import TrustStore
+from agent.config import AgentConfig, default_threads
+from agent.errors import EdgeError, Unavailable
+from agent.metrics import Metrics
+from agent.registry import ModelRegistry
+from agent.server import admin, image, oip, openapi
+from agent.server.context import SERVICES, Services, services
+from agent.server.responses import error_response
+from agent.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as ``{"error": ...}`` with the status its class names."""
+    metrics = request.app[SERVICES].metrics
+    try:
+        response = await handler(request)
+    except EdgeError as exc:
+        headers = None
+        if isinstance(exc, Unavailable) and exc.retry_after is not None:
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+        log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        response = error_response(exc.message, exc.status, headers)
+    except web.HTTPRequestEntityTooLarge as exc:
+        log.info("%s %s -> 413: body too large", request.method, request.path)
+        response = error_response(f"request body larger than the {exc.max_size} byte limit", 413)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(exc.reason, exc.status)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("bug while serving %s %s", request.method, request.path)
+        response = error_response(f"internal error ({type(exc).__name__})", 500)
+    metrics.http_requests.inc(_route_name(request), str(response.status))
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = services(request).config.server.auth_token
+    if token and request.path not in _OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token}"
+        # Constant-time: the comparison must not leak how much of the token matched.
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return error_response("missing or wrong bearer token", 401)
+    return await handler(request)
+
+
+def _log_trust(config: AgentConfig) -> None:
+    if config.trust.allow_unsigned:
+        log.warning(
+            "!!! trust.allow_unsigned is on: UNSIGNED BUNDLES WILL BE ACCEPTED."
+            " Development only; never on a store PC."
+        )
+    if not config.trust.public_keys and not config.trust.allow_unsigned:
+        log.warning("no trusted public keys configured: every bundle will be refused")
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    svc = app[SERVICES]
+    await svc.registry.start(svc.config.models)
+    names = svc.registry.model_names()
+    log.info(
+        "agent ready in %.2f s serving %s",
+        time.monotonic() - svc.started_at,
+        names,
+    )
+    yield
+    await svc.registry.close()
+    svc.inference_executor.shutdown(wait=True, cancel_futures=True)
+    svc.io_executor.shutdown(wait=True, cancel_futures=True)
+
+
+def create_app(config: AgentConfig) -> web.Application:
+    _log_trust(config)
+    trust = TrustStore.from_files(config.trust.public_keys, config.trust.allow_unsigned)
+    store = ModelStore(
+        config.store.path, trust, config.store.keep_versions, config.store.max_member_bytes
+    )
+    threads = config.runtime.executor_threads or default_threads()
+    inference = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="infer")
+    io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
+    metrics = Metrics()
+    registry = ModelRegistry(
+        store, config.runtime, inference, io, metrics, config.server.max_queue_per_model
+    )
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[error_middleware, auth_middleware],
+    )
+    svc = Services(config, registry, metrics, inference, io)
+    app[SERVICES] = svc
+    for table in (oip.routes, image.routes, admin.routes, openapi.routes):
+        app.add_routes(table)
+    if config.server.cors_origins:
+        app.on_response_prepare.append(_cors(config.server.cors_origins))
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+def _cors(origins: list[str]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin and (origin in origins or "*" in origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+
+    return add_headers

@@ -1,0 +1,30 @@
+"""What the request handlers share, kept on the aiohttp application."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from agent.config import AgentConfig
+from agent.metrics import Metrics
+from agent.registry import ModelRegistry
+
+
+@dataclass
+class Services:
+    config: AgentConfig
+    registry: ModelRegistry
+    metrics: Metrics
+    inference_executor: ThreadPoolExecutor
+    io_executor: ThreadPoolExecutor
+    started_at: float = field(default_factory=time.monotonic)
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]
