@@ -44,9 +44,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
         log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
         response = error_response(exc.message, exc.status, headers)
-    except web.HTTPRequestEntityTooLarge as exc:
-        log.info("%s %s -> 413: body too large", request.method, request.path)
-        response = error_response(f"request body larger than the {exc.max_size} byte limit", 413)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SERVICES].config.server.max_body_bytes
+        log.info("%s %s -> 413: body over %d bytes", request.method, request.path, limit)
+        response = error_response(f"request body larger than the {limit} byte limit", 413)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
