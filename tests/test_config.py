@@ -32,8 +32,8 @@ def test_wrong_type_names_key_and_line():
 
 
 def test_yaml_syntax_error_has_line_and_column():
-    with pytest.raises(ConfigError, match=r"line 2, column \d+"):
-        parse_config("server:\n  host: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"line 3, column \d+: mapping values"):
+        parse_config("server:\n  host: a\n  port: b: c\n")
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path):
