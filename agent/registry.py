@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from agent.backends import Backend, create_backend
-from agent.bundle.manifest import Manifest
+from agent.bundle.manifest import Manifest, check_name
 from agent.config import ModelEntry, RuntimeConfig
-from agent.errors import EdgeError, ModelLoadError, NotFound, Unavailable
+from agent.errors import BadRequest, EdgeError, ModelLoadError, NotFound, Unavailable
 from agent.metrics import Metrics
 from agent.runner import ModelRunner
 from agent.selftest import run_self_test
@@ -218,6 +218,10 @@ class ModelRegistry:
         return await self.activate(name, state.previous)
 
     async def set_label(self, name: str, label: str, version: str) -> None:
+        try:
+            check_name(label, "label")
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
         async with self._lock(name):
             state = await self._state(name)
             await self._blocking(self.store.version_dir, name, version)  # 404 if absent
