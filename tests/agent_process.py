@@ -17,7 +17,7 @@ class AgentProcess:
         self.base = f"http://127.0.0.1:{port}"
         cfg = workdir / "agent.yaml"
         cfg.write_text(yaml.safe_dump(config))
-        self.log = open(workdir / "agent.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(workdir / "agent.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "serve", "--config", str(cfg), "--port", str(port)],
             stdout=self.log, stderr=subprocess.STDOUT,

@@ -14,7 +14,14 @@ import pytest
 from agent.bundle.archive import write_bundle
 from agent.bundle.signing import load_private_key
 from agent.selftest import save_vectors
-from tests.conftest import TEST_X, TINY_MANIFEST, TINY_W, agent_config, tiny_reference, write_tiny_onnx
+from tests.conftest import (
+    TEST_X,
+    TINY_MANIFEST,
+    TINY_W,
+    agent_config,
+    tiny_reference,
+    write_tiny_onnx,
+)
 
 W2 = TINY_W[:, ::-1].copy()  # version 2 answers differently, so we can tell who answered
 
