@@ -131,6 +131,10 @@ class DetectionPost(_Strict):
     anchors: SsdAnchors
     num_coords: int = 16
     box_coord_offset: int = 0
+    # MediaPipe's reverse_output_order: true gives xywh (BlazeFace); TF SSD models give yxhw.
+    box_format: Literal["xywh", "yxhw"] = "xywh"
+    keypoint_coord_offset: int = Field(4, ge=0, description="from box_coord_offset")
+    apply_exponential_on_box_size: bool = False
     num_keypoints: int = 6
     x_scale: float
     y_scale: float

@@ -9,15 +9,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+Box = tuple[float, float, float, float]
+
 # Set before cv2 is imported: refuse decompression bombs (a tiny PNG claiming
 # 100k x 100k pixels) instead of allocating gigabytes.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64 * 1024 * 1024))
 
-import cv2
-import numpy as np
+import cv2  # noqa: E402 - after the env var above
+import numpy as np  # noqa: E402
 
-from agent.bundle.manifest import ImagePreprocessing
-from agent.errors import BadRequest
+from agent.bundle.manifest import ImagePreprocessing  # noqa: E402
+from agent.errors import BadRequest  # noqa: E402
 
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
@@ -25,7 +27,10 @@ _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "nearest":
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Maps coordinates normalised to the model input back to original pixels."""
+    """How an original image became the model input, to map coordinates back.
+
+    A model pixel ``m`` comes from original pixel ``(m - pad) / scale``.
+    """
 
     orig_width: int
     orig_height: int
@@ -33,30 +38,106 @@ class ImageTransform:
     model_height: int
     scale_x: float  # model pixels per original pixel
     scale_y: float
-    pad_x: float  # model pixels of padding left / top (letterbox)
+    pad_x: float  # model pixels of padding on the left / top
     pad_y: float
 
-    def box_to_pixels(self, box: tuple[float, float, float, float]) -> list[float]:
-        x1, y1, x2, y2 = box
-        px = [
-            (x1 * self.model_width - self.pad_x) / self.scale_x,
-            (y1 * self.model_height - self.pad_y) / self.scale_y,
-            (x2 * self.model_width - self.pad_x) / self.scale_x,
-            (y2 * self.model_height - self.pad_y) / self.scale_y,
-        ]
-        w, h = float(self.orig_width), float(self.orig_height)
-        return [
-            round(min(max(px[0], 0.0), w), 1),
-            round(min(max(px[1], 0.0), h), 1),
-            round(min(max(px[2], 0.0), w), 1),
-            round(min(max(px[3], 0.0), h), 1),
-        ]
+    @classmethod
+    def for_letterbox(
+        cls, orig_width: int, orig_height: int, model_width: int, model_height: int
+    ) -> ImageTransform:
+        """Keep the aspect ratio, centre the image, pad the rest (MediaPipe keep_aspect_ratio).
 
-    def point_to_pixels(self, x: float, y: float) -> tuple[float, float]:
-        return (
-            round((x * self.model_width - self.pad_x) / self.scale_x, 1),
-            round((y * self.model_height - self.pad_y) / self.scale_y, 1),
+        The resized size is rounded to whole pixels, so scale_x and scale_y may differ
+        by a fraction of a pixel's worth; both are recorded exactly.
+        """
+        if min(orig_width, orig_height, model_width, model_height) <= 0:
+            raise ValueError("image and model sizes must be positive")
+        scale = min(model_width / orig_width, model_height / orig_height)
+        new_w = min(model_width, max(1, round(orig_width * scale)))
+        new_h = min(model_height, max(1, round(orig_height * scale)))
+        return cls(
+            orig_width,
+            orig_height,
+            model_width,
+            model_height,
+            new_w / orig_width,
+            new_h / orig_height,
+            float((model_width - new_w) // 2),
+            float((model_height - new_h) // 2),
         )
+
+    @classmethod
+    def for_stretch(
+        cls, orig_width: int, orig_height: int, model_width: int, model_height: int
+    ) -> ImageTransform:
+        if min(orig_width, orig_height, model_width, model_height) <= 0:
+            raise ValueError("image and model sizes must be positive")
+        return cls(
+            orig_width,
+            orig_height,
+            model_width,
+            model_height,
+            model_width / orig_width,
+            model_height / orig_height,
+            0.0,
+            0.0,
+        )
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        """(width, height) of the image content inside the model input."""
+        return (
+            round(self.orig_width * self.scale_x),
+            round(self.orig_height * self.scale_y),
+        )
+
+    def point_to_pixels(self, x: float, y: float, ndigits: int | None = 1) -> tuple[float, float]:
+        """A normalised model-input point → original pixels (not clipped: keypoints
+        of a face cut by the image edge may legitimately lie outside)."""
+        px = (x * self.model_width - self.pad_x) / self.scale_x
+        py = (y * self.model_height - self.pad_y) / self.scale_y
+        if ndigits is None:
+            return float(px), float(py)
+        return round(px, ndigits), round(py, ndigits)
+
+    def box_to_pixels(self, box: Box, ndigits: int | None = 1) -> list[float]:
+        """Normalised xmin, ymin, xmax, ymax → original pixels, clipped to the image.
+
+        ``ndigits`` rounds for JSON answers (0.1 px is below any model's accuracy);
+        ``None`` keeps full precision.
+        """
+        x1, y1 = self.point_to_pixels(box[0], box[1], None)
+        x2, y2 = self.point_to_pixels(box[2], box[3], None)
+        w, h = float(self.orig_width), float(self.orig_height)
+        out = [
+            min(max(x1, 0.0), w),
+            min(max(y1, 0.0), h),
+            min(max(x2, 0.0), w),
+            min(max(y2, 0.0), h),
+        ]
+        return out if ndigits is None else [round(v, ndigits) for v in out]
+
+
+def letterbox(
+    image: np.ndarray, width: int, height: int, interpolation: int | None = None
+) -> tuple[np.ndarray, ImageTransform]:
+    """Resize ``image`` (H, W[, C]) into ``width`` x ``height`` keeping its aspect ratio.
+
+    The image is centred and the border is zero (black), as MediaPipe's
+    ImageToTensorCalculator does with ``BORDER_ZERO``; the dtype is kept.
+    ``interpolation`` is a cv2 flag, default bilinear.
+    """
+    h, w = image.shape[:2]
+    t = ImageTransform.for_letterbox(w, h, width, height)
+    new_w, new_h = t.resized_size
+    flag = cv2.INTER_LINEAR if interpolation is None else interpolation
+    resized = cv2.resize(image, (new_w, new_h), interpolation=flag)
+    # cv2 drops a trailing channel axis of 1; restore the caller's layout.
+    resized = resized.reshape((new_h, new_w, *image.shape[2:]))
+    out = np.zeros((height, width, *image.shape[2:]), dtype=image.dtype)
+    px, py = int(t.pad_x), int(t.pad_y)
+    out[py : py + new_h, px : px + new_w] = resized
+    return out, t
 
 
 def decode_image(data: bytes, color: str) -> np.ndarray:
@@ -81,22 +162,12 @@ def decode_image(data: bytes, color: str) -> np.ndarray:
 
 
 def resize(img: np.ndarray, spec: ImagePreprocessing) -> tuple[np.ndarray, ImageTransform]:
-    h, w = img.shape[:2]
     interp = _INTERPOLATION[spec.interpolation]
-    channels = img.shape[2]
-    if spec.resize == "stretch":
-        out = cv2.resize(img, (spec.width, spec.height), interpolation=interp)
-        transform = ImageTransform(
-            w, h, spec.width, spec.height, spec.width / w, spec.height / h, 0.0, 0.0
-        )
-    else:
-        scale = min(spec.width / w, spec.height / h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        resized = cv2.resize(img, (nw, nh), interpolation=interp)
-        pad_x, pad_y = (spec.width - nw) // 2, (spec.height - nh) // 2
-        out = np.zeros((spec.height, spec.width, channels), dtype=img.dtype)
-        out[pad_y : pad_y + nh, pad_x : pad_x + nw] = resized.reshape(nh, nw, channels)
-        transform = ImageTransform(w, h, spec.width, spec.height, nw / w, nh / h, pad_x, pad_y)
+    h, w, channels = img.shape
+    if spec.resize == "letterbox":
+        return letterbox(img, spec.width, spec.height, interp)
+    out = cv2.resize(img, (spec.width, spec.height), interpolation=interp)
+    transform = ImageTransform.for_stretch(w, h, spec.width, spec.height)
     return out.reshape(spec.height, spec.width, channels), transform
 
 
