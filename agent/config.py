@@ -139,7 +139,8 @@ def _resolve_paths(raw: Any, base: Path) -> None:
     litert = runtime.get("litert") if isinstance(runtime, dict) else None
     if isinstance(litert, dict):
         for d in litert.get("delegates") or []:
-            if isinstance(d, dict) and isinstance(d.get("library"), str):
+            # A bare name (libedgetpu.so.1) is for the dynamic loader to find.
+            if isinstance(d, dict) and isinstance(d.get("library"), str) and "/" in d["library"]:
                 d["library"] = str(base / d["library"])
 
 
