@@ -50,6 +50,10 @@ class OnnxConfig(_Section):
     provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
     intra_op_threads: int = Field(0, ge=0, description="0: ONNX Runtime picks (one per core)")
     inter_op_threads: int = Field(1, ge=0)
+    # ONNX Runtime's pool threads spin-wait after each run by default: fine on a
+    # server, but on a 2-4 core store PC it burns a core the event loop, the other
+    # models and the store's own apps need. On only for sustained heavy load.
+    allow_spinning: bool = False
     sessions: int = Field(1, ge=1, description="concurrent inferences per model version")
 
 

@@ -21,7 +21,12 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent.bundle.archive import DEFAULT_MAX_MEMBER_BYTES, parse_manifest, read_bundle
+from agent.bundle.archive import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    parse_manifest,
+    peek_manifest,
+    read_bundle,
+)
 from agent.bundle.manifest import MANIFEST_NAME, Manifest, check_name
 from agent.bundle.signing import TrustStore
 from agent.errors import BundleError, NotFound
@@ -132,6 +137,14 @@ class ModelStore:
 
         Installing never changes what is active: that is ``activate``'s business.
         """
+        # On every boot the configured bundles are installed again: recognise a
+        # version already here by its manifest (the installed copy was verified when
+        # it arrived) instead of extracting and hashing the whole bundle again.
+        peeked = peek_manifest(bundle)
+        claimed = parse_manifest(peeked)
+        installed = self.root / claimed.name / claimed.version / MANIFEST_NAME
+        if installed.is_file() and installed.read_bytes() == peeked:
+            return claimed
         incoming = self.root / ".incoming" / uuid.uuid4().hex
         contents = read_bundle(bundle, incoming, self.trust, self.max_member_bytes)
         manifest = contents.manifest

@@ -82,6 +82,29 @@ async def test_bad_images_are_400(session, agent, what, body, message):
         assert r.status == 200
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header announcing a huge image, followed by a tiny body."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+async def test_decompression_bomb_is_refused_without_allocating(session, agent):
+    async with session.post(f"{agent.base}/v1/predict/tiny",
+                            data=png_claiming(100_000, 100_000)) as r:
+        assert r.status == 400
+        assert "could not be decoded" in (await r.json())["error"]
+    async with session.post(f"{agent.base}/v1/predict/tiny", data=png(BIG)) as r:
+        assert r.status == 200
+
+
 async def test_multipart_without_image_field_and_bad_query(session, agent):
     form = aiohttp.FormData()
     form.add_field("picture", png(BIG), filename="x.png")

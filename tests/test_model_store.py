@@ -156,3 +156,15 @@ async def test_a_bad_configured_bundle_does_not_stop_the_others(start_agent, mak
         assert (await infer(s, f"{agent.base}/v2/models/tiny/infer"))[0] == 200
         async with s.get(f"{agent.base}/v2/health/ready") as r:
             assert r.status == 200
+
+
+async def test_versions_are_immutable(start_agent, make_tiny_bundle, keys, tmp_path):
+    agent = await start_agent(agent_config(tmp_path, keys, [make_tiny_bundle("1")]))
+    async with aiohttp.ClientSession() as s:
+        status, doc = await upload(s, agent.base, make_tiny_bundle("1"), activate=False)
+        assert status == 201  # the same bundle again: a no-op
+        status, doc = await upload(s, agent.base, make_tiny_bundle("1", weights=W2))
+        assert status == 400 and "already installed with different contents" in doc["error"]
+        status, doc = await infer(s, f"{agent.base}/v2/models/tiny/infer")
+        np.testing.assert_allclose(doc["outputs"][0]["data"], tiny_reference(TEST_X[:2]).ravel(),
+                                   rtol=1e-5)

@@ -50,6 +50,9 @@ class OnnxBackend(Backend):
         opts.inter_op_num_threads = self.config.inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        spin = "1" if self.config.allow_spinning else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         return opts
 
     def load(self) -> None:

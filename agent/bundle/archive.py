@@ -153,6 +153,20 @@ def _extract_verified(
     return BundleContents(manifest, out, signed_by)
 
 
+def peek_manifest(bundle: Path) -> bytes:
+    """The bundle's manifest bytes, UNVERIFIED: only to recognise a version already
+    installed (whose verified manifest must then be byte-identical)."""
+    try:
+        with tarfile.open(bundle, "r:*") as tar:
+            for member in tar:
+                if member.name == MANIFEST_NAME:
+                    _check_member(member, MAX_MANIFEST_BYTES)
+                    return _read_small(tar, member, MAX_MANIFEST_BYTES)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BundleError(f"{bundle.name} is not a readable bundle: {exc}") from exc
+    raise BundleError("bundle has no manifest.json")
+
+
 def parse_manifest(data: bytes) -> Manifest:
     try:
         return Manifest.model_validate_json(data)

@@ -6,23 +6,39 @@ event loop.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from agent.bundle.manifest import ImagePreprocessing
+from agent.errors import BadRequest
 
 Box = tuple[float, float, float, float]
-
-# Set before cv2 is imported: refuse decompression bombs (a tiny PNG claiming
-# 100k x 100k pixels) instead of allocating gigabytes.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64 * 1024 * 1024))
-
-import cv2  # noqa: E402 - after the env var above
-import numpy as np  # noqa: E402
-
-from agent.bundle.manifest import ImagePreprocessing  # noqa: E402
-from agent.errors import BadRequest  # noqa: E402
-
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
-_INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+
+
+@functools.cache
+def cv2_module() -> ModuleType:
+    """OpenCV, imported on first use.
+
+    OpenCV holds ~15 MB of resident memory; a box whose apps only send tensors never
+    pays for it. The pixel cap must be set before the import: it makes OpenCV refuse
+    decompression bombs (a tiny PNG claiming 100k x 100k pixels) instead of
+    allocating gigabytes.
+    """
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64 * 1024 * 1024))
+    import cv2
+
+    return cv2
+
+
+def _interpolation(name: str) -> Any:
+    cv2 = cv2_module()
+    return {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}[name]
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,7 @@ def letterbox(
     h, w = image.shape[:2]
     t = ImageTransform.for_letterbox(w, h, width, height)
     new_w, new_h = t.resized_size
+    cv2 = cv2_module()
     flag = cv2.INTER_LINEAR if interpolation is None else interpolation
     resized = cv2.resize(image, (new_w, new_h), interpolation=flag)
     # cv2 drops a trailing channel axis of 1; restore the caller's layout.
@@ -147,6 +164,7 @@ def decode_image(data: bytes, color: str) -> np.ndarray:
     if not any(data.startswith(m) for m in _MAGIC):
         raise BadRequest("body is not a JPEG or PNG image")
     buf = np.frombuffer(data, dtype=np.uint8)
+    cv2 = cv2_module()
     flag = cv2.IMREAD_GRAYSCALE if color == "GRAY" else cv2.IMREAD_COLOR
     try:
         img = cv2.imdecode(buf, flag)
@@ -162,7 +180,8 @@ def decode_image(data: bytes, color: str) -> np.ndarray:
 
 
 def resize(img: np.ndarray, spec: ImagePreprocessing) -> tuple[np.ndarray, ImageTransform]:
-    interp = _INTERPOLATION[spec.interpolation]
+    cv2 = cv2_module()
+    interp = _interpolation(spec.interpolation)
     h, w, channels = img.shape
     if spec.resize == "letterbox":
         return letterbox(img, spec.width, spec.height, interp)
