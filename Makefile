@@ -12,14 +12,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[convert,dev,torch]'
 	touch $(STAMP)
 
-models/build/agent.yaml: $(STAMP)
-	$(PY) -m models
-
 models: $(STAMP)
 	$(PY) -m models
 
 # Build the sample bundles if missing, start the agent, send it real images, print the answers.
-demo: models/build/agent.yaml
+demo: $(STAMP)
+	$(PY) -m models --if-missing
 	$(VENV)/bin/edge-agent demo --config models/build/agent.yaml
 
 test: $(STAMP)
