@@ -16,13 +16,13 @@ TensorFlow.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.bundle.manifest import ClassificationPost, ImagePreprocessing, QuantParams
+from models.digits import DigitsSplit, load_split  # the same held-out split as digits-edge
 
 if TYPE_CHECKING:  # the recipe runner passes it; importing it is not needed at run time
     from sklearn.neural_network import MLPClassifier
@@ -37,7 +37,6 @@ N_FEATURES = 64
 LABELS = [str(i) for i in range(10)]
 HIDDEN_LAYERS = (128, 64)
 SEED = 0
-TEST_SIZE = 0.25
 # load_digits pixels are counts 0..16 of an 8x8 grid; the network trains on x/16 and
 # the 1/16 is folded into the first layer, so the model takes the raw 0..16 values.
 PIXEL_MAX = 16.0
@@ -53,26 +52,6 @@ SELFTEST_MIN_MARGIN = 8.0 / 256.0
 FLOAT_IO = False
 # Refuse to ship an int8 model that lost more than this much accuracy to quantization.
 MAX_INT8_ACCURACY_LOSS = 0.01
-
-
-@dataclass(frozen=True)
-class DigitsSplit:
-    x_train: np.ndarray  # (n, 64) float32, 0..16
-    x_test: np.ndarray
-    y_train: np.ndarray  # (n,) int
-    y_test: np.ndarray
-
-
-def load_split() -> DigitsSplit:
-    """sklearn's digits, stratified 75/25 split with random_state=0 (as the ONNX recipe)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x.astype(np.float32), y, test_size=TEST_SIZE, stratify=y, random_state=SEED
-    )
-    return DigitsSplit(x_train, x_test, y_train, y_test)
 
 
 def train_mlp(split: DigitsSplit) -> MLPClassifier:
