@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from agent.server.app import create_app
+    from agent.server.tls import server_ssl_context
 
     config = _load(args)
     _setup_logging(config.logging.level)
@@ -51,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app,
         host=config.server.host,
         port=config.server.port,
+        ssl_context=server_ssl_context(config),  # HTTPS when server.tls_* are set
         access_log=None,
         print=lambda msg: log.info("listening on %s:%s", config.server.host, config.server.port),
         shutdown_timeout=10.0,
@@ -94,8 +96,8 @@ def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> An
 
 def format_prediction(answer: dict[str, Any]) -> str:
     head = (
-        f"{answer['model']}:{answer['version']} ({answer['source']}, "
-        f"{answer['latency_ms']:.1f} ms)"
+        f"{answer['model']}:{answer['version']} ({_provenance(answer)}, "
+        f"{answer['latency_ms']:.1f} ms{_edge_said(answer)})"
     )
     if "predictions" in answer:
         preds = ", ".join(f"{p['label']} {p['confidence']:.3f}" for p in answer["predictions"][:3])
@@ -106,6 +108,26 @@ def format_prediction(answer: dict[str, Any]) -> str:
         for d in dets
     )
     return f"{head}: {len(dets)} detection(s) {boxes}"
+
+
+def _provenance(answer: dict[str, Any]) -> str:
+    """``edge``, ``cloud digits-cloud:1``, ``edge, fallback offline``, ``edge, escalated``."""
+    source = answer["source"]
+    cloud = answer.get("cloud") or {}
+    if source == "cloud" and cloud:
+        return f"cloud {cloud.get('model')}:{cloud.get('version')}"
+    if answer.get("fallback"):
+        return f"{source}, fallback {answer['fallback']}"
+    if answer.get("escalated"):
+        return f"{source}, escalated"
+    return str(source)
+
+
+def _edge_said(answer: dict[str, Any]) -> str:
+    edge = answer.get("edge") or {}
+    if answer["source"] != "cloud" or "label" not in edge:
+        return ""
+    return f"; edge said {edge['label']} {edge.get('confidence', 0):.3f}"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -126,20 +148,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     doc = _call(args, "GET", "/v1/models")
-    rows = [("MODEL", "VERSION", "STATE", "LABELS", "RUNTIME", "PROVIDER", "SELF-TEST")]
+    rows = [("MODEL", "VERSION", "STATE", "LABELS", "RUNTIME", "PROVIDER", "SELF-TEST", "BATCHING")]
     for m in doc["models"]:
         for v in m["versions"]:
             state = "active" if v["active"] else ("loaded" if v["loaded"] else "installed")
+            provider = v.get("provider", "-")
+            if v.get("runtime_fallback"):
+                provider += " (accelerator failed)"
             rows.append((
                 m["name"], v["version"], state, ",".join(v["labels"]) or "-",
-                v.get("runtime", "-"), v.get("provider", "-"), v.get("self_test", "-"),
+                v.get("runtime", "-"), provider, v.get("self_test", "-"),
+                _batching_cell(v.get("batching")),
             ))
         if m.get("last_error"):
-            rows.append((m["name"], "", "error", m["last_error"], "", "", ""))
+            rows.append((m["name"], "", "error", m["last_error"], "", "", "", ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    try:
+        system = _call(args, "GET", "/v1/system")
+    except SystemExit:
+        return 0  # an agent without /v1/system: the table is what was asked for
+    found = system.get("accelerators", {}).get("accelerators")
+    if found is not None:
+        print(f"\naccelerators: {', '.join(found) or 'none (CPU only)'}")
     return 0
+
+
+def _batching_cell(batching: dict[str, Any] | None) -> str:
+    if not batching:
+        return "-"
+    if not batching.get("enabled"):
+        return "off"
+    if not batching.get("batched"):
+        return "one by one"
+    delay = batching.get("max_queue_delay_us", 0)
+    return f"max {batching.get('max_batch_size')}" + (f", {delay} us" if delay else "")
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -157,7 +201,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import collect_samples, run_demo
+    from agent.demo import cloud_setup, collect_samples, run_demo
 
     config = _load(args)
     _setup_logging("WARNING" if not args.verbose else config.logging.level)
@@ -165,7 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not samples:
         print(f"no demo images in {args.images}: run `python -m models` first", file=sys.stderr)
         return 1
-    return asyncio.run(run_demo(config, samples, keep_serving=not args.exit))
+    # The cloud endpoint too, when cloud.yaml sits beside the config (python -m models).
+    cloud = cloud_setup(Path(args.config), args.cloud_config, args.cloud_port)
+    return asyncio.run(run_demo(config, samples, keep_serving=not args.exit, cloud=cloud))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with one sub-folder of images per model")
     s.add_argument("--exit", action="store_true", help="stop after the demo requests")
     s.add_argument("--verbose", action="store_true")
+    s.add_argument("--cloud-config",
+                   help="cloud-profile config to start beside the agent"
+                   " (default: cloud.yaml next to --config, if present)")
+    s.add_argument("--cloud-port", type=int,
+                   help="port for that cloud endpoint (the agent's fallback URL follows)")
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -11,9 +11,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from agent.cloud.config import FallbackConfig
 from agent.errors import ConfigError
+
+CLOUD_PORT = 8490  # the cloud profile's default port (DESIGN.md)
 
 
 class _Section(BaseModel):
@@ -27,7 +37,30 @@ class ServerConfig(_Section):
     # Requests waiting for one model version beyond this get 503 + Retry-After.
     max_queue_per_model: int = Field(256, gt=0)
     auth_token: str | None = Field(None, description="bearer token required on every call")
+    auth_token_file: Path | None = Field(None, description="file holding auth_token (preferred)")
     cors_origins: list[str] = Field(default_factory=list)
+    # HTTPS when both are set (the cloud profile on a routable address needs it).
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain")
+    tls_key_file: Path | None = Field(None, description="PEM private key")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ServerConfig:
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError("give auth_token or auth_token_file, not both")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.auth_token_file is not None:
+            # Read at load time: a server must never start without the auth it was
+            # configured with (the cloud client's token file, in contrast, is read
+            # leniently: see agent/cloud/fallback.py).
+            try:
+                token = self.auth_token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read auth_token_file: {exc.strerror}") from exc
+            if not token:
+                raise ValueError(f"auth_token_file {self.auth_token_file} is empty")
+            self.auth_token = token
+        return self
 
 
 class StoreConfig(_Section):
@@ -48,7 +81,7 @@ class OnnxConfig(_Section):
     # Tried in order; CPUExecutionProvider is always appended as the last resort.
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
-    intra_op_threads: int = Field(0, ge=0, description="0: ONNX Runtime picks (one per core)")
+    intra_op_threads: int = Field(0, ge=0, description="0: cores ÷ concurrent runs")
     inter_op_threads: int = Field(1, ge=0)
     # ONNX Runtime's pool threads spin-wait after each run by default: fine on a
     # server, but on a 2-4 core store PC it burns a core the event loop, the other
@@ -64,17 +97,90 @@ class ExternalDelegate(_Section):
 
 class LiteRTConfig(_Section):
     type: Literal["litert"] = "litert"
-    num_threads: int = Field(0, ge=0, description="0: one per core")
+    num_threads: int = Field(0, ge=0, description="0: cores ÷ interpreters")
     xnnpack: bool = True
     # Tried in order (e.g. an Edge TPU or GPU delegate); the CPU is the last resort.
     delegates: list[ExternalDelegate] = Field(default_factory=list)
     interpreters: int = Field(1, ge=1, description="interpreters per model version")
 
 
+def _batch_size_problem(preferred: list[int], max_batch_size: int) -> str | None:
+    bad = [n for n in preferred if not 1 <= n <= max_batch_size]
+    if bad:
+        return f"preferred_batch_sizes {bad} must lie in 1..max_batch_size ({max_batch_size})"
+    return None
+
+
+class BatchingConfig(_Section):
+    """Dynamic batching of one model version's requests (``agent/batcher.py``).
+
+    On by default with no delay: requests that arrived while the model was busy run
+    together, a lone request runs at once (no added latency), and a model is batched
+    only after the agent checked at load that its batched answers equal its
+    one-by-one answers (otherwise, and for a fixed batch dimension, one by one).
+    """
+
+    enabled: bool = True
+    max_batch_size: int = Field(8, ge=1, description="rows per execution, summed over requests")
+    preferred_batch_sizes: list[int] = Field(
+        default_factory=list, description="with a delay: sent as soon as one of these forms"
+    )
+    max_queue_delay_us: int = Field(
+        0, ge=0, le=10_000_000, description="longest the oldest request waits for company"
+    )
+    instances: int = Field(
+        0, ge=0, description="executions at once per version; 0: onnx.sessions/litert.interpreters"
+    )
+    queue_timeout_ms: int = Field(0, ge=0, description="503 for a request not started by then")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> BatchingConfig:
+        problem = _batch_size_problem(self.preferred_batch_sizes, self.max_batch_size)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+class BatchingOverride(_Section):
+    """A model's own batching: only the keys given replace ``runtime.batching``'s."""
+
+    enabled: bool | None = None
+    max_batch_size: int | None = Field(None, ge=1)
+    preferred_batch_sizes: list[int] | None = None
+    max_queue_delay_us: int | None = Field(None, ge=0, le=10_000_000)
+    instances: int | None = Field(None, ge=0)
+    queue_timeout_ms: int | None = Field(None, ge=0)
+
+
+class ModelRuntimeConfig(_Section):
+    batching: BatchingOverride = Field(default_factory=BatchingOverride)
+
+
 class RuntimeConfig(_Section):
     executor_threads: int = Field(0, ge=0, description="inference threads; 0: one per core")
     onnx: OnnxConfig = Field(default_factory=OnnxConfig)
     litert: LiteRTConfig = Field(default_factory=LiteRTConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    # Keyed by model name, not by bundle, so it also covers versions the fleet installs.
+    per_model: dict[str, ModelRuntimeConfig] = Field(default_factory=dict)
+
+    def batching_for(self, model: str) -> BatchingConfig:
+        """``runtime.batching`` with ``per_model.<model>.batching`` laid over it."""
+        own = self.per_model.get(model)
+        if own is None:
+            return self.batching
+        merged = self.batching.model_dump() | own.batching.model_dump(exclude_none=True)
+        return BatchingConfig.model_construct(**merged)
+
+    @model_validator(mode="after")
+    def _per_model_batching(self) -> RuntimeConfig:
+        # A model's override alone cannot be checked: its max may come from the global.
+        for name in self.per_model:
+            b = self.batching_for(name)
+            problem = _batch_size_problem(b.preferred_batch_sizes, b.max_batch_size)
+            if problem:
+                raise ValueError(f"per_model.{name}.batching: {problem}")
+        return self
 
 
 class ModelEntry(_Section):
@@ -89,6 +195,76 @@ class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class FleetTLSConfig(_Section):
+    """TLS to the broker. Present (even empty) means TLS on, with the system trust store."""
+
+    ca_file: Path | None = Field(None, description="PEM CA bundle; None: the system's")
+    cert_file: Path | None = Field(None, description="client certificate for mutual TLS")
+    key_file: Path | None = None
+    # Off only for a lab broker with a self-made certificate: never on a store PC.
+    verify_hostname: bool = True
+
+
+class FleetOutboxConfig(_Section):
+    path: Path = Path("/var/lib/edgefleet/outbox.sqlite")
+    # Cap on what waits for the fleet (payload bytes + per-record overhead); past it the
+    # oldest low-priority records go first (see agent/outbox.py).
+    max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+
+
+class FleetTelemetryConfig(_Section):
+    flush_interval_s: float = Field(10.0, gt=0, description="longest a record waits to be sent")
+    batch_max_records: int = Field(500, gt=0)
+    batch_max_bytes: int = Field(256 * 1024, gt=0)
+    ack_timeout_s: float = Field(30.0, gt=0, description="resend a batch the fleet did not ack")
+    max_in_flight: int = Field(4, gt=0, description="batches awaiting the fleet's ack at once")
+
+
+class FleetConfig(_Section):
+    """The MQTT link to the fleet. Absent: the agent runs standalone (offline first)."""
+
+    host: str
+    port: int | None = Field(None, ge=1, le=65535, description="None: 1883, or 8883 with tls")
+    tls: FleetTLSConfig | None = None
+    username: str | None = Field(None, description="None: the client id")
+    password: str | None = None
+    password_file: Path | None = Field(None, description="first line is the password")
+    client_id: str | None = Field(None, description="None: device_id (stable: persistent session)")
+    keepalive_s: int = Field(30, ge=1, le=65535)
+    # 3.1.1 is the baseline every broker speaks; "5" is tried first and falls back to
+    # 3.1.1 when the broker does not negotiate it.
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="MQTT 5 only")
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    publish_timeout_s: float = Field(30.0, gt=0, description="wait for a broker PUBACK")
+    max_payload_bytes: int = Field(1024 * 1024, gt=0, description="larger incoming are dropped")
+    outbox: FleetOutboxConfig = Field(default_factory=FleetOutboxConfig)
+    telemetry: FleetTelemetryConfig = Field(default_factory=FleetTelemetryConfig)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, v: Any) -> Any:
+        # YAML reads `protocol: 5` as an int and `3.1.1` as a string.
+        return str(v) if isinstance(v, int | float) else v
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "+" in v or "#" in v or "/" in v):
+            raise ValueError("client_id may not be empty or contain '/', '+' or '#'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_password(self) -> FleetConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
 class AgentConfig(_Section):
     profile: Literal["edge", "cloud"] = "edge"
     device_id: str | None = None
@@ -98,6 +274,8 @@ class AgentConfig(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     models: list[ModelEntry] = Field(default_factory=list)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    fleet: FleetConfig | None = Field(None, description="None: no fleet link")
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
 
     @field_validator("device_id")
     @classmethod
@@ -105,6 +283,35 @@ class AgentConfig(_Section):
         if v is not None and ("/" in v or "+" in v or "#" in v or not v):
             raise ValueError("device_id may not contain '/', '+' or '#'")
         return v
+
+    @model_validator(mode="after")
+    def _fleet_needs_device_id(self) -> AgentConfig:
+        if self.fleet is not None and self.device_id is None:
+            raise ValueError("the fleet section needs device_id (the store's id in the fleet)")
+        return self
+
+    @model_validator(mode="after")
+    def _cloud_profile(self) -> AgentConfig:
+        """The cloud profile: a routable bind on 8490, a token always, no fleet, no cloud."""
+        if self.profile != "cloud":
+            return self
+        given = self.server.model_fields_set
+        if "host" not in given:
+            self.server.host = "0.0.0.0"
+        if "port" not in given:
+            self.server.port = CLOUD_PORT
+        if not self.server.auth_token:
+            raise ValueError(
+                "profile cloud needs server.auth_token or server.auth_token_file:"
+                " the cloud endpoint never serves without a bearer token"
+            )
+        if self.fleet is not None:
+            raise ValueError("profile cloud has no fleet link: remove the fleet section")
+        if self.fallback.cloud.url is not None:
+            raise ValueError(
+                "profile cloud is the end of the line: fallback.cloud.url must be unset"
+            )
+        return self
 
 
 PathKey = tuple[str | int, ...]
@@ -131,6 +338,19 @@ def _resolve_paths(raw: Any, base: Path) -> None:
     store = raw.get("store")
     if isinstance(store, dict) and isinstance(store.get("path"), str):
         store["path"] = str(base / store["path"])
+    server = raw.get("server")
+    if isinstance(server, dict):
+        for k in ("auth_token_file", "tls_cert_file", "tls_key_file"):
+            if isinstance(server.get(k), str):
+                server[k] = str(base / server[k])
+    fallback = raw.get("fallback")
+    if isinstance(fallback, dict):
+        for sub, keys in (("cloud", ("token_file", "ca_file")), ("hard_examples", ("path",))):
+            section = fallback.get(sub)
+            if isinstance(section, dict):
+                for k in keys:
+                    if isinstance(section.get(k), str):
+                        section[k] = str(base / section[k])
     trust = raw.get("trust")
     if isinstance(trust, dict) and isinstance(trust.get("public_keys"), list):
         trust["public_keys"] = [
@@ -139,6 +359,16 @@ def _resolve_paths(raw: Any, base: Path) -> None:
     for m in raw.get("models") or []:
         if isinstance(m, dict) and isinstance(m.get("bundle"), str):
             m["bundle"] = str(base / m["bundle"])
+    fleet = raw.get("fleet")
+    if isinstance(fleet, dict):
+        if isinstance(fleet.get("password_file"), str):
+            fleet["password_file"] = str(base / fleet["password_file"])
+        for sub, keys in (("tls", ("ca_file", "cert_file", "key_file")), ("outbox", ("path",))):
+            section = fleet.get(sub)
+            if isinstance(section, dict):
+                for k in keys:
+                    if isinstance(section.get(k), str):
+                        section[k] = str(base / section[k])
     runtime = raw.get("runtime")
     litert = runtime.get("litert") if isinstance(runtime, dict) else None
     if isinstance(litert, dict):

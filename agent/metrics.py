@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 LabelValues = tuple[str, ...]
 
+# Rows per execution: powers of two, the sizes batches are usually capped at.
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+
 LATENCY_BUCKETS = (
     0.0001,
     0.00025,
@@ -114,6 +117,7 @@ class Metrics:
 
     def __init__(self) -> None:
         mv = ("model", "version")
+        self._registered: list[_Metric | Histogram] = []
         self.http_requests = Counter(
             "edgefleet_http_requests_total",
             "HTTP requests by route and status",
@@ -168,6 +172,36 @@ class Metrics:
             "counter",
             ("model", "result"),
         )
+        # Triton's nv_inference_count: with executions_total, rows / executions is the
+        # average batch size.
+        self.inference_rows = Counter(
+            "edgefleet_inference_rows_total",
+            "Rows (batch elements) inferred; divided by executions: the average batch size",
+            "counter",
+            mv,
+        )
+        self.batch_size = Histogram(
+            "edgefleet_batch_size",
+            "Rows per backend execution",
+            mv,
+            BATCH_BUCKETS,
+        )
+        self.queue_waiting = Gauge(
+            "edgefleet_queue_waiting",
+            "Requests queued for a model version and not yet executing",
+            "gauge",
+            mv,
+        )
+        self.provider_fallbacks = Counter(
+            "edgefleet_provider_fallbacks_total",
+            "Model versions moved to the CPU after an inference failed on an accelerator",
+            "counter",
+            (*mv, "provider"),
+        )
+
+    def register(self, metric: _Metric | Histogram) -> None:
+        """Add a series defined elsewhere (e.g. agent/cloud/metrics.py) to ``render``."""
+        self._registered.append(metric)
 
     def render(self) -> str:
         lines: list[str] = []
@@ -181,6 +215,12 @@ class Metrics:
             self.queue_depth,
             self.model_ready,
             self.activations,
+            self.inference_rows,
+            self.batch_size,
+            self.queue_waiting,
+            self.provider_fallbacks,
         ):
             lines.extend(m.render())
+        for extra in self._registered:
+            lines.extend(extra.render())
         return "\n".join(lines) + "\n"

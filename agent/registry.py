@@ -7,6 +7,12 @@ self-test leaves the old version active and records the reason.
 
 All blocking work (extraction, loading, self-test, state files) runs in the
 executor; this module's coroutines only orchestrate, on the event loop.
+
+Each loaded version is served by a ``DynamicBatcher`` (``runtime.batching``, with
+``runtime.per_model.<name>.batching`` over it) or, with batching off, a plain
+``ModelRunner``. Before a version may serve it is loaded, self-tested, checked to
+answer a batch as it answers its rows one by one (else it runs unbatched), and
+warmed up at the batch sizes it will see.
 """
 
 from __future__ import annotations
@@ -19,14 +25,21 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from agent.backends import Backend, create_backend
+from agent.backends import Backend, accelerators, create_backend
+from agent.batcher import (
+    DynamicBatcher,
+    check_rows_independent,
+    manifest_batchable,
+    warm_up,
+    warmup_batch_sizes,
+)
 from agent.bundle.manifest import Manifest, check_name
-from agent.config import ModelEntry, RuntimeConfig
+from agent.config import BatchingConfig, ModelEntry, RuntimeConfig
 from agent.errors import BadRequest, EdgeError, ModelLoadError, NotFound, Unavailable
 from agent.metrics import Metrics
-from agent.runner import ModelRunner
+from agent.runner import ModelRunner, ServingHandle
 from agent.selftest import run_self_test
 from agent.store import ModelState, ModelStore
 
@@ -41,13 +54,39 @@ class LoadedVersion:
     manifest: Manifest
     directory: Path
     backend: Backend
-    runner: ModelRunner
+    runner: ServingHandle  # DynamicBatcher, or ModelRunner with batching off
     self_test: str
     loaded_at: float
 
     @property
     def key(self) -> tuple[str, str]:
         return self.manifest.name, self.manifest.version
+
+
+@dataclass
+class _Loaded:
+    """What loading a version in a worker thread produced."""
+
+    manifest: Manifest
+    directory: Path
+    backend: Backend
+    summary: str
+    batching: BatchingConfig
+    can_batch: bool
+    not_batched: str | None
+    warm_up: str
+
+
+def _batching_summary(runner: ServingHandle) -> str:
+    d = runner.describe()
+    if not d["enabled"]:
+        return f"off ({d['instances']} instance(s))"
+    if not d["batched"]:
+        return f"on, one by one ({d['not_batched_because']}; {d['instances']} instance(s))"
+    return (
+        f"on (max {d['max_batch_size']}, delay {d['max_queue_delay_us']} us,"
+        f" {d['instances']} instance(s))"
+    )
 
 
 class ModelRegistry:
@@ -71,6 +110,8 @@ class ModelRegistry:
         self._loaded: dict[str, dict[str, LoadedVersion]] = {}
         self._states: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # What the box offers (agent.backends.accelerators.detect), found at start.
+        self.accelerators: dict[str, Any] = {}
 
     async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -123,6 +164,24 @@ class ModelRegistry:
                         await self._ensure_loaded(name, version)
                     except EdgeError as exc:
                         log.error("%s:%s (%s) not loaded: %s", name, version, label, exc.message)
+        # After the models: a runtime only they import is then checked too.
+        await self.detect_accelerators()
+        log.info("accelerators: %s", accelerators.summary(self.accelerators))
+
+    async def detect_accelerators(self) -> dict[str, Any]:
+        """What the box offers, fresh (cheap: no runtime is imported for it)."""
+        self.accelerators = await self._blocking(accelerators.detect, self.runtime)
+        return self.accelerators
+
+    def provider_report(self) -> dict[str, Any]:
+        """Accelerators and, per loaded version, where it runs: for the fleet's ``reported``."""
+        return {
+            "accelerators": self.accelerators.get("accelerators", []),
+            "models": {
+                name: {v: lv.backend.info.as_dict() for v, lv in versions.items()}
+                for name, versions in self._loaded.items()
+            },
+        }
 
     async def _state(self, name: str) -> ModelState:
         if name not in self._states:
@@ -143,17 +202,54 @@ class ModelRegistry:
     async def _reload_state(self, name: str) -> None:
         self._states[name] = await self._blocking(self.store.state, name)
 
-    def _load_blocking(self, name: str, version: str) -> tuple[Manifest, Path, Backend, str]:
+    def _load_blocking(self, name: str, version: str) -> _Loaded:
         directory = self.store.version_dir(name, version)
         manifest = self.store.manifest(name, version)
-        backend = create_backend(directory / manifest.model_file, manifest, self.runtime)
+        batching = self.runtime.batching_for(name)
+        backend = create_backend(
+            directory / manifest.model_file, manifest, self.runtime, batching.instances or None
+        )
+        not_batched: str | None = None
+        surprising = False  # a fixed batch is normal; a failed check is worth a warning
         try:
             backend.load()
             summary = run_self_test(backend, manifest, directory)
+            can_batch = batching.enabled and manifest_batchable(manifest)
+            if batching.enabled and not can_batch:
+                not_batched = "the manifest gives a fixed batch dimension"
+            if can_batch:
+                not_batched = check_rows_independent(
+                    backend, manifest, directory, batching.max_batch_size
+                )
+                can_batch = not_batched is None
+                surprising = not can_batch
+            warm = warm_up(
+                backend, manifest, directory, warmup_batch_sizes(batching, can_batch)
+            )
+            if warm.batch_problem:
+                can_batch, not_batched, surprising = False, warm.batch_problem, True
         except BaseException:
             backend.unload()
             raise
-        return manifest, directory, backend, summary
+        if surprising:
+            log.warning("%s:%s runs unbatched: %s", name, version, not_batched)
+        return _Loaded(
+            manifest, directory, backend, summary, batching, can_batch, not_batched, warm.summary
+        )
+
+    def _runner(self, loaded: _Loaded) -> ServingHandle:
+        if not loaded.batching.enabled:
+            executor, queue = self.inference_executor, self.max_queue
+            return ModelRunner(loaded.backend, executor, self.metrics, queue)
+        return DynamicBatcher(
+            loaded.backend,
+            self.inference_executor,
+            self.metrics,
+            self.max_queue,
+            loaded.batching,
+            can_batch=loaded.can_batch,
+            not_batched_because=loaded.not_batched,
+        )
 
     async def _ensure_loaded(self, name: str, version: str) -> LoadedVersion:
         loaded = self._loaded.get(name, {}).get(version)
@@ -161,25 +257,32 @@ class ModelRegistry:
             return loaded
         started = time.perf_counter()
         try:
-            manifest, directory, backend, summary = await self._blocking(
-                self._load_blocking, name, version
-            )
+            loaded = await self._blocking(self._load_blocking, name, version)
         except EdgeError:
             raise
         except Exception as exc:  # runtime-specific errors from a model file
             raise ModelLoadError(f"{name}:{version} failed to load: {exc}") from exc
-        runner = ModelRunner(backend, self.inference_executor, self.metrics, self.max_queue)
-        lv = LoadedVersion(manifest, directory, backend, runner, summary, time.time())
+        runner = self._runner(loaded)
+        lv = LoadedVersion(
+            loaded.manifest, loaded.directory, loaded.backend, runner, loaded.summary, time.time()
+        )
         self._loaded.setdefault(name, {})[version] = lv
         log.info(
-            "loaded %s:%s on %s in %.0f ms, self-test %s",
+            "loaded %s:%s on %s in %.0f ms, self-test %s, %s, batching %s",
             name,
             version,
-            backend.info.provider,
+            loaded.backend.info.provider,
             (time.perf_counter() - started) * 1000,
-            summary,
+            loaded.summary,
+            loaded.warm_up,
+            _batching_summary(runner),
         )
         self._publish_ready(name)
+        onnx = self.accelerators.get("onnx")
+        if onnx is not None and not onnx["checked"] and loaded.manifest.runtime == "onnx":
+            # The first ONNX model since start: onnxruntime is imported now, look at it.
+            await self.detect_accelerators()
+            log.info("accelerators: %s", accelerators.summary(self.accelerators))
         return lv
 
     async def activate(self, name: str, version: str) -> LoadedVersion:
@@ -243,6 +346,7 @@ class ModelRegistry:
         self._publish_ready(name, retired=lv)
         if not await lv.runner.drain(DRAIN_TIMEOUT_S):
             log.warning("%s:%s still busy after %.0f s; unloading", name, version, DRAIN_TIMEOUT_S)
+        lv.runner.close()
         await self._blocking(lv.backend.unload)
         log.info("unloaded %s:%s", name, version)
 
@@ -262,6 +366,7 @@ class ModelRegistry:
             for lv in versions.values():
                 self._publish_ready(name, retired=lv)
                 await lv.runner.drain(DRAIN_TIMEOUT_S)
+                lv.runner.close()
                 await self._blocking(lv.backend.unload)
             log.info("unloaded every version of %s", name)
 
@@ -319,4 +424,5 @@ class ModelRegistry:
         for name in list(self._loaded):
             for lv in self._loaded.pop(name).values():
                 await lv.runner.drain(5.0)
+                lv.runner.close()
                 await self._blocking(lv.backend.unload)

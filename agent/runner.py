@@ -3,7 +3,9 @@
 ``ModelRunner`` is the async face of one model version: a bounded queue (a full
 queue answers 503 with Retry-After rather than letting latency grow without end),
 a semaphore sized to the backend's declared concurrency, and the blocking
-``infer`` in a worker thread. The dynamic batcher wraps this same interface.
+``infer`` in a worker thread. The dynamic batcher (``agent/batcher.py``) has this
+same interface; the registry picks one of the two per model version
+(``runtime.batching.enabled``), and the HTTP handlers never know which.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import Executor
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,6 +26,40 @@ Tensors = dict[str, np.ndarray]
 
 class InferenceHandle(Protocol):
     async def infer(self, inputs: Tensors) -> Tensors: ...
+
+
+class ServingHandle(InferenceHandle, Protocol):
+    """What the registry needs from a version's runner besides ``infer``."""
+
+    @property
+    def pending(self) -> int:
+        """Requests accepted and not answered yet."""
+        ...
+
+    async def drain(self, within_s: float) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class FallbackNotice:
+    """Counts, once, that a version's backend moved to the CPU after an accelerator
+    failed at run time. The backend records it in a worker thread, where the metrics
+    (loop-only) must not be touched; the runner looks after each execution."""
+
+    def __init__(self) -> None:
+        self.noted = False
+
+    def check(self, backend: Backend, metrics: Metrics, labels: tuple[str, str]) -> None:
+        if not self.noted and backend.info.runtime_fallback:
+            self.noted = True
+            metrics.provider_fallbacks.inc(*labels, backend.info.provider)
+
+
+def _rows(inputs: Tensors) -> int:
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 class ModelRunner:
@@ -40,11 +76,13 @@ class ModelRunner:
         self.max_queue = max_queue
         self._slots = asyncio.Semaphore(backend.max_concurrency)
         self._pending = 0
+        self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
         m = backend.manifest
         self._labels = (m.name, m.version)
         self._compute_ewma = 0.005
+        self._fallback = FallbackNotice()
 
     @property
     def pending(self) -> int:
@@ -61,20 +99,27 @@ class ModelRunner:
             )
         self._pending += 1
         self._idle.clear()
-        self.metrics.queue_depth.set(*self._labels, value=self._pending)
+        self._set_gauges()
         queued = time.perf_counter()
         try:
             async with self._slots:
                 started = time.perf_counter()
+                self._running += 1
+                self._set_gauges()
                 loop = asyncio.get_running_loop()
-                outputs = await loop.run_in_executor(self.executor, self.backend.infer, inputs)
+                try:
+                    outputs = await loop.run_in_executor(
+                        self.executor, self.backend.infer, inputs
+                    )
+                finally:
+                    self._running -= 1
                 done = time.perf_counter()
         except Exception:
             self.metrics.inference_requests.inc(*self._labels, "failure")
             raise
         finally:
             self._pending -= 1
-            self.metrics.queue_depth.set(*self._labels, value=self._pending)
+            self._set_gauges()
             if self._pending == 0:
                 self._idle.set()
         compute = done - started
@@ -82,8 +127,16 @@ class ModelRunner:
         self.metrics.queue_duration.observe(*self._labels, value=started - queued)
         self.metrics.compute_duration.observe(*self._labels, value=compute)
         self.metrics.executions.inc(*self._labels)
+        rows = _rows(inputs)
+        self.metrics.inference_rows.inc(*self._labels, value=rows)
+        self.metrics.batch_size.observe(*self._labels, value=rows)
         self.metrics.inference_requests.inc(*self._labels, "success")
+        self._fallback.check(self.backend, self.metrics, self._labels)
         return outputs
+
+    def _set_gauges(self) -> None:
+        self.metrics.queue_depth.set(*self._labels, value=self._pending)
+        self.metrics.queue_waiting.set(*self._labels, value=self._pending - self._running)
 
     async def drain(self, within_s: float) -> bool:
         """Wait until nothing is queued or running; False if ``within_s`` passed first."""
@@ -92,3 +145,9 @@ class ModelRunner:
             return True
         except TimeoutError:
             return False
+
+    def close(self) -> None:
+        """Nothing to release: requests still running finish on their own."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"enabled": False, "instances": self.backend.max_concurrency}

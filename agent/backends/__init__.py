@@ -9,16 +9,20 @@ from agent.bundle.manifest import Manifest
 from agent.config import RuntimeConfig
 
 
-def create_backend(model_path: Path, manifest: Manifest, runtime: RuntimeConfig) -> Backend:
+def create_backend(
+    model_path: Path, manifest: Manifest, runtime: RuntimeConfig, instances: int | None = None
+) -> Backend:
+    """``instances``: runs of this model at once (``batching.instances``); None or 0 means
+    the runtime's own setting (``onnx.sessions``, ``litert.interpreters``)."""
     # Imported lazily: a box serving only ONNX models never imports LiteRT, and vice versa.
     if manifest.runtime == "onnx":
         from agent.backends.onnx import OnnxBackend
 
-        return OnnxBackend(model_path, manifest, runtime.onnx)
+        return OnnxBackend(model_path, manifest, runtime.onnx, instances)
     if manifest.runtime == "litert":
         from agent.backends.litert import LiteRTBackend
 
-        return LiteRTBackend(model_path, manifest, runtime.litert)
+        return LiteRTBackend(model_path, manifest, runtime.litert, instances)
     raise ValueError(f"unknown runtime {manifest.runtime!r}")
 
 

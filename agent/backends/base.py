@@ -12,6 +12,7 @@ import abc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,19 @@ class BackendInfo:
     # Set when the preferred accelerator could not be used and we fell back.
     fallback_reason: str | None = None
     providers_tried: list[str] = field(default_factory=list)
+    # Set when an inference failed on the accelerator after loading and the model
+    # moved to the CPU for good (the fleet sees it in ``reported``).
+    runtime_fallback: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for model metadata and the fleet's ``reported`` state."""
+        return {
+            "runtime": self.runtime,
+            "provider": self.provider,
+            "fallback_reason": self.fallback_reason,
+            "runtime_fallback": self.runtime_fallback,
+            "providers_tried": list(self.providers_tried),
+        }
 
 
 class Backend(abc.ABC):
@@ -48,6 +62,21 @@ class Backend(abc.ABC):
     @property
     def max_concurrency(self) -> int:
         """How many ``infer`` calls may run at the same time."""
+        return 1
+
+    @property
+    def instance_limit(self) -> int | None:
+        """The most ``infer`` calls that can ever overlap; None: no hard limit.
+
+        ``max_concurrency`` is what the backend was sized for; a runtime whose
+        model instances are a fixed pool (LiteRT interpreters) cannot go beyond it,
+        one that runs concurrently on one session (ONNX Runtime) can.
+        """
+        return self.max_concurrency
+
+    @property
+    def warmup_repeats(self) -> int:
+        """Runs per shape a warm-up needs so every instance has allocated for it."""
         return 1
 
     @abc.abstractmethod

@@ -16,10 +16,17 @@ A candidate that cannot load its library, build the interpreter or allocate the
 tensors is skipped with one log line; ``info.provider`` names the one that runs and
 ``info.fallback_reason`` says why the preferred one does not.
 
+A delegate can also fail later, at ``invoke``. Then the same input is retried on
+a new pool of CPU interpreters (XNNPACK, else builtin): if the CPU answers, the
+model stays on the CPU from then on (logged once, ``info.runtime_fallback``); if
+it fails too, the input was at fault and the delegate stays.
+
 An interpreter is not thread-safe, so the backend keeps a pool of
 ``interpreters`` of them, each used by one call at a time (``max_concurrency`` is
 the pool size). ``invoke`` releases the GIL, so the pool gives real parallelism;
-size ``interpreters * num_threads`` to the cores.
+``num_threads: 0`` sizes each interpreter to ``physical cores // interpreters``
+(``agent.backends.threads``). The pool size is ``interpreters``, or the
+``instances`` the dynamic batcher asks for.
 
 Quantization is invisible to callers: for a full-integer model (int8/uint8 input
 with a scale), float input is quantized with the input's scale and zero point, and
@@ -34,7 +41,6 @@ and the outputs are stacked.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import queue
@@ -45,10 +51,12 @@ from typing import Any
 
 import numpy as np
 
+from agent.backends.accelerators import find_delegate_library
 from agent.backends.base import Backend
+from agent.backends.threads import auto_threads
 from agent.bundle.manifest import OIP_TO_NUMPY, Manifest, TensorSpec
-from agent.config import ExternalDelegate, LiteRTConfig, default_threads
-from agent.errors import BadRequest, ModelLoadError
+from agent.config import ExternalDelegate, LiteRTConfig
+from agent.errors import BadRequest, EdgeError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +73,14 @@ log.info("LiteRT backend runs on %s", RUNTIME_PACKAGE)
 XNNPACK = "XNNPACK"
 CPU_BUILTIN = "cpu-builtin"
 _FLOAT_KINDS = ("f",)
-# What tensorflow/lite/delegates/external/external_delegate_interface.h requires.
-_DELEGATE_SYMBOLS = ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate")
 
 
 def delegate_provider(library: Path | str) -> str:
     return f"delegate:{Path(library).name}"
+
+
+def _is_delegate(provider: str) -> bool:
+    return provider.startswith("delegate:")
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class _Binding:
 @dataclass
 class _Slot:
     interpreter: Any
+    provider: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Input shapes currently allocated, so a resize happens only when one changes.
     shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
@@ -135,51 +146,40 @@ def dequantize_output(q: np.ndarray, scale: float, zero_point: int) -> np.ndarra
     return (q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
 
 
-def _find_delegate_library(library: Path) -> str:
-    """The loadable name of an external delegate library, checked before LiteRT sees it.
-
-    LiteRT's ``Delegate`` runs its finalizer on a half-built object when the library
-    is missing or lacks the plugin entry points, which Python reports as an ignored
-    exception on every load attempt; checking with ctypes first gives one clear error.
-    """
-    names = [str(library)]
-    # The config loader makes relative paths relative to the config file, which
-    # turns a bare soname ("libedgetpu.so.1", meant for the dynamic loader's search
-    # path) into a path that does not exist: then try the soname as well.
-    if library.is_absolute() and not library.exists():
-        names.append(library.name)
-    errors: list[str] = []
-    for name in names:
-        try:
-            handle = ctypes.CDLL(name)
-        except OSError as exc:
-            errors.append(str(exc))
-            continue
-        missing = [s for s in _DELEGATE_SYMBOLS if not hasattr(handle, s)]
-        if missing:
-            raise OSError(f"{name} is not a TFLite external delegate (no {', '.join(missing)})")
-        return name
-    raise OSError("; ".join(dict.fromkeys(errors)))
-
-
 class LiteRTBackend(Backend):
     runtime = "litert"
 
-    def __init__(self, model_path: Path, manifest: Manifest, config: LiteRTConfig) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        manifest: Manifest,
+        config: LiteRTConfig,
+        instances: int | None = None,
+    ) -> None:
         super().__init__(model_path, manifest)
         self.config = config
+        self._pool_size = instances or config.interpreters
         self._slots: list[_Slot] = []
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._fallback_lock = threading.Lock()
+        # A CPU pool built after a delegate failed on an input the CPU failed on too:
+        # kept, so that each further bad input does not build interpreters again.
+        self._cpu_spare: tuple[str, list[_Slot], queue.SimpleQueue[_Slot]] | None = None
         self._inputs: dict[str, _Binding] = {}
         self._outputs: list[_Binding] = []
 
     @property
     def max_concurrency(self) -> int:
-        return self.config.interpreters
+        return self._pool_size
+
+    @property
+    def warmup_repeats(self) -> int:
+        # Each interpreter allocates its own tensors for a new shape.
+        return self._pool_size
 
     @property
     def num_threads(self) -> int:
-        return self.config.num_threads or default_threads()
+        return self.config.num_threads or auto_threads(self._pool_size)
 
     # ---- loading ----------------------------------------------------------------
 
@@ -195,7 +195,7 @@ class LiteRTBackend(Backend):
         return chain
 
     def _load_delegate(self, spec: ExternalDelegate) -> Any:
-        library = _find_delegate_library(spec.library)
+        library = find_delegate_library(spec.library)
         return _tfl.load_delegate(library, dict(spec.options))
 
     def _new_interpreter(self, candidate: _Candidate) -> Any:
@@ -215,19 +215,14 @@ class LiteRTBackend(Backend):
         interpreter.allocate_tensors()
         return interpreter
 
-    def load(self) -> None:
-        if self._slots:
-            return
-        if not self.model_path.is_file():
-            raise ModelLoadError(f"model file {self.model_path} does not exist")
-        errors: list[str] = []
-        pool: list[Any] = []
-        chosen: _Candidate | None = None
-        candidates = self._candidates()
+    def _build_pool(
+        self, candidates: list[_Candidate], errors: list[str]
+    ) -> tuple[_Candidate | None, list[Any]]:
+        """The first candidate that builds a whole pool of interpreters, and the pool."""
         for candidate in candidates:
             self.info.providers_tried.append(candidate.provider)
             try:
-                pool = [self._new_interpreter(candidate) for _ in range(self.config.interpreters)]
+                pool = [self._new_interpreter(candidate) for _ in range(self._pool_size)]
             except Exception as exc:  # LiteRT raises ValueError, RuntimeError, OSError...
                 reason = f"{candidate.provider}: {str(exc).strip() or type(exc).__name__}"
                 errors.append(reason)
@@ -239,8 +234,27 @@ class LiteRTBackend(Backend):
                     reason,
                 )
                 continue
-            chosen = candidate
-            break
+            return candidate, pool
+        return None, []
+
+    def _make_slots(
+        self, pool: list[Any], provider: str
+    ) -> tuple[list[_Slot], queue.SimpleQueue[_Slot]]:
+        slots = [_Slot(interpreter, provider) for interpreter in pool]
+        free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        for slot in slots:
+            slot.shapes = {b.index: b.shape for b in self._inputs.values()}
+            free.put(slot)
+        return slots, free
+
+    def load(self) -> None:
+        if self._slots:
+            return
+        if not self.model_path.is_file():
+            raise ModelLoadError(f"model file {self.model_path} does not exist")
+        errors: list[str] = []
+        candidates = self._candidates()
+        chosen, pool = self._build_pool(candidates, errors)
         if chosen is None:
             raise ModelLoadError(f"LiteRT cannot load {self.model_path.name}: " + "; ".join(errors))
         self._bind(pool[0])
@@ -248,11 +262,7 @@ class LiteRTBackend(Backend):
             # Each skipped candidate was logged above; this is what the fleet sees.
             self.info.fallback_reason = "; ".join(errors)
         self.info.provider = chosen.provider
-        self._slots = [_Slot(interpreter) for interpreter in pool]
-        self._free = queue.SimpleQueue()
-        for slot in self._slots:
-            slot.shapes = {b.index: b.shape for b in self._inputs.values()}
-            self._free.put(slot)
+        self._slots, self._free = self._make_slots(pool, chosen.provider)
         log.info(
             "%s:%s loaded on %s (%s, %d interpreter(s) x %d thread(s))",
             self.manifest.name,
@@ -427,16 +437,10 @@ class LiteRTBackend(Backend):
                 parts[i].append(out[: min(model_batch, n - start)])
         return [np.concatenate(p) for p in parts]
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self._slots:
-            raise ModelLoadError(f"{self.manifest.name}:{self.manifest.version} is not loaded")
-        missing = sorted(set(self._inputs) - set(inputs))
-        unknown = sorted(set(inputs) - set(self._inputs))
-        if missing or unknown:
-            raise BadRequest(f"inputs missing: {missing}, unknown: {unknown}")
-        feed = {name: self._prepare(name, value) for name, value in inputs.items()}
-        batch = self._chunk_batch(feed)
-        slot = self._free.get()
+    def _on_free_slot(
+        self, free: queue.SimpleQueue[_Slot], feed: dict[str, np.ndarray], batch: int | None
+    ) -> list[np.ndarray]:
+        slot = free.get()
         try:
             with slot.lock:
                 if slot.interpreter is None:  # unloaded while we waited
@@ -444,11 +448,54 @@ class LiteRTBackend(Backend):
                         f"{self.manifest.name}:{self.manifest.version} is not loaded"
                     )
                 if batch is not None:
-                    raw = self._run_chunks(slot, feed, batch)
-                else:
-                    raw = self._run(slot, feed)
+                    return self._run_chunks(slot, feed, batch)
+                return self._run(slot, feed)
         finally:
-            self._free.put(slot)
+            free.put(slot)
+
+    def _fall_back(
+        self, failed: list[_Slot], feed: dict[str, np.ndarray], batch: int | None, exc: Exception
+    ) -> list[np.ndarray]:
+        """An invoke failed on a delegate: retry on CPU interpreters, stay there if it works."""
+        with self._fallback_lock:
+            if self._slots is failed:
+                if self._cpu_spare is None:
+                    cpu = [c for c in self._candidates() if not _is_delegate(c.provider)]
+                    chosen, pool = self._build_pool(cpu, [])
+                    if chosen is None:
+                        raise exc  # no CPU pool to compare with: report the original error
+                    self._cpu_spare = (chosen.provider, *self._make_slots(pool, chosen.provider))
+                provider, slots, free = self._cpu_spare
+                # Raises if the CPU fails too: the input was at fault, the delegate stays.
+                raw = self._on_free_slot(free, feed, batch)
+                reason = f"{self.info.provider} failed at run time ({exc}); running on {provider}"
+                self._slots, self._free, self._cpu_spare = slots, free, None
+                self.info.runtime_fallback = reason
+                self.info.fallback_reason = reason
+                self.info.provider = provider
+                log.error("%s:%s %s", self.manifest.name, self.manifest.version, reason)
+                return raw
+        # Another call moved the model to the CPU meanwhile.
+        return self._on_free_slot(self._free, feed, batch)
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        slots, free = self._slots, self._free
+        if not slots:
+            raise ModelLoadError(f"{self.manifest.name}:{self.manifest.version} is not loaded")
+        missing = sorted(set(self._inputs) - set(inputs))
+        unknown = sorted(set(inputs) - set(self._inputs))
+        if missing or unknown:
+            raise BadRequest(f"inputs missing: {missing}, unknown: {unknown}")
+        feed = {name: self._prepare(name, value) for name, value in inputs.items()}
+        batch = self._chunk_batch(feed)
+        try:
+            raw = self._on_free_slot(free, feed, batch)
+        except EdgeError:
+            raise
+        except Exception as exc:
+            if not _is_delegate(slots[0].provider):
+                raise
+            raw = self._fall_back(slots, feed, batch, exc)
         results: dict[str, np.ndarray] = {}
         for b, value in zip(self._outputs, raw, strict=True):
             if b.quantized and b.wire_dtype.kind in _FLOAT_KINDS:
@@ -458,6 +505,9 @@ class LiteRTBackend(Backend):
 
     def unload(self) -> None:
         slots, self._slots = self._slots, []
+        if self._cpu_spare is not None:
+            slots = [*slots, *self._cpu_spare[1]]
+            self._cpu_spare = None
         for slot in slots:
             # Waits for an inference still running on this interpreter.
             with slot.lock:

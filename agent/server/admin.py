@@ -46,6 +46,9 @@ def model_status(request: web.Request, name: str) -> dict[str, Any]:
                 "provider_fallback": lv.backend.info.fallback_reason,
                 "self_test": lv.self_test,
                 "queue": lv.runner.pending,
+                # Set when an accelerator failed at run time and the model moved to the CPU.
+                "runtime_fallback": lv.backend.info.runtime_fallback,
+                "batching": lv.runner.describe(),
             }
         versions.append(row)
     return {
@@ -62,6 +65,14 @@ def model_status(request: web.Request, name: str) -> dict[str, Any]:
 async def list_models(request: web.Request) -> web.Response:
     registry = services(request).registry
     return json_response({"models": [model_status(request, n) for n in registry.model_names()]})
+
+
+@routes.get("/v1/system")
+async def system(request: web.Request) -> web.Response:
+    """What the box offers (CPU cores, ONNX Runtime providers, LiteRT delegates)."""
+    registry = services(request).registry
+    found = await registry.detect_accelerators()
+    return json_response({"accelerators": found, "models": registry.provider_report()["models"]})
 
 
 @routes.get("/v1/models/{model}")

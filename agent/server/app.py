@@ -14,11 +14,14 @@ from aiohttp import web
 from agent.bundle.signing import TrustStore
 from agent.config import AgentConfig, default_threads
 from agent.errors import EdgeError, Unavailable
+from agent.fleet import FLEET, FleetConnection
+from agent.inference import INFERENCE, InferenceService
 from agent.metrics import Metrics
 from agent.registry import ModelRegistry
-from agent.server import admin, image, oip, openapi
+from agent.server import admin, fallback, image, oip, openapi
 from agent.server.context import SERVICES, Services, services
 from agent.server.responses import error_response
+from agent.server.tls import warn_if_exposed
 from agent.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: AgentConfig) -> web.Application:
     _log_trust(config)
+    warn_if_exposed(config)  # e.g. the cloud profile on 0.0.0.0 without TLS
     trust = TrustStore.from_files(config.trust.public_keys, config.trust.allow_unsigned)
     store = ModelStore(
         config.store.path, trust, config.store.keep_versions, config.store.max_member_bytes
@@ -117,11 +121,23 @@ def create_app(config: AgentConfig) -> web.Application:
     )
     svc = Services(config, registry, metrics, inference, io)
     app[SERVICES] = svc
-    for table in (oip.routes, image.routes, admin.routes, openapi.routes):
+    # Edge model + cloud fallback, for both inference APIs (agent/inference.py).
+    app[INFERENCE] = InferenceService(config, registry, metrics, inference)
+    for table in (oip.routes, image.routes, admin.routes, openapi.routes, fallback.routes):
         app.add_routes(table)
     if config.server.cors_origins:
         app.on_response_prepare.append(_cors(config.server.cors_origins))
     app.cleanup_ctx.append(_lifecycle)
+    # After the registry: started once models load, stopped (background cloud work
+    # cancelled and awaited) before they unload.
+    app.cleanup_ctx.append(app[INFERENCE].lifecycle)
+    if config.fleet is not None:
+        # Optional MQTT link + telemetry outbox (agent/fleet.py). Its start never waits
+        # for the broker; without a fleet section nothing of it exists.
+        app[FLEET] = FleetConnection(config)
+        app.cleanup_ctx.append(app[FLEET].lifecycle)
+        # Fallback counts (items by reason, cloud calls, agreement) go to telemetry too.
+        app[INFERENCE].telemetry_sink = app[FLEET].outbox.add_one
     return app
 
 

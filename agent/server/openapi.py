@@ -90,6 +90,7 @@ def spec() -> dict[str, Any]:
             },
             "/v1/predict/{model}": {"post": predict},
             "/v1/models": {"get": _op("Models with versions, labels, provider, self-test")},
+            "/v1/system": {"get": _op("CPU cores, ONNX Runtime providers, LiteRT delegates")},
             "/v1/models/{model}": {"get": _op("One model's status", parameters=[_M])},
             "/v1/bundles": {
                 "post": _op(
@@ -116,6 +117,12 @@ def spec() -> dict[str, Any]:
                         },
                     ],
                 )
+            },
+            "/v1/fallback": {
+                "get": _op("Cloud fallback: endpoint, breakers, budgets, policies, hard examples")
+            },
+            "/v1/hard-examples": {
+                "get": _op("Hard examples, newest first (?status=&model=&limit=), no tensors")
             },
             "/metrics": {"get": _op("Prometheus metrics", ok="text/plain exposition format")},
             "/openapi.json": {"get": _op("This document")},
