@@ -9,6 +9,8 @@ import sys
 # benchmark's heavy dependencies never slow down (or break) another.
 BENCHMARKS: dict[str, str] = {
     "overhead": "bench.overhead",
+    "serving": "bench.serving",
+    "joint": "bench.joint",
 }
 
 

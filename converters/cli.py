@@ -239,6 +239,68 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from converters import calibrate as cal
+
+    key = _load_key(args.key) if args.key else None
+    if args.output and key is None:
+        raise _Fail("writing a calibrated bundle (-o) needs --key to sign it")
+    if args.output and args.target_share is None and args.target_accuracy is None:
+        raise _Fail("writing a calibrated bundle (-o) needs --target-share or --target-accuracy")
+    trust = cal.trust_for(args.pubkey or [], key)
+    with cal.tempdir() as tmp:
+        edge = cal.open_bundle(args.bundle, trust, Path(tmp) / "edge")
+        data = cal.load_eval(args.eval, edge.manifest)
+        cloud_model = args.cloud_model or edge.manifest.fallback.cloud_model
+        if args.cloud_bundle:
+            cloud = cal.open_bundle(args.cloud_bundle, trust, Path(tmp) / "cloud")
+            cloud_pred = cal.class_probabilities(cloud, data).argmax(axis=1)
+            cloud_model = args.cloud_model or cloud.manifest.name
+        elif args.cloud_predictions:
+            cloud_pred = cal.predictions_from_file(args.cloud_predictions, len(data))
+        else:
+            if not cloud_model:
+                raise _Fail("--cloud-url needs --cloud-model (the bundle names none)")
+            post = edge.manifest.postprocessing
+            output = getattr(post, "output", None)
+            if output is None:
+                raise _Fail(f"{edge.manifest.name} is not a classifier")
+            token = args.cloud_token_file.read_text().strip() if args.cloud_token_file else None
+            cloud_pred = cal.predictions_from_endpoint(
+                args.cloud_url, cloud_model, data, output, token=token, ca_file=args.cloud_ca_file
+            )
+        result = cal.calibrate(edge, data, cloud_pred, args.rule)
+        chosen = None
+        target = None
+        if args.target_share is not None:
+            chosen = cal.choose(result.curve, max_share=args.target_share)
+            target = f"cloud_share<={args.target_share}"
+        elif args.target_accuracy is not None:
+            chosen = cal.choose(result.curve, min_accuracy=args.target_accuracy)
+            target = f"accuracy>={args.target_accuracy}"
+        if args.json:
+            print(json.dumps(cal.report_json(result, chosen), indent=2), flush=True)
+        else:
+            rows = result.curve if args.all else cal.summary(result, chosen)
+            print(cal.format_table(result, rows, chosen), flush=True)
+        if args.output:
+            assert chosen is not None and target is not None and key is not None
+            m = cal.write_calibrated(
+                edge, args.output, result, chosen, target, key, args.version, cloud_model
+            )
+            log.info(
+                "wrote %s: %s:%s with fallback threshold %.6g (%.1f%% to the cloud,"
+                " joint accuracy %.4f on the validation set)",
+                args.output,
+                m.name,
+                m.version,
+                chosen.threshold,
+                chosen.cloud_share * 100,
+                chosen.joint_accuracy,
+            )
+    return EXIT_OK
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from converters.bundletools import format_inspection, inspect_bundle
 
@@ -474,6 +536,73 @@ def build_parser() -> argparse.ArgumentParser:
         "--self-test", action="store_true", help="also load the model and run its test vectors here"
     )
 
+    p = add(
+        "calibrate",
+        cmd_calibrate,
+        "choose the cloud-fallback threshold from data; write it into a new bundle",
+        "Run the edge BUNDLE on a labelled validation set, take the cloud model's answers"
+        " (its bundle run here, a predictions file, or a live OIP endpoint), and print"
+        " threshold -> share sent to the cloud -> joint accuracy. With a target and -o,"
+        " write a new signed bundle version whose fallback.threshold meets it.",
+    )
+    p.add_argument("bundle", type=_file, metavar="BUNDLE", help="the edge model's bundle")
+    p.add_argument(
+        "--eval",
+        type=_file,
+        required=True,
+        metavar="VAL.npz",
+        help="'x' (or one array per input) and integer labels 'y'",
+    )
+    cloud = p.add_mutually_exclusive_group(required=True)
+    cloud.add_argument(
+        "--cloud-bundle",
+        type=_file,
+        metavar="CLOUD.bundle",
+        help="the cloud model's bundle, run here",
+    )
+    cloud.add_argument(
+        "--cloud-predictions",
+        type=_file,
+        metavar="PRED.npz",
+        help="the cloud's answers: y_pred (class ids) or probabilities",
+    )
+    cloud.add_argument("--cloud-url", metavar="URL", help="a live OIP endpoint to ask")
+    p.add_argument("--cloud-model", help="cloud model name (default: the bundle's cloud_model)")
+    p.add_argument("--cloud-token-file", type=_file, metavar="FILE")
+    p.add_argument("--cloud-ca-file", type=_file, metavar="CA.pem")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--target-share",
+        type=float,
+        metavar="SHARE",
+        help="at most this share of items to the cloud, e.g. 0.15",
+    )
+    target.add_argument(
+        "--target-accuracy",
+        type=float,
+        metavar="ACC",
+        help="the cheapest threshold reaching this joint accuracy",
+    )
+    p.add_argument(
+        "--rule",
+        choices=["top1", "margin", "entropy"],
+        help="confidence rule (default: the bundle's)",
+    )
+    p.add_argument(
+        "--pubkey",
+        type=_file,
+        nargs="+",
+        metavar="PUB",
+        help="trusted keys for the bundles (the --key's own is trusted too)",
+    )
+    p.add_argument("--key", type=_file, metavar="SIGNING.key", help="signs the new bundle")
+    p.add_argument(
+        "-o", "--output", type=Path, metavar="OUT.bundle", help="write the calibrated bundle here"
+    )
+    p.add_argument("--version", help="its version (default: the next integer)")
+    p.add_argument("--all", action="store_true", help="print every threshold, not a summary")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = add("inspect", cmd_inspect, "show a bundle's manifest (no key needed, unverified)")
     p.add_argument("bundle", type=_file, metavar="BUNDLE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -481,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from converters.calibrate import CalibrationError
     from converters.evaluate import EvaluationError
     from converters.gate import SpecError
     from converters.quantize import QuantizationError
@@ -489,6 +619,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     return (
         _Fail,
+        CalibrationError,
         EdgeError,
         EvaluationError,
         SpecError,

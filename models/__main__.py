@@ -21,6 +21,8 @@ from converters.gate import QualityGateError
 from models.demo import DEMO_DIR, write_demo_images
 from models.recipe import (
     AGENT_CONFIG,
+    CLOUD_CONFIG,
+    CLOUD_TOKEN,
     DEFAULT_VERSION,
     BuildContext,
     RecipeError,
@@ -47,6 +49,10 @@ def up_to_date(ctx: BuildContext, recipes: Sequence[str]) -> bool:
     if stamp.get("version") != ctx.version or stamp.get("key_id") != ctx.key_id:
         return False
     if any(name not in built for name in recipes):
+        return False
+    # A build from before the cloud fallback: its agent.yaml has no fallback section.
+    token = ctx.build_dir / "keys" / CLOUD_TOKEN
+    if (ctx.build_dir / CLOUD_CONFIG).exists() and not token.exists():
         return False
     return all((ctx.build_dir / b).exists() for name in recipes for b in built[name])
 

@@ -5,6 +5,7 @@ its bundles into ``ctx.build_dir`` and returns their paths. Layout of a build:
 
     models/build/
       keys/signing.key, keys/signing.pub   created once, reused by later builds
+      keys/cloud.token                     dev bearer token of the cloud endpoint (0600)
       <name>-<version>.bundle              one per model (signed)
       agent.yaml                           an agent config serving every bundle
       cloud.yaml                           the cloud-profile agent (models others fall back to)
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,10 @@ AGENT_CONFIG = "agent.yaml"
 CLOUD_CONFIG = "cloud.yaml"
 BUILD_STAMP = "build.json"
 CLOUD_PORT = 8490
+CLOUD_TOKEN = "cloud.token"
+EDGE_STORE, CLOUD_STORE = "store", "store-cloud"
+# The edge waits this long for the cloud before answering locally (fallback cloud_timeout).
+CLOUD_TIMEOUT_MS = 300
 
 
 class RecipeError(Exception):
@@ -100,6 +108,18 @@ def ensure_keys(directory: Path, name: str = KEY_NAME) -> tuple[Path, Path]:
     return generate_keypair(directory, name)
 
 
+def ensure_token(path: Path) -> Path:
+    """A random bearer token in ``path`` (mode 0600), created once and then reused."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    log.info("created the cloud endpoint's development token %s", path)
+    return path
+
+
 def _rel(path: Path, base: Path) -> str:
     """Relative to the config file when inside the build, so the build can be moved."""
     try:
@@ -112,20 +132,28 @@ def write_agent_configs(ctx: BuildContext, bundles: Iterable[Path]) -> list[Path
     """Write ``agent.yaml`` (every edge bundle, label stable) and ``cloud.yaml``.
 
     ``cloud.yaml`` is the cloud-profile agent on port 8490 serving the models other
-    bundles name as ``fallback.cloud_model``; it is written only when there are some.
-    Both are checked with the agent's own config parser before they are written.
+    bundles name as ``fallback.cloud_model``; it is written only when there are some,
+    and then ``agent.yaml``'s fallback points at it with the shared development token
+    ``keys/cloud.token``. Both are checked with the agent's own config parser before
+    they are written.
     """
     from converters.bundletools import read_manifest_unverified
 
     bundles = sorted(set(bundles))
     manifests = {b: read_manifest_unverified(b)[0] for b in bundles}
+    # The stores of an earlier build hold the old bundles' versions, which the new
+    # bundles (same version, new signature and date) may not replace: versions are
+    # immutable. A build directory's stores are derived from its bundles: start over.
+    for store in (EDGE_STORE, CLOUD_STORE):
+        shutil.rmtree(ctx.build_dir / store, ignore_errors=True)
     cloud_names = {m.fallback.cloud_model for m in manifests.values() if m.fallback.cloud_model}
     base = ctx.build_dir
     common: dict[str, Any] = {"trust": {"public_keys": [_rel(ctx.public_key_path, base)]}}
     cloud_bundles = [b for b in bundles if manifests[b].name in cloud_names]
+    token = ensure_token(ctx.build_dir / "keys" / CLOUD_TOKEN) if cloud_bundles else None
     # Cloud models (digits-cloud) belong to the cloud endpoint, not to a store PC.
     edge = {
-        "store": {"path": "store"},
+        "store": {"path": EDGE_STORE},
         **common,
         "models": [
             {"bundle": _rel(b, base), "labels": ["stable"]}
@@ -133,16 +161,41 @@ def write_agent_configs(ctx: BuildContext, bundles: Iterable[Path]) -> list[Path
             if b not in cloud_bundles
         ],
     }
+    if token is not None:
+        # Unsure answers go to the cloud-profile agent of cloud.yaml (edge-agent demo
+        # starts it too); when it is not running they are answered locally (offline).
+        edge["fallback"] = {
+            "cloud": {
+                "url": f"http://127.0.0.1:{CLOUD_PORT}",
+                "token_file": _rel(token, base),
+                "timeout_ms": CLOUD_TIMEOUT_MS,
+            }
+        }
     written = [_write_config(base / AGENT_CONFIG, edge, "edge agent: the edge sample bundles")]
     if cloud_bundles:
+        assert token is not None
         cloud = {
             "profile": "cloud",
-            "server": {"host": "127.0.0.1", "port": CLOUD_PORT},
-            "store": {"path": "store-cloud"},
+            # The cloud profile binds 0.0.0.0 by default; this development build stays
+            # on loopback. A real cloud host drops `host` and sets tls_cert_file/tls_key_file.
+            "server": {
+                "host": "127.0.0.1",
+                "port": CLOUD_PORT,
+                "auth_token_file": _rel(token, base),
+            },
+            "store": {"path": CLOUD_STORE},
             **common,
             "models": [{"bundle": _rel(b, base), "labels": ["stable"]} for b in cloud_bundles],
         }
-        written.append(_write_config(base / CLOUD_CONFIG, cloud, "cloud-profile agent"))
+        written.append(
+            _write_config(
+                base / CLOUD_CONFIG,
+                cloud,
+                "cloud-profile agent (the cloud endpoint agent.yaml falls back to), on loopback"
+                " for development; on a cloud host drop server.host (0.0.0.0) and set"
+                " server.tls_cert_file/tls_key_file",
+            )
+        )
     else:
         (base / CLOUD_CONFIG).unlink(missing_ok=True)  # no stale cloud config from a past build
     return written

@@ -166,9 +166,16 @@ class ConfidenceRule(_Strict):
 
 
 class FallbackDefaults(_Strict):
+    """The converter's cloud-fallback defaults; the agent config may override each."""
+
     mode: Literal["edge_only", "cloud_when_unsure", "edge_first_escalate"] = "cloud_when_unsure"
     threshold: float = Field(0.8, ge=0.0, le=1.0)
     cloud_model: str | None = None
+    # Label -> threshold for answers whose top-1 is that label (classifiers only).
+    class_thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict
+    )
+    audit_rate: float = Field(0.0, ge=0.0, le=1.0, description="confident answers also sent")
 
 
 class SelfTestSpec(_Strict):

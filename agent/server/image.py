@@ -11,6 +11,7 @@ from aiohttp import web
 
 from agent.bundle.manifest import ClassificationPost, DetectionPost, Manifest
 from agent.errors import BadRequest
+from agent.inference import inference
 from agent.processing import classification
 from agent.processing.image import ImageTransform, preprocess
 from agent.server.context import services
@@ -108,18 +109,33 @@ async def predict_image(request: web.Request) -> web.Response:
     data = await _image_bytes(request)
     loop = asyncio.get_running_loop()
     pool = svc.inference_executor
+    allow_cloud = _bool_query(request, "cloud", True)
     tensor, transform = await loop.run_in_executor(pool, preprocess, data, spec)
-    outputs = await lv.runner.infer({spec.input: tensor})
-    answer = await loop.run_in_executor(pool, postprocess, m, outputs, transform, top_k)
+    # The image goes along so a hard example keeps the original, not just the tensor.
+    result = await inference(request).run(
+        lv, {spec.input: tensor}, image=data, allow_cloud=allow_cloud, received=received
+    )
+    answer = await loop.run_in_executor(pool, postprocess, m, result.outputs, transform, top_k)
     latency_ms = (time.perf_counter() - received) * 1000
     svc.metrics.request_duration.observe(m.name, m.version, value=latency_ms / 1000)
     return json_response(
         {
             "model": m.name,
             "version": m.version,
-            "source": "edge",
+            **result.provenance.image_fields(m.labels),
             "provider": lv.backend.info.provider,
             "latency_ms": round(latency_ms, 3),
             **answer,
         }
     )
+
+
+def _bool_query(request: web.Request, key: str, default: bool) -> bool:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise BadRequest(f"query parameter {key} must be true or false")

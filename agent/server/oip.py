@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import web
 
 import agent
-from agent.errors import NotFound, Unavailable
+from agent.errors import BadRequest, NotFound, Unavailable
+from agent.inference import inference
 from agent.registry import LoadedVersion
 from agent.server.context import services
 from agent.server.responses import error_response, json_response, read_json_object
@@ -73,6 +74,8 @@ def model_metadata(lv: LoadedVersion, request: web.Request) -> dict[str, Any]:
             "class_labels": m.labels,
             "confidence_rule": m.confidence.rule,
             "fallback": m.fallback.model_dump(),
+            # The bundle's defaults with this agent's config laid over them.
+            "fallback_effective": inference(request).policy(m).describe(m.labels),
             "metrics": m.metrics,
         },
     }
@@ -104,20 +107,24 @@ async def infer(request: web.Request) -> web.Response:
     lv = svc.registry.resolve(request.match_info["model"], _version_param(request))
     body = await request.read()
     req = decode_request(body, request.headers.get(HEADER_LENGTH), lv.manifest)
-    results = await lv.runner.infer(req.inputs)
+    # The cloud's timeout counts from here: the caller's wait is bounded, not the call's.
+    result = await inference(request).run(
+        lv, req.inputs, allow_cloud=_allow_cloud(req.parameters), received=received
+    )
     m = lv.manifest
     latency_ms = (time.perf_counter() - received) * 1000
     head = {
         "model_name": m.name,
         "model_version": m.version,
         "parameters": {
-            "source": "edge",
+            # source, fallback, both versions and confidences, edge_ms, cloud_ms.
+            **result.provenance.oip_parameters(),
             "provider": lv.backend.info.provider,
             "latency_ms": round(latency_ms, 3),
         },
     }
     svc.metrics.request_duration.observe(m.name, m.version, value=latency_ms / 1000)
-    payload, header_len = encode_response(req, results, head)
+    payload, header_len = encode_response(req, result.outputs, head)
     if header_len is None:
         return web.Response(body=payload, content_type="application/json")
     return web.Response(
@@ -125,6 +132,14 @@ async def infer(request: web.Request) -> web.Response:
         content_type="application/octet-stream",
         headers={HEADER_LENGTH: str(header_len)},
     )
+
+
+def _allow_cloud(parameters: dict[str, Any]) -> bool:
+    """Request parameter ``cloud: false`` keeps this request on the box (e.g. private data)."""
+    value = parameters.get("cloud", True)
+    if not isinstance(value, bool):
+        raise BadRequest("parameter 'cloud' must be true or false")
+    return value
 
 
 # ---- model repository extension ---------------------------------------------
