@@ -335,6 +335,15 @@ def _system_busy_s() -> tuple[float, float]:
     return (user + nice + system + irq + softirq + steal) / hz, (idle + iowait) / hz
 
 
+def box_busy_cpu_s() -> float:
+    """Busy CPU seconds of the whole box since boot, all cores (from /proc/stat).
+
+    The difference over a measurement, minus the benchmark's own processes' CPU, is
+    what other work on the box took from it.
+    """
+    return _system_busy_s()[0]
+
+
 def _own_cpu_s() -> float:
     """CPU seconds of this process and of its children that have been waited for."""
     t = os.times()
