@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ def _load(args: argparse.Namespace) -> AgentConfig:
     return config
 
 
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop the agent runs on: uvloop when asked or, with ``auto``, installed."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError(
+                    "server.event_loop is uvloop but uvloop is not installed"
+                ) from None
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -47,9 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _setup_logging(config.logging.level)
+    loop = event_loop_factory(config.server.event_loop)()
+    log.info("event loop: %s", type(loop).__module__.split(".")[0])
     app = create_app(config)
     web.run_app(
         app,
+        loop=loop,
         host=config.server.host,
         port=config.server.port,
         ssl_context=server_ssl_context(config),  # HTTPS when server.tls_* are set
@@ -211,7 +230,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     # The cloud endpoint too, when cloud.yaml sits beside the config (python -m models).
     cloud = cloud_setup(Path(args.config), args.cloud_config, args.cloud_port)
-    return asyncio.run(run_demo(config, samples, keep_serving=not args.exit, cloud=cloud))
+    with asyncio.Runner(loop_factory=event_loop_factory(config.server.event_loop)) as runner:
+        return runner.run(run_demo(config, samples, keep_serving=not args.exit, cloud=cloud))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -152,3 +153,12 @@ async def start_agent() -> AsyncIterator[Callable[..., Any]]:
     current = asyncio.current_task()
     lingering = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
     assert not lingering, f"lingering tasks: {lingering}"
+
+
+if os.environ.get("EDGEFLEET_TEST_LOOP") == "uvloop":
+
+    @pytest.fixture(scope="session")
+    def event_loop_policy():  # pytest-asyncio hook: every async test runs on uvloop
+        import uvloop
+
+        return uvloop.EventLoopPolicy()

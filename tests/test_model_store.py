@@ -159,9 +159,12 @@ async def test_a_bad_configured_bundle_does_not_stop_the_others(start_agent, mak
 
 
 async def test_versions_are_immutable(start_agent, make_tiny_bundle, keys, tmp_path):
-    agent = await start_agent(agent_config(tmp_path, keys, [make_tiny_bundle("1")]))
+    first = make_tiny_bundle("1")
+    same = tmp_path / "same.bundle"  # byte-identical copy (a rebuild has a new created_at)
+    same.write_bytes(first.read_bytes())
+    agent = await start_agent(agent_config(tmp_path, keys, [first]))
     async with aiohttp.ClientSession() as s:
-        status, doc = await upload(s, agent.base, make_tiny_bundle("1"), activate=False)
+        status, doc = await upload(s, agent.base, same, activate=False)
         assert status == 201  # the same bundle again: a no-op
         status, doc = await upload(s, agent.base, make_tiny_bundle("1", weights=W2))
         assert status == 400 and "already installed with different contents" in doc["error"]
