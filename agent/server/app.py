@@ -14,7 +14,6 @@ from aiohttp import web
 from agent.bundle.signing import TrustStore
 from agent.config import AgentConfig, default_threads
 from agent.errors import EdgeError, Unavailable
-from agent.fleet import FLEET, FleetConnection
 from agent.inference import INFERENCE, InferenceService
 from agent.metrics import Metrics
 from agent.registry import ModelRegistry
@@ -133,7 +132,10 @@ def create_app(config: AgentConfig) -> web.Application:
     app.cleanup_ctx.append(app[INFERENCE].lifecycle)
     if config.fleet is not None:
         # Optional MQTT link + telemetry outbox (agent/fleet.py). Its start never waits
-        # for the broker; without a fleet section nothing of it exists.
+        # for the broker; without a fleet section nothing of it exists, not even paho
+        # in memory (imported here, not at the top).
+        from agent.fleet import FLEET, FleetConnection
+
         app[FLEET] = FleetConnection(config)
         app.cleanup_ctx.append(app[FLEET].lifecycle)
         # Fallback counts (items by reason, cloud calls, agreement) go to telemetry too.
