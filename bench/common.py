@@ -8,6 +8,7 @@ box they do share the cores; the machine description says how many there were.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -528,3 +529,28 @@ def write_doc_section(name: str, markdown: str, path: Path = DOC_PATH) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# Other processes' share of the box above which figures are flagged as pessimistic.
+BUSY_WARNING = 0.1
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: leave the doc alone, wait for a quiet box."""
+    parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="wait up to S seconds for other work on the box to stop first",
+    )
+
+
+def warn_if_busy(others_share: float) -> None:
+    if others_share > BUSY_WARNING:
+        print(
+            f"bench: WARNING other processes used {others_share:.0%} of the box's CPU during"
+            " the run; figures are pessimistic",
+            file=sys.stderr,
+        )

@@ -41,11 +41,13 @@ from bench.common import (
     CpuMeter,
     KeepAliveClient,
     Stats,
+    add_run_options,
     ensure_models,
     machine_info,
     machine_markdown,
     no_gc,
     wait_until_quiet,
+    warn_if_busy,
     write_doc_section,
     write_result,
 )
@@ -60,7 +62,6 @@ TARGET_SHARE = 0.15
 GOAL_POINTS = 0.5  # joint accuracy within this many points of cloud-only
 GOAL_HANG_MARGIN_MS = 5.0
 # Other work above this share of the box's CPU makes the latencies pessimistic: say so.
-BUSY_WARNING = 0.1
 
 
 # ---- requests ---------------------------------------------------------------------------------
@@ -541,24 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="passes over the 450 digits for the latency figures"
     )
-    parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="wait up to S seconds for other work on the box to stop first",
-    )
+    add_run_options(parser)
     args = parser.parse_args(argv)
     wait_until_quiet(args.wait_quiet)
     doc = run(args.timeout_ms, args.rounds)
     others = doc["details"]["box_load"]["others_share_of_box"]
-    if others > BUSY_WARNING:
-        print(
-            f"bench: WARNING other processes used {others:.0%} of the box's CPU during the"
-            " run; latencies are pessimistic",
-            file=sys.stderr,
-        )
+    warn_if_busy(others)
     path = write_result(NAME, doc)
     print(summary(doc))
     print(f"wrote {path}")

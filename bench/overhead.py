@@ -48,12 +48,14 @@ from agent.bundle.signing import TrustStore, generate_keypair, load_private_key
 from agent.config import RuntimeConfig, load_config
 from agent.server.tensors import HEADER_LENGTH
 from bench.common import (
+    BUSY_WARNING,
     MODELS_BUILD,
     AgentProcess,
     CpuMeter,
     HttpError,
     KeepAliveClient,
     Stats,
+    add_run_options,
     ensure_models,
     free_port,
     machine_info,
@@ -64,6 +66,7 @@ from bench.common import (
     timed_requests,
     wait_http_ready,
     wait_until_quiet,
+    warn_if_busy,
     write_doc_section,
     write_result,
 )
@@ -76,7 +79,6 @@ POOL_SHAPE = (1, 3, 224, 224)
 POOL_CLASSES = 10
 WARM_RESTARTS = 3
 # Other work above this share of the box's CPU makes the figures pessimistic: say so.
-BUSY_WARNING = 0.1
 
 GOALS: dict[str, float] = {
     "json_small_p50_overhead_ms": 0.3,
@@ -899,24 +901,12 @@ def main(argv: list[str] | None = None) -> int:
         default=4,
         help="the cases take turns this many times (requests split evenly)",
     )
-    parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="wait up to S seconds for other work on the box to stop first",
-    )
+    add_run_options(parser)
     args = parser.parse_args(argv)
     busy = wait_until_quiet(args.wait_quiet)
     doc = run(args.requests, args.warmup, args.rounds, busy)
     others = doc["details"]["box_load"]["others_share_of_box"]
-    if others > BUSY_WARNING:
-        print(
-            f"bench: WARNING other processes used {others:.0%} of the box's CPU during the"
-            " run; latencies are pessimistic",
-            file=sys.stderr,
-        )
+    warn_if_busy(others)
     path = write_result(NAME, doc)
     print(summary(doc))
     print(f"wrote {path}")

@@ -58,6 +58,7 @@ from bench.cnn import (
     write_tiny_onnx,
 )
 from bench.common import (
+    BUSY_WARNING,
     MODELS_BUILD,
     ROOT,
     AgentProcess,
@@ -65,6 +66,7 @@ from bench.common import (
     HttpError,
     KeepAliveClient,
     Stats,
+    add_run_options,
     box_busy_cpu_s,
     ensure_models,
     free_port,
@@ -76,6 +78,7 @@ from bench.common import (
     time_calls,
     wait_http_ready,
     wait_until_quiet,
+    warn_if_busy,
     write_doc_section,
     write_result,
 )
@@ -122,7 +125,6 @@ AGENT_BATCHING_OFF: dict[str, Any] = {"enabled": False}
 MLSERVER_MAX_BATCH_SIZE = 8
 MLSERVER_MAX_BATCH_TIME_S = 0.005
 
-BUSY_WARNING = 0.1
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 # A client using more than this share of one core may be what limits throughput.
 CLIENT_BOTTLENECK = 0.85
@@ -1823,26 +1825,14 @@ def main(argv: list[str] | None = None) -> int:
         "--quant-seconds", type=float, default=3.0, help="per batch size, fp32 and int8 each"
     )
     parser.add_argument("--peers-venv", default=str(PEERS_VENV), help="where the peers' venv lives")
-    parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="wait up to S seconds for other work on the box to stop first",
-    )
+    add_run_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.quant_seconds, args.rounds = 1.0, 0.3, 0.5, 1
     busy = wait_until_quiet(args.wait_quiet)
     doc = run(args, busy)
     others = doc["box_load"]["others_share_of_box"]
-    if others > BUSY_WARNING:
-        print(
-            f"bench: WARNING other processes used {others:.0%} of the box's CPU during the"
-            " run; figures are pessimistic",
-            file=sys.stderr,
-        )
+    warn_if_busy(others)
     # A partial run must not replace the full run's figures or the doc's table.
     name = NAME if doc["complete"] else f"{NAME}-partial"
     path = write_result(name, doc)
