@@ -125,35 +125,35 @@ class Provenance:
     def image_fields(self, labels: list[str]) -> dict[str, Any]:
         """Nested, for the image endpoint's JSON (one image: one item)."""
 
-        def label(cls: list[int] | None) -> str | None:
-            if not cls:
-                return None
-            return labels[cls[0]] if cls[0] < len(labels) else str(cls[0])
+        def side(
+            model: str | None,
+            version: str | None,
+            ms: float,
+            conf: list[float] | None,
+            cls: list[int] | None,
+        ) -> dict[str, Any]:
+            """One model's part of the answer (edge or cloud)."""
+            part: dict[str, Any] = {"model": model, "version": version, "latency_ms": round(ms, 3)}
+            if conf:
+                part["confidence"] = round(conf[0], 5)
+            if cls:
+                part["label"] = labels[cls[0]] if cls[0] < len(labels) else str(cls[0])
+            return part
 
-        edge: dict[str, Any] = {
-            "model": self.edge_model,
-            "version": self.edge_version,
-            "latency_ms": round(self.edge_ms, 3),
-        }
-        if self.edge_confidence:
-            edge["confidence"] = round(self.edge_confidence[0], 5)
-        if self.edge_class:
-            edge["label"] = label(self.edge_class)
+        edge = side(
+            self.edge_model, self.edge_version, self.edge_ms, self.edge_confidence,
+            self.edge_class,
+        )
         doc: dict[str, Any] = {
             "source": self.source,
             "fallback": self.fallback,
             "edge": edge,
         }
         if self.cloud_model is not None and self.cloud_ms is not None:
-            cloud: dict[str, Any] = {
-                "model": self.cloud_model,
-                "version": self.cloud_version,
-                "latency_ms": round(self.cloud_ms, 3),
-            }
-            if self.cloud_confidence:
-                cloud["confidence"] = round(self.cloud_confidence[0], 5)
-            if self.cloud_class:
-                cloud["label"] = label(self.cloud_class)
+            cloud = side(
+                self.cloud_model, self.cloud_version, self.cloud_ms, self.cloud_confidence,
+                self.cloud_class,
+            )
             if self.fallback:
                 cloud["error"] = self.fallback_detail or self.fallback
             doc["cloud"] = cloud
