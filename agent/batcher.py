@@ -57,7 +57,7 @@ from agent.bundle.manifest import Manifest
 from agent.config import BatchingConfig
 from agent.errors import Unavailable
 from agent.metrics import Metrics
-from agent.runner import FallbackNotice
+from agent.runner import FallbackNotice, wait_idle
 from agent.selftest import load_vectors
 
 log = logging.getLogger(__name__)
@@ -184,11 +184,7 @@ class DynamicBatcher:
 
     async def drain(self, within_s: float) -> bool:
         """Wait until nothing is queued or executing; False if ``within_s`` passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), within_s)
-            return True
-        except TimeoutError:
-            return False
+        return await wait_idle(self._idle, within_s)
 
     def close(self) -> None:
         """Refuse new requests and fail queued ones (after ``drain``, there are none)."""

@@ -57,6 +57,15 @@ class FallbackNotice:
             metrics.provider_fallbacks.inc(*labels, backend.info.provider)
 
 
+async def wait_idle(idle: asyncio.Event, within_s: float) -> bool:
+    """``drain`` for every handle: True once ``idle`` is set, False after ``within_s``."""
+    try:
+        await asyncio.wait_for(idle.wait(), within_s)
+        return True
+    except TimeoutError:
+        return False
+
+
 def _rows(inputs: Tensors) -> int:
     first = next(iter(inputs.values()), None)
     return int(first.shape[0]) if first is not None and first.ndim else 1
@@ -140,11 +149,7 @@ class ModelRunner:
 
     async def drain(self, within_s: float) -> bool:
         """Wait until nothing is queued or running; False if ``within_s`` passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), within_s)
-            return True
-        except TimeoutError:
-            return False
+        return await wait_idle(self._idle, within_s)
 
     def close(self) -> None:
         """Nothing to release: requests still running finish on their own."""
