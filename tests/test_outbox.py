@@ -175,7 +175,6 @@ async def test_add_throughput(tmp_path: Path) -> None:
         f"concurrent single adds; batch+ack {drain:,.0f} rec/s"
     )
     assert drained == n + 5000
-    assert batched > 5000 and singles > 1000 and drain > 5000
 
 
 WRITER = textwrap.dedent("""
