@@ -1,0 +1,286 @@
+"""The fleet's state: one SQLite file through sqlite-utils, with numbered migrations.
+
+Everything the fleet knows lives here, never only in a process's memory (DESIGN.md,
+Scale): a restarted fleet, or a second fleet worker on the same database, computes
+the same desired states and rollout decisions. Writes go through one writer thread
+(``agent.sqlite_writer``); reads for the API and views run on read-only connections
+in a thread pool, so a dashboard never waits behind telemetry ingest.
+
+Migrations: ``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``
+(``PRAGMA user_version``). Add new ones at the end; never edit a released one.
+A database newer than this code is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from agent.sqlite_writer import Reader, SqliteWriter
+
+T = TypeVar("T")
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": int}, pk="key")
+    # One fleet-wide sequence for desired-state revisions: it only grows, for every
+    # device, across restarts and across workers (see next_revision).
+    db["meta"].insert({"key": "revision", "value": 0})
+
+    db["model_versions"].create(
+        {
+            "name": str,
+            "version": str,
+            "sha256": str,
+            "size": int,
+            "path": str,  # relative to the fleet's bundle directory
+            "runtime": str,
+            "manifest": str,  # JSON
+            "key_id": str,
+            "uploaded_at": float,
+        },
+        pk=("name", "version"),
+    )
+    db["model_labels"].create(
+        {"name": str, "label": str, "version": str, "updated_at": float},
+        pk=("name", "label"),
+    )
+
+    db["devices"].create(
+        {
+            "id": str,
+            "created_at": float,
+            "secret_hash": str,  # scrypt of the device secret (MQTT password, downloads)
+            "online": int,
+            "status_at": float,  # fleet clock when the last status arrived
+            "last_seen": float,  # fleet clock of the last message of any kind
+            "agent_version": str,
+            "protocol": str,
+            "offline_reason": str,
+            "accelerators": str,  # JSON
+            "reported": str,  # JSON: the last reported document
+            "reported_revision": int,
+            "desired": str,  # JSON: the last desired document published
+            "desired_revision": int,
+            "last_error": str,
+        },
+        pk="id",
+        not_null={"created_at"},
+        defaults={"online": 0, "reported_revision": 0, "desired_revision": 0},
+    )
+    db["device_groups"].create({"device_id": str, "grp": str}, pk=("device_id", "grp"))
+    db["device_groups"].create_index(["grp"])
+    db["device_models"].create(
+        {
+            "device_id": str,
+            "model": str,
+            "active": str,
+            "previous": str,
+            "desired": str,
+            "state": str,
+            "rollout": str,
+            "provider": str,
+            "last_error": str,
+            "updated_at": float,
+        },
+        pk=("device_id", "model"),
+    )
+
+    db["enrolment_tokens"].create(
+        {
+            "token_hash": str,  # sha256 of the token: a database leak spends no token
+            "device_id": str,
+            "groups": str,  # JSON list
+            "created_at": float,
+            "expires_at": float,
+            "used_at": float,
+            "used_by": str,
+        },
+        pk="token_hash",
+    )
+
+    db["assignments"].create(
+        {
+            "id": int,
+            "model": str,
+            "version": str,
+            "target_kind": str,  # device | group | all
+            "target": str,  # device id, group name, or "" for all
+            "rollout_id": str,
+            "created_at": float,
+        },
+        pk="id",
+    )
+    db["assignments"].create_index(["model", "target_kind", "target"])
+
+    db["rollouts"].create(
+        {
+            "id": str,
+            "model": str,
+            "version": str,
+            "target_kind": str,
+            "target": str,
+            "waves": str,  # JSON list of wave sizes: ints or "10%"
+            "max_failure_share": float,
+            "state": str,  # running | paused | stopped | completed | rolled_back
+            "current_wave": int,
+            "reason": str,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+    )
+    db["rollout_devices"].create(
+        {
+            "rollout_id": str,
+            "device_id": str,
+            "wave": int,
+            # waiting (not reached yet) | pending (sent) | succeeded | failed | rolled_back
+            "state": str,
+            "previous_version": str,  # what the device was meant to run before
+            "reason": str,
+            "updated_at": float,
+        },
+        pk=("rollout_id", "device_id"),
+    )
+    db["rollout_devices"].create_index(["device_id"])
+
+    db["events"].create(
+        {
+            "id": str,
+            "device_id": str,
+            "at": float,  # device clock
+            "received_at": float,  # fleet clock
+            "kind": str,
+            "model": str,
+            "version": str,
+            "revision": int,
+            "rollout": str,
+            "reason": str,
+            "data": str,  # JSON: the whole event
+        },
+        pk="id",
+    )
+    db["events"].create_index(["device_id", "received_at"])
+    db["events"].create_index(["rollout"])
+
+    db["telemetry"].create(
+        {
+            "id": str,
+            "device_id": str,
+            "seq": int,
+            "kind": str,
+            "priority": int,
+            "ts": float,
+            "received_at": float,
+            "data": str,  # JSON
+        },
+        pk="id",
+    )
+    db["telemetry"].create_index(["device_id", "seq"])
+    # inference_stats records, unpacked for the views (per device, model, version).
+    db["inference_stats"].create(
+        {
+            "id": str,
+            "device_id": str,
+            "model": str,
+            "version": str,
+            "window_start": float,
+            "count": int,
+            "errors": int,
+            "received_at": float,
+            "data": str,  # JSON: the record's data
+        },
+        pk="id",
+    )
+    db["inference_stats"].create_index(["model", "version"])
+    db["inference_stats"].create_index(["device_id", "model"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    pass
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION inside the caller's transaction; return it."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"fleet database has schema {version}, newer than this fleet's {SCHEMA_VERSION}"
+        )
+    db = sqlite_utils.Database(conn)
+    for step in MIGRATIONS[version:]:
+        step(db)
+    # user_version is transactional in SQLite: a failed migration leaves it unchanged.
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return SCHEMA_VERSION
+
+
+def next_revision(conn: sqlite3.Connection) -> int:
+    """The next desired-state revision, from the database (safe with several workers:
+    the writer's BEGIN IMMEDIATE serialises it with any other process's writer)."""
+    row = conn.execute(
+        "UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value"
+    ).fetchone()
+    return int(row[0])
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def loads(text: str | None, default: Any = None) -> Any:
+    return default if text is None else json.loads(text)
+
+
+def now() -> float:
+    return time.time()
+
+
+class FleetDB:
+    """``await FleetDB(path).open()``; ``write(fn)`` on the writer, ``read(fn)`` on readers.
+
+    ``fn`` gets a ``sqlite3.Connection`` (rows as ``sqlite3.Row`` for reads); wrap it
+    in ``sqlite_utils.Database(conn)`` where the table helpers read better.
+    """
+
+    def __init__(self, path: Path | str, *, read_threads: int = 2) -> None:
+        self.path = Path(path)
+        self._writer = SqliteWriter(self.path, name="fleet-db-writer")
+        self._read_threads = read_threads
+        self._reader: Reader | None = None
+
+    async def open(self) -> FleetDB:
+        await self._writer.open(migrate)
+        self._reader = Reader(self.path, threads=self._read_threads, name="fleet-db-reader")
+        return self
+
+    async def close(self) -> None:
+        await self._writer.close()
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+
+    async def __aenter__(self) -> FleetDB:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._writer.submit(fn)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._reader is None:
+            raise RuntimeError("fleet database is not open")
+        return await self._reader.run(fn)
