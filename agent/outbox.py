@@ -34,10 +34,8 @@ import asyncio
 import enum
 import logging
 import os
-import queue
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,13 +44,14 @@ from typing import Any, TypeVar
 
 import orjson
 
+from agent.sqlite_writer import SqliteWriter, WriterClosed
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 RECORD_OVERHEAD = 100  # bytes counted per record on top of its payload
-_GROUP_COMMIT_MAX = 256  # jobs committed in one transaction at most
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -148,23 +147,6 @@ class OutboxClosed(RuntimeError):
     pass
 
 
-@dataclass(slots=True)
-class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-
-
-def _resolve(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    # Loop thread (scheduled by the writer with call_soon_threadsafe).
-    if fut.cancelled():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
-
-
 class Outbox:
     """``await Outbox(path, max_bytes).open()``; every method is a coroutine on one loop."""
 
@@ -189,9 +171,7 @@ class Outbox:
         self.added = asyncio.Event()
         self.urgent = asyncio.Event()
         self.waiting_hint = 0  # records not in flight, as of the last operation
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._closed = True
+        self._writer = _OutboxWriter(self)
         # Writer-thread state (touched only by the writer thread).
         self._bytes = 0
         self._records = 0
@@ -199,26 +179,13 @@ class Outbox:
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> Outbox:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._closed = False
-        self._thread = threading.Thread(target=self._writer, name="outbox-writer", daemon=True)
-        self._thread.start()
-        try:
-            released = await self._submit(self._init)
-        except BaseException:
-            await self.close()
-            raise
+        released = await self._writer.open(self._init, setup=_setup)
         if released:
             log.info("outbox: %d records in flight at the last stop will be sent again", released)
         return self
 
     async def close(self) -> None:
-        if self._thread is None:
-            return
-        self._closed = True
-        self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+        await self._writer.close()
 
     async def __aenter__(self) -> Outbox:
         return await self.open()
@@ -346,70 +313,10 @@ class Outbox:
     # ------------------------------------------------------------- writer thread
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if self._closed:
-            raise OutboxClosed("outbox is closed")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Job(fn, loop, fut))
-        return fut
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None)  # we issue BEGIN ourselves
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        # Let deleted pages go back to the OS bit by bit (set before the first table).
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        # Keep the WAL file from growing without end between checkpoints.
-        conn.execute("PRAGMA journal_size_limit = 8388608")
-        conn.execute("PRAGMA busy_timeout = 5000")
-        return conn
-
-    def _writer(self) -> None:
-        """The one thread that touches the database."""
-        conn: sqlite3.Connection | None = None
-        stop = False
-        while not stop:
-            job = self._jobs.get()
-            if job is None:
-                break
-            jobs = [job]
-            while len(jobs) < _GROUP_COMMIT_MAX:
-                try:
-                    nxt = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-            results: list[tuple[_Job, Any, BaseException | None]] = []
-            try:
-                if conn is None:
-                    conn = self._connect()
-                conn.execute("BEGIN IMMEDIATE")
-                for j in jobs:
-                    conn.execute("SAVEPOINT job")
-                    try:
-                        results.append((j, j.fn(conn), None))
-                        conn.execute("RELEASE job")
-                    except Exception as exc:
-                        conn.execute("ROLLBACK TO job")
-                        conn.execute("RELEASE job")
-                        results.append((j, None, exc))
-                conn.execute("COMMIT")
-            except Exception as exc:  # the commit itself failed (disk full, I/O error)
-                log.exception("outbox: transaction failed")
-                if conn is not None and conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                self._recount(conn)
-                results = [(j, None, exc) for j in jobs]
-            for j, result, error in results:
-                try:
-                    j.loop.call_soon_threadsafe(_resolve, j.future, result, error)
-                except RuntimeError:
-                    pass  # the loop is closed: nobody is waiting any more
-        if conn is not None:
-            conn.close()
+        try:
+            return self._writer.submit(fn)
+        except WriterClosed as exc:
+            raise OutboxClosed("outbox is closed") from exc
 
     def _init(self, conn: sqlite3.Connection) -> int:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -501,6 +408,22 @@ class Outbox:
         if deleted and conn.execute("PRAGMA freelist_count").fetchone()[0] > 2048:
             conn.execute("PRAGMA incremental_vacuum(1024)")
         return deleted
+
+
+def _setup(conn: sqlite3.Connection) -> None:
+    # Let deleted pages go back to the OS bit by bit (must precede the first table,
+    # and cannot run inside a transaction).
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+
+
+class _OutboxWriter(SqliteWriter):
+    def __init__(self, outbox: Outbox) -> None:
+        super().__init__(outbox.path, name="outbox-writer", synchronous=outbox.synchronous)
+        self._outbox = outbox
+
+    def on_commit_failed(self, conn: sqlite3.Connection | None) -> None:
+        # A rolled-back group may have changed the cached size counters: read them again.
+        self._outbox._recount(conn)
 
 
 def outbox_file_size(path: Path | str) -> int:

@@ -53,7 +53,9 @@ def _resolve(fut: asyncio.Future[Any], result: Any, error: BaseException | None)
         fut.set_result(result)
 
 
-def connect(path: Path, *, synchronous: str = "NORMAL", readonly: bool = False) -> sqlite3.Connection:
+def connect(
+    path: Path, *, synchronous: str = "NORMAL", readonly: bool = False
+) -> sqlite3.Connection:
     """A connection with the pragmas every edgefleet database uses.
 
     WAL + NORMAL: a committed transaction survives a crash or SIGKILL of the process;
@@ -81,7 +83,9 @@ class SqliteWriter:
     called from the event loop; ``fn`` runs on the writer thread.
     """
 
-    def __init__(self, path: Path | str, *, name: str = "sqlite-writer", synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, path: Path | str, *, name: str = "sqlite-writer", synchronous: str = "NORMAL"
+    ) -> None:
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
         self.path = Path(path)
