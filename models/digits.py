@@ -121,12 +121,14 @@ def load_split() -> DigitsSplit:
     return DigitsSplit(x_train, x_test, y_train, y_test)
 
 
-def train_edge(split: DigitsSplit) -> Any:
+def train_edge(
+    split: DigitsSplit, hidden_layers: tuple[int, ...] = HIDDEN_LAYERS, seed: int = SEED
+) -> Any:
     """MLP trained on pixels/16 (better conditioned), then rescaled to take raw 0..16."""
     from sklearn.neural_network import MLPClassifier
     from threadpoolctl import threadpool_limits
 
-    clf = MLPClassifier(hidden_layer_sizes=HIDDEN_LAYERS, max_iter=600, random_state=SEED)
+    clf = MLPClassifier(hidden_layer_sizes=hidden_layers, max_iter=600, random_state=seed)
     # One BLAS thread: for matrices this small threads only add contention (10x slower
     # on a busy 2-core box), and a multi-threaded reduction order may change the last
     # bits of the weights, hence the model's sha256, from machine to machine.
@@ -199,6 +201,62 @@ class DigitsBuild:
         return [self.edge.out, self.cloud.out]
 
 
+def _build_edge(
+    ctx: BuildContext,
+    split: DigitsSplit,
+    eval_set: EvalSet,
+    work: Path,
+    out: Path,
+    version: str,
+    *,
+    hidden_layers: tuple[int, ...] = HIDDEN_LAYERS,
+    seed: int = SEED,
+    max_drop: float = MAX_DROP_POINTS,
+) -> BundleReport:
+    """Train, convert, quantize (static QDQ u8s8), gate and bundle one edge MLP."""
+    log.info("digits: training the edge MLP %s (seed %d)", hidden_layers, seed)
+    edge = train_edge(split, hidden_layers, seed)
+    stem = f"digits-edge{'' if version == ctx.version else '-' + version}"
+    fp32 = sklearn_to_onnx(edge, N_FEATURES, work / f"{stem}.fp32.onnx", input_name=INPUT)
+    int8 = quantize_model(
+        fp32,
+        work / f"{stem}.int8.onnx",
+        mode="static",
+        fmt="qdq",
+        activations="uint8",
+        weights="int8",
+        calibration={INPUT: split.x_train},
+    ).path
+    return bundle_model(
+        model=int8,
+        reference=fp32,
+        spec=EDGE_SPEC,
+        eval_set=eval_set,
+        out=out,
+        private_key=ctx.private_key,
+        version=version,
+        max_drop=max_drop,
+    )
+
+
+def build_edge_update(ctx: BuildContext, out_dir: Path, version: str = "2") -> Path:
+    """A newer ``digits-edge`` for the fleet demo: retrained wider,
+    signed with the same key, so a fleet can push it to agents running version 1."""
+    split = load_split()
+    eval_set = EvalSet({INPUT: split.x_test}, split.y_test)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = _build_edge(
+        ctx,
+        split,
+        eval_set,
+        ctx.work_dir("digits"),
+        out_dir / f"{EDGE_NAME}-{version}.bundle",
+        version,
+        hidden_layers=(256,),  # 0.9867 vs version 1's 0.9822 on the held-out digits
+    )
+    return report.out
+
+
 def build_digits(ctx: BuildContext, *, max_drop: float = MAX_DROP_POINTS) -> DigitsBuild:
     """Train, convert, quantize, gate and bundle both digits models into ``ctx.build_dir``."""
     work = ctx.work_dir("digits")
@@ -207,28 +265,10 @@ def build_digits(ctx: BuildContext, *, max_drop: float = MAX_DROP_POINTS) -> Dig
     test_set = save_test_set(split, ctx.build_dir / TEST_SET)
     eval_set = EvalSet({INPUT: split.x_test}, split.y_test)
 
-    log.info("digits: training the edge MLP %s", HIDDEN_LAYERS)
-    edge = train_edge(split)
-    fp32 = sklearn_to_onnx(edge, N_FEATURES, work / "digits-edge.fp32.onnx", input_name=INPUT)
-    int8 = quantize_model(
-        fp32,
-        work / "digits-edge.int8.onnx",
-        mode="static",
-        fmt="qdq",
-        activations="uint8",
-        weights="int8",
-        calibration={INPUT: split.x_train},
-    ).path
-    edge_report = bundle_model(
-        model=int8,
-        reference=fp32,
-        spec=EDGE_SPEC,
-        eval_set=eval_set,
-        out=ctx.bundle_path(EDGE_NAME),
-        private_key=ctx.private_key,
-        version=ctx.version,
-        max_drop=max_drop,
+    edge_report = _build_edge(
+        ctx, split, eval_set, work, ctx.bundle_path(EDGE_NAME), ctx.version, max_drop=max_drop
     )
+    fp32, int8 = work / "digits-edge.fp32.onnx", work / "digits-edge.int8.onnx"
 
     log.info("digits: training the cloud SVM")
     cloud = train_cloud(split)
