@@ -32,11 +32,11 @@ from tests.conftest import TEST_X, free_port, tiny_reference
 
 pytest_plugins = ["tests._cloud_fixtures"]  # servers, cloud_bundles
 
-TIMEOUT_MS = 250
+TIMEOUT_MS = 400
 # Timer slack, the edge model, HTTP on loopback, a busy CI box: all of it.
-MARGIN_MS = 100
-# A blocked loop would stall for a whole timeout (250 ms); a busy CI box, for less.
-LAG_MS = 100
+MARGIN_MS = 200
+# A blocked loop would stall for a whole timeout (400 ms); a busy CI box, for less.
+LAG_MS = 200
 X1 = TEST_X[:1]
 
 

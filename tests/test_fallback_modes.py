@@ -267,7 +267,7 @@ async def test_shutdown_cancels_background_work(servers, session, cloud_bundles,
         )
     )
     status, _, ms = await infer(session, edge.base, X1)
-    assert status == 200 and ms < 100
+    assert status == 200 and ms < 1000  # not the 5 s cloud timeout
     assert any(t.get_name().startswith("escalation") for t in edge.inference._tasks)
     await asyncio.wait_for(servers.stop(edge), 5)  # does not wait out the 5 s timeout
     assert not edge.inference._tasks
