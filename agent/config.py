@@ -221,6 +221,34 @@ class FleetTelemetryConfig(_Section):
     batch_max_bytes: int = Field(256 * 1024, gt=0)
     ack_timeout_s: float = Field(30.0, gt=0, description="resend a batch the fleet did not ack")
     max_in_flight: int = Field(4, gt=0, description="batches awaiting the fleet's ack at once")
+    # Per-model inference aggregates (agent/telemetry_stats.py): one record per model
+    # version per window, so the outbox grows with the models, not with the traffic.
+    stats_interval_s: float = Field(60.0, gt=0, description="window of inference_stats records")
+
+
+class FleetSyncConfig(_Section):
+    """The desired-state sync (``agent/sync.py``) and its downloads (``agent/download.py``)."""
+
+    # None: <store.path>/.downloads (the store skips dot-directories). Partial downloads
+    # (``*.part``) live here across restarts, so a download resumes where it stopped.
+    download_dir: Path | None = Field(None, description="None: <store.path>/.downloads")
+    # None: <store.path>/.sync-state.json: the last processed revision, per-model results.
+    state_file: Path | None = Field(None, description="None: <store.path>/.sync-state.json")
+    max_bundle_bytes: int = Field(1024 * 1024 * 1024, gt=0, description="larger are refused")
+    # Per request: connecting, and the longest wait for the next bytes (not the whole
+    # transfer: a slow store line may take minutes for a big bundle).
+    download_timeout_s: float = Field(30.0, gt=0)
+    # Transient failures (connection refused/reset, timeouts, 5xx) are retried with a
+    # jittered exponential backoff between these; an attempt that got bytes resets it.
+    retry_min_s: float = Field(2.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+    download_attempts: int = Field(8, ge=1, description="attempts without progress, then failed")
+
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> FleetSyncConfig:
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError("retry_max_s must be >= retry_min_s")
+        return self
 
 
 class FleetConfig(_Section):
@@ -245,6 +273,7 @@ class FleetConfig(_Section):
     max_payload_bytes: int = Field(1024 * 1024, gt=0, description="larger incoming are dropped")
     outbox: FleetOutboxConfig = Field(default_factory=FleetOutboxConfig)
     telemetry: FleetTelemetryConfig = Field(default_factory=FleetTelemetryConfig)
+    sync: FleetSyncConfig = Field(default_factory=FleetSyncConfig)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -366,7 +395,11 @@ def _resolve_paths(raw: Any, base: Path) -> None:
     if isinstance(fleet, dict):
         if isinstance(fleet.get("password_file"), str):
             fleet["password_file"] = str(base / fleet["password_file"])
-        for sub, keys in (("tls", ("ca_file", "cert_file", "key_file")), ("outbox", ("path",))):
+        for sub, keys in (
+            ("tls", ("ca_file", "cert_file", "key_file")),
+            ("outbox", ("path",)),
+            ("sync", ("download_dir", "state_file")),
+        ):
             section = fleet.get(sub)
             if isinstance(section, dict):
                 for k in keys:

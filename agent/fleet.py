@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -18,26 +19,51 @@ from agent.config import AgentConfig
 from agent.mqtt_link import MqttLink
 from agent.outbox import Outbox
 from agent.telemetry_sender import TelemetrySender
+from agent.telemetry_stats import InferenceStats
+
+if TYPE_CHECKING:
+    from agent.registry import ModelRegistry
+    from agent.sync import DesiredStateSync
 
 log = logging.getLogger(__name__)
 
 
 class FleetConnection:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, registry: ModelRegistry | None = None) -> None:
         if config.fleet is None or config.device_id is None:
             raise ValueError("a fleet connection needs the fleet section and a device_id")
         fleet = config.fleet
         self.outbox = Outbox(fleet.outbox.path, fleet.outbox.max_bytes)
         self.link = MqttLink(fleet, config.device_id, agent_version=__version__)
         self.sender = TelemetrySender(self.outbox, self.link, fleet.telemetry)
+        # The desired-state sync (agent/sync.py) needs the registry it installs into;
+        # the edge profile only (the cloud profile has no fleet section anyway).
+        self.sync: DesiredStateSync | None = None
+        if registry is not None and config.profile == "edge":
+            from agent.sync import DesiredStateSync
+
+            self.sync = DesiredStateSync(
+                config, self.link, self.outbox, registry, agent_version=__version__
+            )
+        # Per-model inference aggregates; the HTTP handlers feed it (agent/server/app.py).
+        self.stats = InferenceStats(self.outbox.add, fleet.telemetry.stats_interval_s)
 
     async def start(self) -> None:
         await self.outbox.open()
+        self.stats.start()
         await self.sender.start()  # subscribes to acks before the first connect
+        if self.sync is not None:
+            await self.sync.start()  # subscribes to desired/commands, likewise
         await self.link.start()
+        if self.sync is not None:
+            self.sync.link_started()  # publishes reported on every (re)connect
 
     async def stop(self) -> None:
         """Idempotent, and safe after a start that failed half-way."""
+        # First, while the outbox is open: the last partial window is written to it.
+        await self.stats.stop()
+        if self.sync is not None:
+            await self.sync.stop()  # a download in progress stops; its .part stays
         await self.sender.stop()
         await self.link.stop()
         await self.outbox.close()

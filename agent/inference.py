@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import web
@@ -60,6 +60,9 @@ from agent.cloud.policy import (
 from agent.config import AgentConfig
 from agent.metrics import Metrics
 from agent.registry import LoadedVersion, ModelRegistry
+
+if TYPE_CHECKING:
+    from agent.telemetry_stats import InferenceStats
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,9 @@ class InferenceService:
         self._flush_handle: asyncio.TimerHandle | None = None
         # Set when the agent has a fleet link: queues a telemetry record (kind, data).
         self.telemetry_sink: Callable[[str, Any], Awaitable[Any]] | None = None
+        # Set when the agent has a fleet link: the HTTP handlers count every inference
+        # in it (agent/telemetry_stats.py). None costs them one attribute check.
+        self.stats: InferenceStats | None = None
         self._reported: dict[str, dict[tuple[str, ...], float]] = {}
         self._rng = random.Random()
         self._closing = False

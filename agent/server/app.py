@@ -136,10 +136,15 @@ def create_app(config: AgentConfig) -> web.Application:
         # in memory (imported here, not at the top).
         from agent.fleet import FLEET, FleetConnection
 
-        app[FLEET] = FleetConnection(config)
+        app[FLEET] = FleetConnection(config, registry)
         app.cleanup_ctx.append(app[FLEET].lifecycle)
+        from agent.server import fleet_api
+
+        app.add_routes(fleet_api.routes)  # GET /v1/fleet: link and sync state
         # Fallback counts (items by reason, cloud calls, agreement) go to telemetry too.
         app[INFERENCE].telemetry_sink = app[FLEET].outbox.add_one
+        # Per-model inference aggregates (inference_stats records), fed by the handlers.
+        app[INFERENCE].stats = app[FLEET].stats
     return app
 
 

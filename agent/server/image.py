@@ -98,26 +98,43 @@ async def predict_image(request: web.Request) -> web.Response:
     received = time.perf_counter()
     svc = services(request)
     version = request.match_info.get("version") or request.query.get("version")
+    # An unknown model, version or label fails here: no version to count it against.
     lv = svc.registry.resolve(request.match_info["model"], version)
     m = lv.manifest
-    spec = m.preprocessing
-    if spec is None or m.postprocessing.type == "raw":
-        raise BadRequest(
-            f"model {m.name} takes tensors, not images: use POST /v2/models/{m.name}/infer"
+    # Fleet inference aggregates (agent/telemetry_stats.py); None without a fleet.
+    stats = inference(request).stats
+    try:
+        spec = m.preprocessing
+        if spec is None or m.postprocessing.type == "raw":
+            raise BadRequest(
+                f"model {m.name} takes tensors, not images: use POST /v2/models/{m.name}/infer"
+            )
+        top_k = _int_query(request, "top_k", 0, 0, 1000) or None
+        data = await _image_bytes(request)
+        loop = asyncio.get_running_loop()
+        pool = svc.inference_executor
+        allow_cloud = _bool_query(request, "cloud", True)
+        tensor, transform = await loop.run_in_executor(pool, preprocess, data, spec)
+        # The image goes along so a hard example keeps the original, not just the tensor.
+        result = await inference(request).run(
+            lv, {spec.input: tensor}, image=data, allow_cloud=allow_cloud, received=received
         )
-    top_k = _int_query(request, "top_k", 0, 0, 1000) or None
-    data = await _image_bytes(request)
-    loop = asyncio.get_running_loop()
-    pool = svc.inference_executor
-    allow_cloud = _bool_query(request, "cloud", True)
-    tensor, transform = await loop.run_in_executor(pool, preprocess, data, spec)
-    # The image goes along so a hard example keeps the original, not just the tensor.
-    result = await inference(request).run(
-        lv, {spec.input: tensor}, image=data, allow_cloud=allow_cloud, received=received
-    )
-    answer = await loop.run_in_executor(pool, postprocess, m, result.outputs, transform, top_k)
+        answer = await loop.run_in_executor(
+            pool, postprocess, m, result.outputs, transform, top_k
+        )
+    except Exception:
+        # Bad image or query, a full queue, a runtime failure: an error of this version.
+        # (A client that hangs up is a CancelledError: not counted.)
+        if stats is not None:
+            stats.record_error(m.name, m.version, time.perf_counter() - received)
+        raise
     latency_ms = (time.perf_counter() - received) * 1000
     svc.metrics.request_duration.observe(m.name, m.version, value=latency_ms / 1000)
+    if stats is not None:
+        # The confidence the caller sees, already computed by postprocess (worker thread).
+        stats.record_answer(
+            m.name, m.version, latency_ms / 1000, result.provenance, answer.get("confidence")
+        )
     return json_response(
         {
             "model": m.name,

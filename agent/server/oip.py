@@ -104,27 +104,39 @@ async def model_ready(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     received = time.perf_counter()
     svc = services(request)
+    # An unknown model, version or label fails here: no version to count it against.
     lv = svc.registry.resolve(request.match_info["model"], _version_param(request))
-    body = await request.read()
-    req = decode_request(body, request.headers.get(HEADER_LENGTH), lv.manifest)
-    # The cloud's timeout counts from here: the caller's wait is bounded, not the call's.
-    result = await inference(request).run(
-        lv, req.inputs, allow_cloud=_allow_cloud(req.parameters), received=received
-    )
     m = lv.manifest
-    latency_ms = (time.perf_counter() - received) * 1000
-    head = {
-        "model_name": m.name,
-        "model_version": m.version,
-        "parameters": {
-            # source, fallback, both versions and confidences, edge_ms, cloud_ms.
-            **result.provenance.oip_parameters(),
-            "provider": lv.backend.info.provider,
-            "latency_ms": round(latency_ms, 3),
-        },
-    }
-    svc.metrics.request_duration.observe(m.name, m.version, value=latency_ms / 1000)
-    payload, header_len = encode_response(req, result.outputs, head)
+    # Fleet inference aggregates (agent/telemetry_stats.py); None without a fleet.
+    stats = inference(request).stats
+    try:
+        body = await request.read()
+        req = decode_request(body, request.headers.get(HEADER_LENGTH), lv.manifest)
+        # The cloud's timeout counts from here: the caller's wait is bounded, not the call's.
+        result = await inference(request).run(
+            lv, req.inputs, allow_cloud=_allow_cloud(req.parameters), received=received
+        )
+        latency_ms = (time.perf_counter() - received) * 1000
+        head = {
+            "model_name": m.name,
+            "model_version": m.version,
+            "parameters": {
+                # source, fallback, both versions and confidences, edge_ms, cloud_ms.
+                **result.provenance.oip_parameters(),
+                "provider": lv.backend.info.provider,
+                "latency_ms": round(latency_ms, 3),
+            },
+        }
+        svc.metrics.request_duration.observe(m.name, m.version, value=latency_ms / 1000)
+        payload, header_len = encode_response(req, result.outputs, head)
+    except Exception:
+        # Bad input, a full queue, a runtime failure: an error of this version. (A client
+        # that hangs up is a CancelledError: not an answer, not an error, not counted.)
+        if stats is not None:
+            stats.record_error(m.name, m.version, time.perf_counter() - received)
+        raise
+    if stats is not None:
+        stats.record_answer(m.name, m.version, latency_ms / 1000, result.provenance)
     if header_len is None:
         return web.Response(body=payload, content_type="application/json")
     return web.Response(

@@ -1,0 +1,693 @@
+"""The agent's desired-state sync: ``desired`` → download → verify → activate → ``reported``.
+
+Contract: docs/fleet.md. One :class:`DesiredStateSync` per agent with a ``fleet``
+section, started and stopped by :class:`agent.fleet.FleetConnection`.
+
+- **Inputs.** The retained ``desired`` of this device and its ``commands``. Both
+  are validated strictly (schema 1, types, sizes, names); anything else is logged,
+  counted and dropped without touching the rest.
+- **One worker.** Desired states are applied one at a time by a single task. A
+  newer one that arrives meanwhile waits; only the newest waiting one is kept (an
+  intermediate state nobody wants any more is never applied).
+- **Revisions.** A desired state is applied only if its revision is greater than
+  the last one processed (or by a ``resync`` command). The processed revision and
+  the per-model results are written to a small JSON state file *after* the revision
+  is processed, atomically. A crash or SIGKILL mid-download or mid-activation leaves
+  the old revision there, so after a restart the retained ``desired`` (delivered
+  again on subscribe) is applied again; the download resumes from its ``.part``
+  file, and a version that got installed meanwhile is not downloaded again.
+- **Per model.** ``downloading`` → ``verifying`` (size, sha256, then the store's
+  signature and per-file hash checks) → ``activating`` (the registry loads and
+  self-tests the new version while the old one serves, then swaps) → ``active``;
+  any failure leaves the old version serving, sets ``failed`` + ``last_error`` and
+  emits a ``*_failed`` event. Labels are applied after a successful activation.
+- **Outputs.** ``reported`` (retained) after every state change and on every
+  (re)connect; events on ``events`` when connected *and* in the outbox as HIGH
+  records (the history survives being offline; the fleet dedups by event id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent import topics
+from agent.bundle.archive import parse_manifest, peek_manifest
+from agent.bundle.manifest import check_name
+from agent.config import AgentConfig
+from agent.download import (
+    BundleDownloader,
+    BundleSpec,
+    DownloadError,
+    DownloadIntegrityError,
+    basic_auth,
+    read_password,
+)
+from agent.errors import BundleError, EdgeError, NotFound
+from agent.mqtt_link import LinkError, Message, MqttLink, Subscription
+from agent.outbox import Outbox, OutboxClosed, Priority, new_record_id
+from agent.registry import ModelRegistry
+from agent.store import _atomic_write
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+MAX_DESIRED_BYTES = 256 * 1024  # a desired for a few dozen models is a few KiB
+MAX_COMMAND_BYTES = 16 * 1024
+MAX_MODELS = 256
+MAX_REASON_CHARS = 500  # reasons travel in every reported: keep them one line, short
+
+SyncState = Literal["active", "downloading", "verifying", "activating", "failed"]
+
+
+# ---------------------------------------------------------------------- payloads
+
+
+def _name(value: str, what: str) -> str:
+    return check_name(value, what)
+
+
+class _Wire(BaseModel):
+    # strict: JSON true is not 1, "4" is not 4. Unknown keys are ignored so the fleet
+    # may add optional fields within schema 1 without breaking older agents.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, populate_by_name=True)
+
+
+class _Document(_Wire):
+    """A whole message: carries the schema version."""
+
+    # int, not Literal[1]: a Literal would take JSON true (True == 1 in Python).
+    schema_: int = Field(alias="schema")
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, v: int) -> int:
+        if v != SCHEMA:
+            raise ValueError(f"schema {v} is not {SCHEMA}")
+        return v
+
+
+class DesiredModel(_Wire):
+    version: str
+    url: str = Field(min_length=1, max_length=2048)
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    size: int = Field(gt=0, le=2**53)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    rollout: str | None = Field(None, max_length=128)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return _name(v, "version")
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.lower()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an absolute http(s) URL")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for label, version in v.items():
+            _name(label, "label")
+            _name(version, "label version")
+        return v
+
+
+class Desired(_Document):
+    device_id: str = Field(max_length=256)
+    revision: int = Field(ge=0, le=2**63 - 1)
+    issued_at: float | None = None
+    models: dict[str, DesiredModel] = Field(max_length=MAX_MODELS)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: dict[str, DesiredModel]) -> dict[str, DesiredModel]:
+        for name in v:
+            _name(name, "model name")
+        return v
+
+
+class Command(_Document):
+    id: str = Field(min_length=1, max_length=128)
+    command: str = Field(min_length=1, max_length=64)
+    model: str | None = Field(None, max_length=64)
+
+
+def _one_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{loc}: {first['msg']}{more}"
+
+
+def parse_desired(payload: bytes, device_id: str) -> Desired:
+    """A validated ``desired`` document; ValueError with a one-line reason otherwise."""
+    if len(payload) > MAX_DESIRED_BYTES:
+        raise ValueError(f"{len(payload)} bytes, over the {MAX_DESIRED_BYTES} byte limit")
+    try:
+        doc = Desired.model_validate_json(payload)
+    except ValidationError as exc:
+        raise ValueError(_one_line(exc)) from None
+    if doc.device_id != device_id:
+        raise ValueError(f"device_id {doc.device_id!r} is not this device ({device_id!r})")
+    return doc
+
+
+def parse_command(payload: bytes) -> Command:
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise ValueError(f"{len(payload)} bytes, over the {MAX_COMMAND_BYTES} byte limit")
+    try:
+        return Command.model_validate_json(payload)
+    except ValidationError as exc:
+        raise ValueError(_one_line(exc)) from None
+
+
+def _short(reason: str) -> str:
+    line = " ".join(reason.split())
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 1] + "…"
+
+
+# ----------------------------------------------------------------- local state
+
+
+@dataclass
+class ModelSync:
+    """What the sync knows about one managed model (the ``reported`` fields it owns)."""
+
+    desired: str
+    state: SyncState
+    last_error: str | None = None
+    rollout: str | None = None
+
+
+@dataclass
+class SyncStats:
+    desired_received: int = 0
+    desired_bad: int = 0  # not valid JSON of schema 1 for this device: ignored
+    desired_stale: int = 0  # revision not newer than the last processed (or pending)
+    desired_superseded: int = 0  # a newer one arrived before the worker took it
+    revisions_processed: int = 0
+    commands_received: int = 0
+    commands_bad: int = 0
+    reported_published: int = 0
+    events: int = 0
+
+
+@dataclass
+class _Job:
+    desired: Desired
+    force: bool = False  # a resync: apply even if the revision was processed
+
+
+def _load_state(path: Path) -> tuple[int, dict[str, ModelSync]]:
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return 0, {}
+    except (OSError, ValueError) as exc:
+        # Atomic writes make this a lying disk; starting from revision 0 re-applies the
+        # retained desired, which is harmless (active versions are skipped).
+        log.error("sync state %s unreadable (%s); starting from revision 0", path, exc)
+        return 0, {}
+    try:
+        models = {n: ModelSync(**m) for n, m in raw.get("models", {}).items()}
+        return int(raw["revision"]), models
+    except (KeyError, TypeError, ValueError) as exc:
+        log.error("sync state %s malformed (%s); starting from revision 0", path, exc)
+        return 0, {}
+
+
+def _save_state(path: Path, revision: int, models: dict[str, ModelSync]) -> None:
+    doc = {
+        "schema": SCHEMA,
+        "revision": revision,
+        "models": {n: asdict(m) for n, m in models.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(doc, indent=2, sort_keys=True).encode())
+
+
+def _check_bundle(path: Path, name: str, version: str) -> None:
+    """Refuse a bundle that is not the promised model/version before installing it.
+
+    The manifest is only peeked here (unverified); ``registry.install`` verifies it.
+    A validly signed bundle of another model must not get installed by a desired
+    entry for this one.
+    """
+    manifest = parse_manifest(peek_manifest(path))
+    if (manifest.name, manifest.version) != (name, version):
+        raise BundleError(
+            f"bundle holds {manifest.name}:{manifest.version}, desired is {name}:{version}"
+        )
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def report_accelerators(found: dict[str, Any]) -> dict[str, list[str]]:
+    """``{"onnx": [providers], "litert": [...]}`` for ``reported`` from registry.accelerators."""
+    onnx = found.get("onnx") or {}
+    litert = found.get("litert") or {}
+    lite: list[str] = []
+    if litert.get("package") and litert.get("xnnpack"):
+        lite.append("xnnpack")
+    lite += [str(r["library"]) for r in litert.get("delegates", []) if r.get("found")]
+    return {"onnx": list(onnx.get("available", [])), "litert": lite}
+
+
+# ------------------------------------------------------------------------ sync
+
+
+class DesiredStateSync:
+    def __init__(
+        self,
+        config: AgentConfig,
+        link: MqttLink,
+        outbox: Outbox,
+        registry: ModelRegistry,
+        *,
+        agent_version: str = "",
+    ) -> None:
+        if config.fleet is None or config.device_id is None:
+            raise ValueError("the sync needs the fleet section and a device_id")
+        self.fleet_config = config.fleet
+        sync = config.fleet.sync
+        self.device_id = config.device_id
+        self.link = link
+        self.outbox = outbox
+        self.registry = registry
+        self.agent_version = agent_version
+        self.download_dir = sync.download_dir or config.store.path / ".downloads"
+        self.state_file = sync.state_file or config.store.path / ".sync-state.json"
+        self.downloader = BundleDownloader(
+            self.download_dir,
+            timeout_s=sync.download_timeout_s,
+            max_bytes=sync.max_bundle_bytes,
+            retry_min_s=sync.retry_min_s,
+            retry_max_s=sync.retry_max_s,
+            attempts=sync.download_attempts,
+        )
+        self.desired_topic = topics.device_topic(self.device_id, topics.DESIRED)
+        self.commands_topic = topics.device_topic(self.device_id, topics.COMMANDS)
+        self.reported_topic = topics.device_topic(self.device_id, topics.REPORTED)
+        self.events_topic = topics.device_topic(self.device_id, topics.EVENTS)
+        self.stats = SyncStats()
+        self.revision = 0  # last processed
+        self.models: dict[str, ModelSync] = {}
+        self.last_desired: Desired | None = None  # newest valid one received
+        self.applying: int | None = None  # revision the worker is on
+        self._pending: _Job | None = None
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._subs: list[Subscription] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Load the state file and subscribe. Call before ``link.start()``, so the very
+        first connect already subscribes (and gets the retained ``desired``)."""
+        if self._worker is not None:
+            raise RuntimeError("sync already started")
+        self.revision, self.models = await asyncio.to_thread(_load_state, self.state_file)
+        cfg = self.fleet_config
+        password = await asyncio.to_thread(read_password, cfg.password, cfg.password_file)
+        # HTTP Basic device_id:secret, the same secret as the MQTT login (docs/fleet.md).
+        self.downloader.auth = (
+            basic_auth(self.device_id, password) if password is not None else None
+        )
+        await self.downloader.open()
+        self._subs.append(await self.link.subscribe(self.desired_topic, self._on_desired))
+        self._subs.append(await self.link.subscribe(self.commands_topic, self._on_command))
+        self._worker = asyncio.create_task(self._run(), name="sync-worker")
+        log.info(
+            "fleet sync: last processed revision %d, downloads in %s",
+            self.revision,
+            self.download_dir,
+        )
+
+    def link_started(self) -> None:
+        """Call after ``link.start()``: publish ``reported`` on every (re)connect."""
+        if self._watcher is None and self._worker is not None:
+            self._watcher = asyncio.create_task(self._watch_link(), name="sync-link-watch")
+
+    async def stop(self) -> None:
+        """Idempotent. A download in progress stops; its ``.part`` stays for next time."""
+        tasks = [t for t in (self._worker, self._watcher) if t is not None]
+        self._worker = self._watcher = None
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await self.link.unsubscribe(sub)
+        self._subs.clear()
+        await self.downloader.close()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until nothing is being applied or waiting (for tests and the local API)."""
+        while not (self._idle.is_set() and self._pending is None):
+            await self._idle.wait()
+            await asyncio.sleep(0)
+
+    def describe(self) -> dict[str, Any]:
+        """The sync's state for the local API (``GET /v1/fleet``)."""
+        return {
+            "revision": self.revision,
+            "applying": self.applying,
+            "pending": self._pending.desired.revision if self._pending else None,
+            "models": {n: asdict(m) for n, m in self.models.items()},
+            "state_file": str(self.state_file),
+            "download_dir": str(self.download_dir),
+            "stats": asdict(self.stats),
+            "downloads": asdict(self.downloader.stats),
+        }
+
+    # ------------------------------------------------------------------ inputs
+
+    async def _on_desired(self, msg: Message) -> None:
+        # The link's delivery task for ``desired``: validate and queue, never apply
+        # here (a slow download would hold up the next message's validation).
+        self.stats.desired_received += 1
+        try:
+            desired = parse_desired(msg.payload, self.device_id)
+        except ValueError as exc:
+            self.stats.desired_bad += 1
+            log.warning("ignored a malformed desired state: %s", exc)
+            return
+        if self.last_desired is None or desired.revision >= self.last_desired.revision:
+            # Kept even when already processed: a resync re-applies it.
+            self.last_desired = desired
+        newest_seen = max(
+            self.revision,
+            self.applying or 0,
+            self._pending.desired.revision if self._pending else 0,
+        )
+        if desired.revision <= newest_seen:
+            # The retained desired comes back on every (re)connect: that is this case.
+            self.stats.desired_stale += 1
+            log.debug("desired revision %d not newer than %d", desired.revision, newest_seen)
+            return
+        self._queue(_Job(desired))
+
+    def _queue(self, job: _Job) -> None:
+        if self._pending is not None:
+            self.stats.desired_superseded += 1
+            # A resync of an older document must not lose its force flag to a newer one.
+            job.force = job.force or self._pending.force
+        self._pending = job
+        self._idle.clear()
+        self._wake.set()
+
+    async def _on_command(self, msg: Message) -> None:
+        self.stats.commands_received += 1
+        try:
+            cmd = parse_command(msg.payload)
+        except ValueError as exc:
+            self.stats.commands_bad += 1
+            log.warning("ignored a malformed command: %s", exc)
+            return
+        log.info("command %s: %s %s", cmd.id, cmd.command, cmd.model or "")
+        if cmd.command == "resync":
+            self._publish_reported()
+            if self.last_desired is not None:
+                self._queue(_Job(self.last_desired, force=True))
+            await self._event("command_done", command_id=cmd.id, reason=None)
+        elif cmd.command == "rollback":
+            await self._rollback(cmd)
+        else:
+            self.stats.commands_bad += 1
+            await self._event(
+                "command_failed", command_id=cmd.id, reason=f"unknown command {cmd.command!r}"
+            )
+
+    async def _rollback(self, cmd: Command) -> None:
+        name = cmd.model
+        if name is None:
+            await self._event("command_failed", command_id=cmd.id, reason="rollback needs a model")
+            return
+        try:
+            before = self.registry.known_state(name).active
+            lv = await self.registry.rollback(name)
+        except EdgeError as exc:
+            reason = _short(exc.message)
+            await self._event("command_failed", command_id=cmd.id, model=name, reason=reason)
+            return
+        version = lv.manifest.version
+        entry = self.models.get(name)
+        if entry is not None and entry.desired != version:
+            # No longer serving what the fleet wants: honest "failed", so a rollout
+            # does not count this device as a success; a resync re-applies desired.
+            entry.state = "failed"
+            entry.last_error = f"rolled back to {version} by command {cmd.id}"
+            await self._persist()
+        self._publish_reported()
+        await self._event("rolled_back", model=name, version=version, previous=before)
+        await self._event("command_done", command_id=cmd.id, model=name, version=version)
+
+    # ------------------------------------------------------------------ worker
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending is not None:
+                job, self._pending = self._pending, None
+                if job.desired.revision <= self.revision and not job.force:
+                    self.stats.desired_stale += 1
+                    continue
+                self.applying = job.desired.revision
+                try:
+                    await self._apply(job.desired)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # A bug, not a refusal: the revision stays unprocessed, so the next
+                    # start (or a resync) tries again. The worker itself must go on.
+                    log.exception("applying desired revision %d failed", job.desired.revision)
+                finally:
+                    self.applying = None
+            self._idle.set()
+
+    async def _apply(self, desired: Desired) -> None:
+        log.info(
+            "applying desired revision %d (last processed %d): %s",
+            desired.revision,
+            self.revision,
+            {n: m.version for n, m in desired.models.items()} or "no models",
+        )
+        for name, want in desired.models.items():
+            await self._apply_model(desired.revision, name, want)
+        # Models no longer in desired are left alone: they become "unmanaged".
+        self.models = {n: m for n, m in self.models.items() if n in desired.models}
+        self.revision = max(self.revision, desired.revision)
+        await self._persist()  # only now: a crash before this re-applies the revision
+        self.stats.revisions_processed += 1
+        self._publish_reported()
+        keep = {self._spec(n, m).stem for n, m in desired.models.items()}
+        removed = await self.downloader.cleanup(keep)
+        if removed:
+            log.info("removed superseded downloads %s", removed)
+
+    def _spec(self, name: str, want: DesiredModel) -> BundleSpec:
+        return BundleSpec(name, want.version, want.url, want.sha256, want.size)
+
+    def _active(self, name: str) -> tuple[str | None, list[str]]:
+        try:
+            state = self.registry.known_state(name)
+        except NotFound:
+            return None, []
+        return state.active, list(state.installed)
+
+    def _set(self, name: str, entry: ModelSync, state: SyncState, error: str | None = None) -> None:
+        entry.state = state
+        entry.last_error = error
+        self.models[name] = entry
+        self._publish_reported()
+
+    async def _apply_model(self, revision: int, name: str, want: DesiredModel) -> None:
+        entry = ModelSync(desired=want.version, state="activating", rollout=want.rollout)
+        active, installed = self._active(name)
+        if active == want.version:
+            self._set(name, entry, "active")
+            await self._apply_labels(name, want)
+            return
+        ctx = {"model": name, "version": want.version, "previous": active, "revision": revision,
+               "rollout": want.rollout}  # fmt: skip
+        if want.version not in installed:
+            spec = self._spec(name, want)
+            self._set(name, entry, "downloading")
+            try:
+                path = await self.downloader.fetch(spec)
+            except DownloadError as exc:
+                kind = "verify_failed" if isinstance(exc, DownloadIntegrityError) else None
+                await self._fail(name, entry, kind or "download_failed", exc.reason, ctx)
+                return
+            self._set(name, entry, "verifying")
+            try:
+                await asyncio.to_thread(_check_bundle, path, name, want.version)
+                await self.registry.install(path)
+            except EdgeError as exc:
+                await self._fail(name, entry, "verify_failed", exc.message, ctx)
+                return
+            except OSError as exc:
+                await self._fail(name, entry, "verify_failed", f"cannot read bundle: {exc}", ctx)
+                return
+            finally:
+                # The store keeps the extracted copy; the bundle file is not needed
+                # again (a failed one is downloaded again only by a new revision).
+                await asyncio.to_thread(_unlink, path)
+        self._set(name, entry, "activating")
+        try:
+            await self.registry.activate(name, want.version)
+        except EdgeError as exc:
+            await self._fail(name, entry, "activation_failed", exc.message, ctx)
+            return
+        self._set(name, entry, "active")
+        await self._event("activated", **ctx)
+        await self._apply_labels(name, want)
+
+    async def _fail(
+        self, name: str, entry: ModelSync, kind: str, reason: str, ctx: dict[str, Any]
+    ) -> None:
+        reason = _short(reason)
+        log.error("%s:%s %s: %s", name, entry.desired, kind.replace("_", " "), reason)
+        self._set(name, entry, "failed", reason)
+        await self._event(kind, **ctx, reason=reason)
+
+    async def _apply_labels(self, name: str, want: DesiredModel) -> None:
+        """Labels for installed versions; others are ignored (docs/fleet.md)."""
+        if not want.labels:
+            return
+        _, installed = self._active(name)
+        current = self.registry.known_state(name).labels
+        changed = False
+        for label, version in want.labels.items():
+            if version not in installed or current.get(label) == version:
+                continue
+            try:
+                await self.registry.set_label(name, label, version)
+                changed = True
+            except EdgeError as exc:
+                # Not a failure of the desired version itself: log it, keep going.
+                log.warning("label %s -> %s:%s not set: %s", label, name, version, exc.message)
+        if changed:
+            self._publish_reported()
+
+    async def _persist(self) -> None:
+        try:
+            await asyncio.to_thread(_save_state, self.state_file, self.revision, self.models)
+        except OSError as exc:
+            # Worst case after a restart: the revision is applied again (idempotent).
+            log.error("cannot write sync state %s: %s", self.state_file, exc)
+
+    # ---------------------------------------------------------------- outputs
+
+    def reported(self) -> dict[str, Any]:
+        """The ``reported`` document (docs/fleet.md)."""
+        models: dict[str, Any] = {}
+        for name in sorted(set(self.registry.model_names()) | set(self.models)):
+            try:
+                state = self.registry.known_state(name)
+                active, previous, labels = state.active, state.previous, dict(state.labels)
+            except NotFound:
+                active, previous, labels = None, None, {}
+            lv = self.registry.loaded_versions(name).get(active or "")
+            entry = self.models.get(name)
+            models[name] = {
+                "active": active,
+                "previous": previous,
+                "desired": entry.desired if entry else None,
+                "state": entry.state if entry else "unmanaged",
+                "rollout": entry.rollout if entry else None,
+                "provider": lv.backend.info.provider if lv is not None else None,
+                "last_error": entry.last_error if entry else None,
+                "labels": labels,
+            }
+        return {
+            "schema": SCHEMA,
+            "device_id": self.device_id,
+            "revision": self.revision,
+            "agent_version": self.agent_version,
+            "at": round(time.time(), 3),
+            "accelerators": report_accelerators(self.registry.accelerators),
+            "models": models,
+        }
+
+    def _publish_reported(self) -> None:
+        # Only when connected: while offline the watcher publishes the then-current
+        # state on reconnect, so stale intermediate states never pile up in paho.
+        if not self.link.connected:
+            return
+        try:
+            payload = orjson.dumps(self.reported())
+            fut = self.link.publish_nowait(self.reported_topic, payload, qos=1, retain=True)
+        except LinkError as exc:
+            log.debug("reported not published: %s", exc)
+            return
+        fut.add_done_callback(_consume)
+        self.stats.reported_published += 1
+
+    async def _event(self, kind: str, **fields: Any) -> None:
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "id": new_record_id(),
+            "device_id": self.device_id,
+            "at": round(time.time(), 3),
+            "kind": kind,
+            "model": None,
+            "version": None,
+            "previous": None,
+            "revision": self.revision,
+            "rollout": None,
+            "reason": None,
+        }
+        doc.update(fields)
+        self.stats.events += 1
+        if self.link.connected:
+            with contextlib.suppress(LinkError):
+                fut = self.link.publish_nowait(self.events_topic, orjson.dumps(doc), qos=1)
+                fut.add_done_callback(_consume)
+        try:
+            await self.outbox.add_one("event", doc, Priority.HIGH)
+        except (OutboxClosed, OSError, RuntimeError) as exc:
+            log.error("event %s not stored in the outbox: %s", kind, exc)
+
+    async def _watch_link(self) -> None:
+        while True:
+            try:
+                await self.link.wait_connected()
+            except LinkError:
+                return  # stopped, or the login was refused: nothing will connect
+            self._publish_reported()
+            await self.link.wait_disconnected()
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    # Best effort: a PUBACK that never came is not worth an "exception never
+    # retrieved" warning; the outbox carries events, and reported is republished.
+    if not fut.cancelled():
+        fut.exception()
