@@ -137,6 +137,14 @@ class Subscription:
     worker: asyncio.Task[None] | None = None
     dropped: int = 0
     errors: int = 0
+    # What incoming topics are matched against: the filter without a shared
+    # subscription's "$share/{group}/" prefix (the broker delivers the plain topic).
+    match_filter: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.match_filter = self.topic_filter
+        if self.topic_filter.startswith("$share/"):
+            self.match_filter = self.topic_filter.split("/", 2)[2]
 
 
 @dataclass
@@ -196,12 +204,17 @@ class MqttLink:
         *,
         agent_version: str = "",
         rng: random.Random | None = None,
+        announce_status: bool = True,
     ) -> None:
+        """``announce_status=False``: no retained ``status`` birth, Last Will or
+        ``offline`` at stop. For a client that is not a device (the fleet service):
+        ``device_id`` is then only its default client id."""
         self.config = config
         self.device_id = topics.check_device_id(device_id)
         self.client_id = config.client_id or device_id
         self.agent_version = agent_version
         self.status_topic = topics.device_topic(device_id, topics.STATUS)
+        self.announce_status = announce_status
         self.stats = LinkStats()
         self.last_error: str | None = None
         self.negotiated_protocol: str | None = None
@@ -273,7 +286,7 @@ class MqttLink:
             return
         self._stopping = True
         client, attempt = self._client, self._attempt
-        if client is not None and self._connected.is_set():
+        if client is not None and self._connected.is_set() and self.announce_status:
             # A clean DISCONNECT suppresses the Last Will, so say offline ourselves.
             offline = self._status_payload("offline", reason="shutdown")
             with contextlib.suppress(LinkError, TimeoutError):
@@ -350,15 +363,18 @@ class MqttLink:
         """Publish and wait for the PUBACK (QoS 1); raises PublishTimeout or LinkClosed."""
         await self.publish_nowait(topic, payload, qos, retain, puback_timeout_s)
 
-    async def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> Subscription:
+    async def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, queue_size: int = 1000
+    ) -> Subscription:
         """Deliver messages matching ``topic_filter`` to ``handler`` (one at a time, in order).
 
         The subscription is re-made on every reconnect. When connected this waits for
         the SUBACK; otherwise it returns at once and the next connect subscribes.
-        A handler that raises or is slow harms only its own subscription.
+        A handler that raises or is slow harms only its own subscription; past
+        ``queue_size`` waiting messages, new ones are dropped (and counted).
         """
         check_filter(topic_filter)
-        sub = Subscription(topic_filter, handler, qos)
+        sub = Subscription(topic_filter, handler, qos, asyncio.Queue(queue_size))
         self._subs.append(sub)
         if self._supervisor is not None:
             self._start_worker(sub)
@@ -589,12 +605,13 @@ class MqttLink:
         client.suppress_exceptions = True
         username = cfg.username or self.client_id
         client.username_pw_set(username, _read_password(cfg))
-        client.will_set(
-            self.status_topic,
-            self._status_payload("offline", reason="connection lost", at=False),
-            qos=1,
-            retain=True,
-        )
+        if self.announce_status:
+            client.will_set(
+                self.status_topic,
+                self._status_payload("offline", reason="connection lost", at=False),
+                qos=1,
+                retain=True,
+            )
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -700,7 +717,8 @@ class MqttLink:
         self._set_state(LinkState.CONNECTED)
         # Birth message, then the subscriptions: always re-made, session present or not,
         # because a broker restarted without persistence has forgotten them.
-        client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+        if self.announce_status:
+            client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
         filters = self._unique_filters()
         if not filters:
             self._set_connected(True)
@@ -798,7 +816,7 @@ class MqttLink:
             return
         message = Message(topic, bytes(msg.payload), msg.qos, bool(msg.retain))
         for sub in self._subs:
-            if not mqtt.topic_matches_sub(sub.topic_filter, topic):
+            if not mqtt.topic_matches_sub(sub.match_filter, topic):
                 continue
             try:
                 sub.queue.put_nowait(message)

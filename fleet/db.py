@@ -56,7 +56,9 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         {
             "id": str,
             "created_at": float,
-            "secret_hash": str,  # scrypt of the device secret (MQTT password, downloads)
+            # sha256 of the device secret (MQTT password, downloads): 32 random bytes
+            # need no slow hash (fleet/devices.py)
+            "secret_hash": str,
             "online": int,
             "status_at": float,  # fleet clock when the last status arrived
             "last_seen": float,  # fleet clock of the last message of any kind
@@ -130,6 +132,8 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
             "max_failure_share": float,
             "state": str,  # running | paused | stopped | completed | rolled_back
             "current_wave": int,
+            "wave_started_at": float,  # fleet clock: when current_wave was pushed
+            "wave_timeout_s": float,  # NULL: a wave waits for every device
             "reason": str,
             "created_at": float,
             "updated_at": float,

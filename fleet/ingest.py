@@ -1,0 +1,724 @@
+"""The fleet's MQTT ingest: ``status``, ``reported``, ``events``, ``telemetry`` → database.
+
+Contracts: docs/mqtt.md (status, telemetry batches, acks) and docs/fleet.md
+(reported, events, record kinds). Every payload is untrusted: anything that is not
+valid JSON of schema 1 (wrong types, missing fields, over-size, a ``device_id`` that
+is not the topic's) is logged (rate-limited), counted in ``IngestStats.rejected``
+and ignored; the next message is processed as usual.
+
+**Unknown devices.** A message from a device id with no ``devices`` row (never
+enrolled, or deleted) is dropped and counted as ``unknown_device``; its telemetry is
+not acked, so it stays in that device's outbox. Devices exist only through
+enrolment: auto-creating rows would let anything that reaches the broker register
+itself as a device (the broker's password file and ACL are the first gate, this is
+the second). Once enrolled, a device's retained ``status``/``reported`` and its
+outbox arrive by themselves.
+
+**Telemetry.** A batch is validated as a whole (envelope and every record's
+envelope: id, seq, kind, priority, ts): a malformed one is rejected and not acked.
+Within a valid batch, records of a known kind whose ``data`` is invalid
+(``inference_stats`` failing ``fleet.telemetry_math.validate_inference_stats``, an
+``event`` that is not an event) are still stored raw in ``telemetry`` and acked (so
+they do not block the device's outbox forever) but not unpacked into the views;
+they are counted in ``bad_stats``/``bad_event_records``. Every record is stored with
+``INSERT OR IGNORE`` by id; the ack (``{"schema":1,"batch_id","record_ids"}``, all of
+the batch's ids, duplicates included) is published only after the write committed.
+
+Threads and flow: the link's per-subscription task (event loop) calls ``handle``,
+which parses and validates the message on the loop (orjson: well under a
+millisecond for a 256 KiB batch) and puts it on its leaf's lane. One task per lane
+takes whatever has queued up (up to a bound) and stores it in **one** write job on
+the database's writer thread, then publishes acks and tells the rollouts. So under
+load the jobs grow instead of multiplying (ingest is meant to reach >= 5,000
+records/s), a slow ``reported`` storm never delays telemetry acks, and each
+device's messages of one leaf are applied in the order they arrived.
+
+Nothing the ingest holds in memory is precious: a message dropped at a stop (or
+past a full queue) is a telemetry batch the device resends (no ack), an event that
+also travels through the outbox, or a retained ``status``/``reported`` that the
+broker delivers again on the next subscribe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from agent import topics
+from agent.mqtt_link import Handler, Message
+from fleet.db import FleetDB, dumps, now
+from fleet.rollouts import Rollouts
+from fleet.telemetry_math import validate_inference_stats
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+LEAVES: tuple[str, ...] = (topics.STATUS, topics.REPORTED, topics.EVENTS, topics.TELEMETRY)
+# Largest payload accepted per leaf (the link drops anything over its own
+# max_payload_bytes before we see it).
+MAX_BYTES: dict[str, int] = {
+    topics.STATUS: 4 * 1024,
+    topics.REPORTED: 256 * 1024,
+    topics.EVENTS: 64 * 1024,
+    topics.TELEMETRY: 1024 * 1024,
+}
+MAX_RECORDS = 10_000
+MAX_RECORD_BYTES = 64 * 1024  # docs/mqtt.md: a single record is at most 64 KiB
+MAX_MODELS = 200
+MAX_NAME = 200
+MAX_TEXT = 2000  # reasons, errors: longer ones are cut, not refused
+REPORTED_STATES = frozenset(
+    {"active", "downloading", "verifying", "activating", "failed", "unmanaged"}
+)
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class Reject(ValueError):
+    """A message the ingest refuses: ``reason`` is the counter's key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class IngestStats:
+    """Counters of this process's ingest (per worker; not shared state)."""
+
+    messages: int = 0  # handed to the ingest
+    status: int = 0  # status messages applied
+    reported: int = 0  # reported documents applied
+    events: int = 0  # new events stored (events leaf and event records)
+    duplicate_events: int = 0
+    batches: int = 0  # telemetry batches stored and acked
+    records: int = 0  # new telemetry records stored
+    duplicate_records: int = 0  # records that were already stored (a resend)
+    acks_sent: int = 0
+    bad_stats: int = 0  # inference_stats records stored raw only: invalid data
+    bad_event_records: int = 0  # event records stored raw only: not a valid event
+    write_errors: int = 0  # write jobs that failed (nothing acked)
+    rejected: dict[str, int] = field(default_factory=dict)  # reason → messages
+    rejected_by_leaf: dict[str, int] = field(default_factory=dict)  # leaf → messages
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+class _Complaints:
+    """Rate-limited warnings: the first of a kind at once, then one summary per interval."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, key: str, msg: str, *args: Any) -> None:
+        t = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and t - last < self.interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = t
+        more = self._suppressed.pop(key, 0)
+        if more:
+            msg += " (%d similar messages not logged)"
+            args = (*args, more)
+        log.warning(msg, *args)
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _obj(doc: Any, device_id: str) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise Reject("schema", "payload is not a JSON object")
+    if doc.get("schema") != SCHEMA or isinstance(doc.get("schema"), bool):
+        raise Reject("schema", f"schema is {doc.get('schema')!r}, not {SCHEMA}")
+    if doc.get("device_id") != device_id:
+        raise Reject("device_mismatch", f"device_id {doc.get('device_id')!r} is not the topic's")
+    return doc
+
+
+def _str(doc: dict[str, Any], key: str, *, optional: bool = False, max_len: int = MAX_NAME) -> Any:
+    v = doc.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not v or len(v) > max_len:
+        raise Reject("invalid", f"{key} must be a string of 1..{max_len} characters")
+    return v
+
+
+def _text(v: Any, key: str) -> str | None:
+    """Free text (reasons, errors): None or a string, cut to MAX_TEXT."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise Reject("invalid", f"{key} must be a string or null")
+    return v[:MAX_TEXT]
+
+
+def _num(v: Any, key: str, *, optional: bool = False) -> float | None:
+    if v is None and optional:
+        return None
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise Reject("invalid", f"{key} must be a finite number")
+    return float(v)
+
+
+def _int(v: Any, key: str, *, optional: bool = False, lo: int = 0) -> int | None:
+    if v is None and optional:
+        return None
+    if type(v) is not int or v < lo or v > 2**63 - 1:
+        raise Reject("invalid", f"{key} must be an integer >= {lo}")
+    return v
+
+
+def _load(msg: Message, leaf: str, device_id: str) -> dict[str, Any]:
+    if len(msg.payload) > MAX_BYTES[leaf]:
+        raise Reject("oversized", f"{len(msg.payload)} bytes (limit {MAX_BYTES[leaf]})")
+    try:
+        doc = orjson.loads(msg.payload)
+    except orjson.JSONDecodeError as exc:
+        raise Reject("not_json", f"not JSON: {exc}") from None
+    return _obj(doc, device_id)
+
+
+@dataclass(slots=True)
+class StatusMsg:
+    device_id: str
+    online: bool
+    agent_version: str | None
+    protocol: str | None
+    reason: str | None
+    from_device: bool  # the device said it (birth, clean stop), not its Last Will
+    received_at: float
+
+
+def parse_status(doc: dict[str, Any], device_id: str, retained: bool, t: float) -> StatusMsg:
+    state = doc.get("state")
+    if state not in ("online", "offline"):
+        raise Reject("invalid", f"state must be online or offline, not {state!r}")
+    agent_version = doc.get("agent_version") or None  # "" (not set) is no version
+    if agent_version is not None and (
+        not isinstance(agent_version, str) or len(agent_version) > 100
+    ):
+        raise Reject("invalid", "agent_version must be a string")
+    protocol = _str(doc, "protocol", optional=True, max_len=10)
+    reason = _text(doc.get("reason"), "reason")
+    at = _num(doc.get("at"), "at", optional=True)
+    # The Will has no timestamp (docs/mqtt.md); a retained message is old news: neither
+    # proves the device was just heard from.
+    return StatusMsg(
+        device_id,
+        state == "online",
+        agent_version,
+        protocol,
+        reason,
+        at is not None and not retained,
+        t,
+    )
+
+
+@dataclass(slots=True)
+class ReportedMsg:
+    device_id: str
+    text: str  # the whole document, as stored
+    revision: int
+    agent_version: str | None
+    accelerators: str | None  # JSON
+    models: dict[str, dict[str, Any]]
+    received_at: float
+
+
+def parse_reported(doc: dict[str, Any], device_id: str, t: float) -> ReportedMsg:
+    revision = _int(doc.get("revision"), "revision")
+    assert revision is not None
+    agent_version = doc.get("agent_version") or None  # "" (not set) is no version
+    if agent_version is not None and (
+        not isinstance(agent_version, str) or len(agent_version) > 100
+    ):
+        raise Reject("invalid", "agent_version must be a string")
+    _num(doc.get("at"), "at", optional=True)
+    acc = doc.get("accelerators")
+    if acc is not None:
+        if (
+            not isinstance(acc, dict)
+            or len(acc) > 20
+            or not all(
+                isinstance(k, str)
+                and isinstance(v, list)
+                and len(v) <= 50
+                and all(isinstance(p, str) and len(p) <= 100 for p in v)
+                for k, v in acc.items()
+            )
+        ):
+            raise Reject("invalid", "accelerators must map runtimes to lists of names")
+    models = doc.get("models")
+    if not isinstance(models, dict) or len(models) > MAX_MODELS:
+        raise Reject("invalid", f"models must be an object of at most {MAX_MODELS} models")
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in models.items():
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME or not isinstance(m, dict):
+            raise Reject("invalid", "each model must be an object under a non-empty name")
+        state = m.get("state")
+        if state not in REPORTED_STATES:
+            raise Reject("invalid", f"models[{name!r}].state {state!r} is not a known state")
+        row = {"state": state}
+        for key in ("active", "previous", "desired", "rollout", "provider"):
+            row[key] = _str(m, key, optional=True)
+        row["last_error"] = _text(m.get("last_error"), f"models[{name!r}].last_error")
+        labels = m.get("labels")
+        if labels is not None and (
+            not isinstance(labels, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+        ):
+            raise Reject("invalid", f"models[{name!r}].labels must map labels to versions")
+        out[name] = row
+    return ReportedMsg(
+        device_id,
+        dumps(doc),
+        revision,
+        agent_version,
+        None if acc is None else dumps(acc),
+        out,
+        t,
+    )
+
+
+def parse_event(doc: Any, device_id: str, t: float) -> tuple[Any, ...]:
+    """An event (events leaf, or an ``event`` record's data) → its ``events`` row."""
+    doc = _obj(doc, device_id)
+    eid = doc.get("id")
+    if not isinstance(eid, str) or not _HEX32.match(eid):
+        raise Reject("invalid", "event id must be 32 lowercase hex digits")
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or not _KIND.match(kind):
+        raise Reject("invalid", f"event kind {kind!r} is not a lowercase identifier")
+    at = _num(doc.get("at"), "at")
+    revision = _int(doc.get("revision"), "revision", optional=True)
+    model = _str(doc, "model", optional=True)
+    version = _str(doc, "version", optional=True)
+    rollout = _str(doc, "rollout", optional=True)
+    _str(doc, "previous", optional=True)
+    _str(doc, "command_id", optional=True)
+    reason = _text(doc.get("reason"), "reason")
+    return (eid, device_id, at, t, kind, model, version, revision, rollout, reason, dumps(doc))
+
+
+EVENT_COLUMNS = (
+    "id, device_id, at, received_at, kind, model, version, revision, rollout, reason, data"
+)
+
+
+def event_dict(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {"kind": row[4], "rollout": row[8], "device_id": row[1], "reason": row[9]}
+
+
+@dataclass(slots=True)
+class BatchMsg:
+    device_id: str
+    batch_id: str
+    record_ids: list[str]
+    telemetry: list[tuple[Any, ...]]  # telemetry rows
+    stats: list[tuple[Any, ...]]  # inference_stats rows
+    events: list[tuple[Any, ...]]  # events rows
+    bad_stats: int
+    bad_events: int
+    received_at: float
+
+
+def parse_batch(doc: dict[str, Any], device_id: str, t: float) -> BatchMsg:
+    batch_id = _str(doc, "batch_id", max_len=64)
+    _num(doc.get("sent_at"), "sent_at", optional=True)
+    box = doc.get("outbox")
+    if box is not None and not isinstance(box, dict):
+        raise Reject("invalid", "outbox must be an object")
+    records = doc.get("records")
+    if not isinstance(records, list) or not 0 < len(records) <= MAX_RECORDS:
+        raise Reject("invalid", f"records must be a list of 1..{MAX_RECORDS} records")
+    ids: list[str] = []
+    rows: list[tuple[Any, ...]] = []
+    stats: list[tuple[Any, ...]] = []
+    events: list[tuple[Any, ...]] = []
+    bad_stats = bad_events = 0
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise Reject("invalid", f"record {i} is not an object")
+        rid = r.get("id")
+        if not isinstance(rid, str) or not _HEX32.match(rid):
+            raise Reject("invalid", f"record {i}: id must be 32 lowercase hex digits")
+        seq = _int(r.get("seq"), f"record {i}: seq")
+        kind = r.get("kind")
+        if not isinstance(kind, str) or not kind or len(kind) > 64:
+            raise Reject("invalid", f"record {i}: kind must be a string of 1..64 characters")
+        priority = _int(r.get("priority"), f"record {i}: priority")
+        ts = _num(r.get("ts"), f"record {i}: ts")
+        if "data" not in r:
+            raise Reject("invalid", f"record {i} has no data")
+        data = r["data"]
+        text = orjson.dumps(data).decode()
+        if len(text) > MAX_RECORD_BYTES:
+            raise Reject("invalid", f"record {i}: data over {MAX_RECORD_BYTES} bytes")
+        ids.append(rid)
+        rows.append((rid, device_id, seq, kind, priority, ts, t, text))
+        if kind == "inference_stats":
+            try:
+                s = validate_inference_stats(data)
+            except ValueError:
+                bad_stats += 1
+                continue
+            stats.append(
+                (
+                    rid,
+                    device_id,
+                    s["model"],
+                    s["version"],
+                    s["window_start"],
+                    s["count"],
+                    s["errors"],
+                    t,
+                    dumps(s),
+                )
+            )
+        elif kind == "event":
+            try:
+                events.append(parse_event(data, device_id, t))
+            except Reject:
+                bad_events += 1
+    return BatchMsg(device_id, batch_id, ids, rows, stats, events, bad_stats, bad_events, t)
+
+
+# ------------------------------------------------------------------ the ingest
+
+
+AckPublish = Callable[[str, bytes], None]  # queue a QoS 1 message now (loop thread)
+
+
+@dataclass(eq=False)
+class _Lane:
+    leaf: str
+    process: Callable[[list[Any]], Awaitable[None]]
+    max_items: int
+    queue: asyncio.Queue[Any]
+    task: asyncio.Task[None] | None = None
+
+
+_STOP: Any = object()  # put on a lane's queue by stop()
+
+
+class Ingest:
+    """``handler(leaf)`` for the link's subscriptions; ``start()``/``stop()`` the lanes."""
+
+    def __init__(
+        self,
+        db: FleetDB,
+        publish_ack: AckPublish,
+        rollouts: Rollouts | None = None,
+        *,
+        queue_size: int = 20_000,
+        log_interval_s: float = 10.0,
+    ) -> None:
+        self.db = db
+        self.publish_ack = publish_ack
+        self.rollouts = rollouts
+        self.stats = IngestStats()
+        self._complaints = _Complaints(log_interval_s)
+        self._lanes: dict[str, _Lane] = {
+            topics.STATUS: _Lane(
+                topics.STATUS, self._store_status, 1000, asyncio.Queue(queue_size)
+            ),
+            topics.REPORTED: _Lane(
+                topics.REPORTED, self._store_reported, 500, asyncio.Queue(queue_size)
+            ),
+            topics.EVENTS: _Lane(
+                topics.EVENTS, self._store_events, 1000, asyncio.Queue(queue_size)
+            ),
+            # Batches are up to hundreds of records each: fewer per job.
+            topics.TELEMETRY: _Lane(
+                topics.TELEMETRY, self._store_batches, 40, asyncio.Queue(max(100, queue_size // 50))
+            ),
+        }
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        for lane in self._lanes.values():
+            if lane.task is None:
+                lane.task = asyncio.create_task(self._run(lane), name=f"fleet-ingest-{lane.leaf}")
+
+    async def stop(self, drain_s: float = 2.0) -> None:
+        """Store what is queued (up to ``drain_s``), then end the lane tasks.
+
+        Call it after the link stopped delivering; acks of what is stored now may find
+        the link closed, which only means the device resends (and we store nothing
+        twice)."""
+        tasks = []
+        for lane in self._lanes.values():
+            if lane.task is None:
+                continue
+            tasks.append(lane.task)
+            with contextlib.suppress(asyncio.QueueFull):
+                lane.queue.put_nowait(_STOP)  # the lane ends after what is before it
+        if tasks:
+            await asyncio.wait(tasks, timeout=drain_s)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lane in self._lanes.values():
+            lane.task = None
+
+    def handler(self, leaf: str) -> Handler:
+        async def handle(msg: Message) -> None:
+            await self.handle(leaf, msg)
+
+        return handle
+
+    # ------------------------------------------------------------- the loop side
+
+    async def handle(self, leaf: str, msg: Message) -> None:
+        """Loop thread (the link's subscription task): validate, then queue for storing."""
+        self.stats.messages += 1
+        t = now()
+        parsed = topics.parse_device_topic(msg.topic)
+        if parsed is None or parsed[1] != leaf:
+            self._reject(leaf, msg.topic, Reject("topic", "not a device topic of this leaf"))
+            return
+        device_id = parsed[0]
+        try:
+            doc = _load(msg, leaf, device_id)
+            item: Any
+            if leaf == topics.STATUS:
+                item = parse_status(doc, device_id, msg.retain, t)
+            elif leaf == topics.REPORTED:
+                item = parse_reported(doc, device_id, t)
+            elif leaf == topics.EVENTS:
+                item = parse_event(doc, device_id, t)
+            else:
+                item = parse_batch(doc, device_id, t)
+        except Reject as r:
+            self._reject(leaf, msg.topic, r)
+            return
+        # Waits when the lane is full: the link's own queue then fills and drops (and
+        # counts) past its bound, which loses nothing precious (module doc).
+        await self._lanes[leaf].queue.put(item)
+
+    def _reject(self, leaf: str, topic: str, r: Reject) -> None:
+        s = self.stats
+        s.rejected[r.reason] = s.rejected.get(r.reason, 0) + 1
+        s.rejected_by_leaf[leaf] = s.rejected_by_leaf.get(leaf, 0) + 1
+        self._complaints.warn(f"{leaf}/{r.reason}", "ignored a message on %s: %s", topic, r.detail)
+
+    def _unknown(self, leaf: str, device_ids: Iterable[str]) -> None:
+        for d in device_ids:
+            self._reject(
+                leaf,
+                topics.device_topic(d, leaf),  # type: ignore[arg-type]
+                Reject("unknown_device", f"device {d!r} is not enrolled"),
+            )
+
+    async def _run(self, lane: _Lane) -> None:
+        """One task per lane: everything queued meanwhile goes into one write job."""
+        stopping = False
+        while not stopping:
+            items = [await lane.queue.get()]
+            while len(items) < lane.max_items and not lane.queue.empty():
+                items.append(lane.queue.get_nowait())
+            if _STOP in items:
+                stopping = True
+                items = [i for i in items if i is not _STOP]
+                if not items:
+                    return
+            try:
+                await lane.process(items)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.stats.write_errors += 1
+                log.exception("fleet ingest: storing %d %s messages failed", len(items), lane.leaf)
+
+    # ------------------------------------------------------------- storing
+
+    async def _store_status(self, items: list[StatusMsg]) -> None:
+        def job(conn: sqlite3.Connection) -> list[str]:
+            unknown = []
+            for m in items:
+                seen = m.received_at if m.from_device else None
+                if m.online:
+                    cur = conn.execute(
+                        "UPDATE devices SET online = 1, status_at = ?, offline_reason = NULL,"
+                        " agent_version = coalesce(?, agent_version),"
+                        " protocol = coalesce(?, protocol), last_seen = coalesce(?, last_seen)"
+                        " WHERE id = ?",
+                        (m.received_at, m.agent_version, m.protocol, seen, m.device_id),
+                    )
+                else:
+                    cur = conn.execute(
+                        "UPDATE devices SET online = 0, status_at = ?, offline_reason = ?,"
+                        " last_seen = coalesce(?, last_seen) WHERE id = ?",
+                        (m.received_at, m.reason or "offline", seen, m.device_id),
+                    )
+                if cur.rowcount == 0:
+                    unknown.append(m.device_id)
+            return unknown
+
+        unknown = await self.db.write(job)
+        self.stats.status += len(items) - len(unknown)
+        self._unknown(topics.STATUS, unknown)
+
+    async def _store_reported(self, items: list[ReportedMsg]) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            known: list[str] = []
+            unknown: list[str] = []
+            for m in items:
+                cur = conn.execute(
+                    "UPDATE devices SET reported = ?, reported_revision = ?,"
+                    " accelerators = coalesce(?, accelerators),"
+                    " agent_version = coalesce(?, agent_version), last_seen = ? WHERE id = ?",
+                    (
+                        m.text,
+                        m.revision,
+                        m.accelerators,
+                        m.agent_version,
+                        m.received_at,
+                        m.device_id,
+                    ),
+                )
+                if cur.rowcount == 0:
+                    unknown.append(m.device_id)
+                    continue
+                known.append(m.device_id)
+                conn.execute(
+                    "DELETE FROM device_models WHERE device_id = ?"
+                    " AND model NOT IN (SELECT value FROM json_each(?))",
+                    (m.device_id, dumps(sorted(m.models))),
+                )
+                conn.executemany(
+                    "INSERT INTO device_models (device_id, model, active, previous, desired,"
+                    " state, rollout, provider, last_error, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (device_id, model) DO UPDATE SET active = excluded.active,"
+                    " previous = excluded.previous, desired = excluded.desired,"
+                    " state = excluded.state, rollout = excluded.rollout,"
+                    " provider = excluded.provider, last_error = excluded.last_error,"
+                    " updated_at = excluded.updated_at",
+                    [
+                        (
+                            m.device_id,
+                            name,
+                            r["active"],
+                            r["previous"],
+                            r["desired"],
+                            r["state"],
+                            r["rollout"],
+                            r["provider"],
+                            r["last_error"],
+                            m.received_at,
+                        )
+                        for name, r in m.models.items()
+                    ],
+                )
+            return known, unknown
+
+        known, unknown = await self.db.write(job)
+        self.stats.reported += len(items) - len(unknown)
+        self._unknown(topics.REPORTED, unknown)
+        if known and self.rollouts is not None:
+            await self.rollouts.on_reported(known)
+
+    def _known_in(self, conn: sqlite3.Connection, device_ids: Iterable[str]) -> set[str]:
+        return {
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM devices WHERE id IN (SELECT value FROM json_each(?))",
+                (dumps(sorted(set(device_ids))),),
+            )
+        }
+
+    def _insert_events_in(
+        self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]
+    ) -> list[tuple[Any, ...]]:
+        """INSERT OR IGNORE by id; returns the rows that were new."""
+        new = []
+        for row in rows:
+            cur = conn.execute(
+                f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+            if cur.rowcount:
+                new.append(row)
+        return new
+
+    def _touch_in(self, conn: sqlite3.Connection, seen: dict[str, float]) -> None:
+        conn.executemany(
+            "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE id = ?",
+            [(t, d) for d, t in seen.items()],
+        )
+
+    async def _store_events(self, items: list[tuple[Any, ...]]) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], int, list[str]]:
+            known = self._known_in(conn, (r[1] for r in items))
+            rows = [r for r in items if r[1] in known]
+            new = self._insert_events_in(conn, rows)
+            self._touch_in(conn, {r[1]: r[3] for r in rows})
+            return new, len(rows) - len(new), [r[1] for r in items if r[1] not in known]
+
+        new, dups, unknown = await self.db.write(job)
+        self.stats.events += len(new)
+        self.stats.duplicate_events += dups
+        self._unknown(topics.EVENTS, unknown)
+        if new and self.rollouts is not None:
+            await self.rollouts.on_event([event_dict(r) for r in new])
+
+    async def _store_batches(self, items: list[BatchMsg]) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[set[str], int, list[tuple[Any, ...]]]:
+            known = self._known_in(conn, (b.device_id for b in items))
+            stored = [b for b in items if b.device_id in known]
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO telemetry"
+                " (id, device_id, seq, kind, priority, ts, received_at, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [row for b in stored for row in b.telemetry],
+            )
+            inserted = conn.total_changes - before
+            conn.executemany(
+                "INSERT OR IGNORE INTO inference_stats (id, device_id, model, version,"
+                " window_start, count, errors, received_at, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [row for b in stored for row in b.stats],
+            )
+            new_events = self._insert_events_in(conn, [row for b in stored for row in b.events])
+            self._touch_in(conn, {b.device_id: b.received_at for b in stored})
+            return known, inserted, new_events
+
+        known, inserted, new_events = await self.db.write(job)
+        stored = [b for b in items if b.device_id in known]
+        s = self.stats
+        total = sum(len(b.record_ids) for b in stored)
+        s.batches += len(stored)
+        s.records += inserted
+        s.duplicate_records += total - inserted
+        s.events += len(new_events)
+        s.bad_stats += sum(b.bad_stats for b in stored)
+        s.bad_event_records += sum(b.bad_events for b in stored)
+        self._unknown(topics.TELEMETRY, [b.device_id for b in items if b.device_id not in known])
+        # Committed: only now may the device delete these records from its outbox.
+        for b in stored:
+            ack = {"schema": SCHEMA, "batch_id": b.batch_id, "record_ids": b.record_ids}
+            self.publish_ack(topics.device_topic(b.device_id, topics.ACKS), orjson.dumps(ack))
+            s.acks_sent += 1
+        if new_events and self.rollouts is not None:
+            await self.rollouts.on_event([event_dict(r) for r in new_events])

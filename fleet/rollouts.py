@@ -1,0 +1,577 @@
+"""Staged rollouts: waves, auto-stop, pause/resume/rollback (docs/fleet.md).
+
+A rollout is one assignment (to a group or to all devices) carrying the rollout's
+id, plus a snapshot of the devices it targets in ``rollout_devices``, each placed in
+a wave. ``fleet/desired.py`` applies the assignment only to the devices reached so
+far (state not ``waiting``), so a device of a later wave keeps its previous desired
+version until its wave is pushed; a rollback is the assignment ceasing to apply.
+
+Every decision (reaching the next wave, stopping, completing) is made inside a
+write job from what the database says, never from process memory: a restarted
+fleet, or another fleet worker on the same database, continues the same rollout,
+and two workers deciding at once are serialised by the writer's transaction.
+
+Rules, in one place:
+
+- **Waves** are cumulative, as fleet managers write them: ``[1, "10%", "100%"]`` is
+  1 device, then up to 10 % of the targeted devices in total, then the rest. An int
+  is a cumulative device count, ``"p%"`` a cumulative share (rounded up). The last
+  wave always takes every device left, and empty waves are skipped.
+- **Order**: devices online at the start come first (a canary that is offline would
+  hold the first wave), then a stable pseudo-random order (sha256 of rollout id and
+  device id), so wave 1 is not always the same store.
+- **Excluded**: a targeted device on which the rollout's assignment could not win
+  (it has a more specific assignment for the model: a device assignment, or for an
+  ``all`` rollout a group one) is not part of the rollout.
+- **Done**: a device has succeeded when its ``reported`` model shows
+  ``desired == version``, ``state == "active"`` and ``active == version``; it has
+  failed when ``desired == version`` and ``state == "failed"`` (reason: its
+  ``last_error``, or the latest failure event for the rollout). A failed device that
+  later reports success counts as succeeded.
+- **Advance**: when no device of the current wave is pending, the next wave is
+  pushed if the wave's failure share is at most ``max_failure_share``.
+- **Auto-stop**: as soon as ``failed / wave size`` exceeds ``max_failure_share``
+  (the outcome can no longer be good) the rollout is ``stopped`` with a reason;
+  later waves never get the version. Devices already reached keep it.
+- **Wave timeout** (optional, ``wave_timeout_s``): devices that do not answer (offline
+  stores) count as pending, never as failed. After the timeout the next wave is
+  pushed if at least one device of the wave is done and the failure share among the
+  done devices is acceptable; a wave where nobody answered keeps waiting (there is
+  no evidence either way). ``tick()`` checks the timeouts; the FleetBus calls it.
+- **Operator**: ``pause`` (no wave is pushed; devices already reached keep the
+  version), ``resume`` (a paused rollout continues; a stopped one is pushed into the
+  next wave: the operator overrides the auto-stop), ``rollback`` (from any state:
+  every device goes back to what it would run without this rollout; state
+  ``rolled_back``). A device that had no managed version of the model before keeps
+  running the new one after a rollback (a ``desired`` without the model leaves it
+  alone): send it a ``rollback`` command if that matters.
+- **One at a time**: a new rollout of a model is refused while another rollout of the
+  same model is running, paused or stopped (finish, resume or roll it back first).
+  A plain assignment (no waves) is always allowed; the newest one wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from agent.errors import BadRequest, EdgeError, NotFound
+from fleet.db import FleetDB, dumps, loads, now
+from fleet.desired import (
+    DesiredStates,
+    Snapshot,
+    _groups_of,
+    check_target,
+    insert_assignment,
+    target_devices,
+)
+
+log = logging.getLogger(__name__)
+
+STATES = ("running", "paused", "stopped", "completed", "rolled_back")
+DEVICE_STATES = ("waiting", "pending", "succeeded", "failed", "rolled_back")
+FAILURE_EVENTS = frozenset({"activation_failed", "download_failed", "verify_failed"})
+MAX_FAILURES_LISTED = 100
+_PCT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+Docs = list[tuple[str, bytes]]
+
+
+class RolloutConflict(EdgeError):
+    """The operation clashes with the rollout's state or another rollout (HTTP 409)."""
+
+    status = 409
+
+
+class UnknownRollout(NotFound, LookupError):
+    pass
+
+
+def new_rollout_id() -> str:
+    """``r-`` + 32 hex digits, time-ordered like the outbox's record ids."""
+    return f"r-{time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF:012x}{secrets.token_hex(10)}"
+
+
+def parse_waves(waves: Sequence[int | str]) -> list[int | float]:
+    """Validate a wave plan: ints are device counts, floats shares (0, 1]."""
+    if not isinstance(waves, list | tuple) or not waves or len(waves) > 100:
+        raise BadRequest("waves must be a list of 1..100 entries such as [1, '10%', '100%']")
+    out: list[int | float] = []
+    for w in waves:
+        if isinstance(w, bool):
+            raise BadRequest(f"bad wave {w!r}")
+        if isinstance(w, int):
+            if w < 1:
+                raise BadRequest(f"a wave of {w} devices: must be at least 1")
+            out.append(w)
+            continue
+        m = _PCT.match(w) if isinstance(w, str) else None
+        if m is None or not 0 < float(m.group(1)) <= 100:
+            raise BadRequest(f"bad wave {w!r}: an integer device count or a share like '10%'")
+        out.append(float(m.group(1)) / 100)
+    return out
+
+
+def wave_sizes(plan: Sequence[int | float], n: int) -> list[int]:
+    """Cumulative plan → the sizes of the non-empty waves for ``n`` devices."""
+    sizes: list[int] = []
+    done = 0
+    for i, w in enumerate(plan):
+        upto = w if isinstance(w, int) else math.ceil(w * n - 1e-9)
+        upto = n if i == len(plan) - 1 else min(max(upto, 0), n)
+        if upto > done:
+            sizes.append(upto - done)
+            done = upto
+    return sizes
+
+
+class Rollouts:
+    """Staged rollouts over ``DesiredStates``; all state in the database."""
+
+    def __init__(self, db: FleetDB, desired: DesiredStates) -> None:
+        self.db = db
+        self.desired = desired
+
+    # ------------------------------------------------------------------ public API
+
+    async def start(
+        self,
+        model: str,
+        version: str,
+        *,
+        target_kind: Literal["group", "all"],
+        target: str = "",
+        waves: Sequence[int | str],
+        max_failure_share: float = 0.2,
+        wave_timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Snapshot the targeted devices, place them in waves, push wave 1.
+
+        Raises ``UnknownModelVersion`` (404), ``BadRequest`` (bad waves or target, no
+        device to roll out to) or ``RolloutConflict`` (409: another rollout of the
+        model is not finished).
+        """
+        if target_kind not in ("group", "all"):
+            raise BadRequest("a staged rollout targets a group or all devices")
+        kind, target = check_target(target_kind, target)
+        plan = parse_waves(waves)
+        if isinstance(max_failure_share, bool) or not 0 <= max_failure_share <= 1:
+            raise BadRequest("max_failure_share must be between 0 and 1")
+        if wave_timeout_s is not None and not wave_timeout_s > 0:
+            raise BadRequest("wave_timeout_s must be positive")
+        rid = new_rollout_id()
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], Docs]:
+            busy = conn.execute(
+                "SELECT id, state FROM rollouts WHERE model = ?"
+                " AND state IN ('running', 'paused', 'stopped')",
+                (model,),
+            ).fetchone()
+            if busy is not None:
+                raise RolloutConflict(
+                    f"rollout {busy[0]} of {model} is {busy[1]}: finish, resume or roll it back"
+                    " first"
+                )
+            t = now()
+            # The rollout row first: the assignment's computation looks its state up.
+            conn.execute(
+                "INSERT INTO rollouts (id, model, version, target_kind, target, waves,"
+                " max_failure_share, state, current_wave, wave_started_at, wave_timeout_s,"
+                " reason, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 0, NULL, ?, NULL, ?, ?)",
+                (
+                    rid,
+                    model,
+                    version,
+                    kind,
+                    target,
+                    dumps(list(waves)),
+                    max_failure_share,
+                    wave_timeout_s,
+                    t,
+                    t,
+                ),
+            )
+            aid = insert_assignment(conn, model, version, kind, target, rid)
+            devices = target_devices(conn, kind, target)
+            if not devices:
+                what = "the fleet" if kind == "all" else f"group {target!r}"
+                raise BadRequest(f"no device in {what} to roll out to")
+            # Which devices can this assignment win on? Ask the computation itself,
+            # pretending every device is reached.
+            snap = Snapshot.load(conn)
+            snap.reached |= {(rid, d) for d in devices}
+            groups = _groups_of(conn, devices)
+            devices = [
+                d
+                for d in devices
+                if (w := snap.winner(model, d, groups.get(d, ()))) is not None and w.id == aid
+            ]
+            if not devices:
+                raise BadRequest(
+                    "every targeted device has a more specific assignment for this model"
+                )
+            info = {
+                r[0]: (r[1], r[2])
+                for r in conn.execute(
+                    "SELECT id, online, desired FROM devices"
+                    " WHERE id IN (SELECT value FROM json_each(?))",
+                    (dumps(devices),),
+                )
+            }
+
+            def order(d: str) -> tuple[int, str]:
+                online = info.get(d, (0, None))[0]
+                return (0 if online else 1, hashlib.sha256(f"{rid}/{d}".encode()).hexdigest())
+
+            devices.sort(key=order)
+            rows = []
+            i = 0
+            for wave, size in enumerate(wave_sizes(plan, len(devices)), start=1):
+                for d in devices[i : i + size]:
+                    prev_doc = loads(info.get(d, (0, None))[1]) or {}
+                    prev = (prev_doc.get("models") or {}).get(model, {}).get("version")
+                    rows.append((rid, d, wave, "waiting", prev, None, t))
+                i += size
+            conn.executemany(
+                "INSERT INTO rollout_devices (rollout_id, device_id, wave, state,"
+                " previous_version, reason, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            reached = self._push_wave_in(conn, rid, 1, t)
+            reached |= self._advance_in(conn, rid, t)
+            docs = self.desired.refresh_in(conn, sorted(reached))
+            return self._describe_in(conn, rid), docs
+
+        result, docs = await self.db.write(job)
+        self.desired.send(docs)
+        log.info("rollout %s: %s %s to %s %s", rid, model, version, kind, target or "")
+        return result
+
+    async def on_reported(self, device_ids: Iterable[str]) -> None:
+        """New ``reported`` documents arrived from these devices: update their rollout
+        rows, and advance the rollouts whose current wave is now decided."""
+        ids = sorted(set(device_ids))
+        if not ids:
+            return
+
+        def job(conn: sqlite3.Connection) -> Docs:
+            t = now()
+            rows = conn.execute(
+                "SELECT rd.rollout_id, rd.device_id FROM rollout_devices rd"
+                " JOIN rollouts r ON r.id = rd.rollout_id"
+                " WHERE rd.device_id IN (SELECT value FROM json_each(?))"
+                " AND rd.state IN ('pending', 'failed') AND r.state != 'rolled_back'",
+                (dumps(ids),),
+            ).fetchall()
+            touched = {rid for rid, d in rows if self._evaluate_in(conn, rid, d, t)}
+            reached: set[str] = set()
+            for rid in sorted(touched):
+                reached |= self._advance_in(conn, rid, t)
+            return self.desired.refresh_in(conn, sorted(reached))
+
+        self.desired.send(await self.db.write(job))
+
+    async def on_event(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """Failure events give failed rollout devices their reason (the ``reported``
+        document decides success and failure; an event may arrive before or after it)."""
+        rows = [
+            (e.get("reason"), e["rollout"], e["device_id"])
+            for e in events
+            if e.get("kind") in FAILURE_EVENTS and e.get("rollout") and e.get("reason")
+        ]
+        if not rows:
+            return
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE rollout_devices SET reason = ?"
+                " WHERE rollout_id = ? AND device_id = ? AND state = 'failed' AND reason IS NULL",
+                rows,
+            )
+
+        await self.db.write(job)
+
+    async def tick(self) -> None:
+        """Check every running rollout (wave timeouts; also finishes a decision a
+        crashed worker left half-way). Called periodically by the FleetBus."""
+
+        def job(conn: sqlite3.Connection) -> Docs:
+            t = now()
+            reached: set[str] = set()
+            running = conn.execute("SELECT id FROM rollouts WHERE state = 'running'").fetchall()
+            for (rid,) in running:
+                reached |= self._advance_in(conn, rid, t)
+            return self.desired.refresh_in(conn, sorted(reached))
+
+        self.desired.send(await self.db.write(job))
+
+    async def pause(self, rollout_id: str) -> dict[str, Any]:
+        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+            state = self._state_in(conn, rollout_id)
+            if state == "running":
+                self._set_state_in(conn, rollout_id, "paused", "paused by operator")
+            elif state != "paused":
+                raise RolloutConflict(f"rollout {rollout_id} is {state}: only a running one pauses")
+            return self._describe_in(conn, rollout_id)
+
+        return await self.db.write(job)
+
+    async def resume(self, rollout_id: str) -> dict[str, Any]:
+        """A paused rollout continues; a stopped one goes on into its next wave."""
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], Docs]:
+            t = now()
+            state = self._state_in(conn, rollout_id)
+            reached: set[str] = set()
+            if state == "paused":
+                self._set_state_in(conn, rollout_id, "running", None)
+            elif state == "stopped":
+                self._set_state_in(conn, rollout_id, "running", None)
+                current = conn.execute(
+                    "SELECT current_wave FROM rollouts WHERE id = ?", (rollout_id,)
+                ).fetchone()[0]
+                reached |= self._next_wave_in(conn, rollout_id, current, t)
+            elif state != "running":
+                raise RolloutConflict(f"rollout {rollout_id} is {state}: nothing to resume")
+            reached |= self._advance_in(conn, rollout_id, t)
+            return self._describe_in(conn, rollout_id), self.desired.refresh_in(
+                conn, sorted(reached)
+            )
+
+        result, docs = await self.db.write(job)
+        self.desired.send(docs)
+        return result
+
+    async def rollback(self, rollout_id: str) -> dict[str, Any]:
+        """Every device back to what it would run without this rollout."""
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], Docs]:
+            state = self._state_in(conn, rollout_id)
+            if state == "rolled_back":
+                return self._describe_in(conn, rollout_id), []
+            kind, target = conn.execute(
+                "SELECT target_kind, target FROM rollouts WHERE id = ?", (rollout_id,)
+            ).fetchone()
+            self._set_state_in(conn, rollout_id, "rolled_back", "rolled back by operator")
+            conn.execute(
+                "UPDATE rollout_devices SET state = 'rolled_back', updated_at = ?"
+                " WHERE rollout_id = ? AND state != 'waiting'",
+                (now(), rollout_id),
+            )
+            # The rollout's devices, and (after completion) devices that joined the
+            # target later and got the version through the completed assignment.
+            ids: set[str] = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT device_id FROM rollout_devices WHERE rollout_id = ?", (rollout_id,)
+                )
+            }
+            ids |= set(target_devices(conn, kind, target or ""))
+            return self._describe_in(conn, rollout_id), self.desired.refresh_in(conn, sorted(ids))
+
+        result, docs = await self.db.write(job)
+        self.desired.send(docs)
+        log.info("rollout %s rolled back (%d devices changed)", rollout_id, len(docs))
+        return result
+
+    async def get(self, rollout_id: str) -> dict[str, Any]:
+        return await self.db.read(lambda conn: self._describe_in(conn, rollout_id))
+
+    async def list(self) -> list[dict[str, Any]]:
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            ids = [r[0] for r in conn.execute("SELECT id FROM rollouts ORDER BY created_at DESC")]
+            return [self._describe_in(conn, rid) for rid in ids]
+
+        return await self.db.read(q)
+
+    # ------------------------------------------------------ writer-thread decisions
+
+    def _state_in(self, conn: sqlite3.Connection, rollout_id: str) -> str:
+        row = conn.execute("SELECT state FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        if row is None:
+            raise UnknownRollout(f"unknown rollout {rollout_id!r}")
+        return str(row[0])
+
+    def _set_state_in(
+        self, conn: sqlite3.Connection, rollout_id: str, state: str, reason: str | None
+    ) -> None:
+        conn.execute(
+            "UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+            (state, reason, now(), rollout_id),
+        )
+        log.info("rollout %s: %s%s", rollout_id, state, f" ({reason})" if reason else "")
+
+    def _push_wave_in(self, conn: sqlite3.Connection, rid: str, wave: int, t: float) -> set[str]:
+        """Reach every device of ``wave``; returns them (their desired must be refreshed)."""
+        conn.execute(
+            "UPDATE rollouts SET current_wave = ?, wave_started_at = ?, updated_at = ?"
+            " WHERE id = ?",
+            (wave, t, t, rid),
+        )
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "UPDATE rollout_devices SET state = 'pending', updated_at = ?"
+                " WHERE rollout_id = ? AND wave = ? AND state = 'waiting' RETURNING device_id",
+                (t, rid, wave),
+            )
+        ]
+        # A device may already run the version (or have refused it): decide it now.
+        for d in ids:
+            self._evaluate_in(conn, rid, d, t)
+        log.info("rollout %s: wave %d pushed to %d devices", rid, wave, len(ids))
+        return set(ids)
+
+    def _next_wave_in(self, conn: sqlite3.Connection, rid: str, current: int, t: float) -> set[str]:
+        last = conn.execute(
+            "SELECT max(wave) FROM rollout_devices WHERE rollout_id = ?", (rid,)
+        ).fetchone()[0]
+        if last is None or current >= last:
+            self._set_state_in(conn, rid, "completed", None)
+            return set()
+        return self._push_wave_in(conn, rid, current + 1, t)
+
+    def _evaluate_in(self, conn: sqlite3.Connection, rid: str, device_id: str, t: float) -> bool:
+        """Compare a reached device's reported model with the rollout; True if it changed."""
+        row = conn.execute(
+            "SELECT r.version, dm.active, dm.desired, dm.state, dm.last_error, rd.state"
+            " FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id"
+            " LEFT JOIN device_models dm ON dm.device_id = rd.device_id AND dm.model = r.model"
+            " WHERE rd.rollout_id = ? AND rd.device_id = ?",
+            (rid, device_id),
+        ).fetchone()
+        if row is None:
+            return False
+        version, active, desired, state, last_error, current = row
+        if desired != version or current not in ("pending", "failed"):
+            return False
+        if state == "active" and active == version:
+            new, reason = "succeeded", None
+        elif state == "failed" and current == "pending":
+            new = "failed"
+            reason = last_error or self._failure_reason_in(conn, rid, device_id)
+        else:
+            return False
+        conn.execute(
+            "UPDATE rollout_devices SET state = ?, reason = ?, updated_at = ?"
+            " WHERE rollout_id = ? AND device_id = ?",
+            (new, reason, t, rid, device_id),
+        )
+        return True
+
+    def _failure_reason_in(self, conn: sqlite3.Connection, rid: str, device_id: str) -> str | None:
+        kinds = sorted(FAILURE_EVENTS)
+        row = conn.execute(
+            "SELECT reason FROM events WHERE rollout = ? AND device_id = ?"
+            f" AND kind IN ({','.join('?' * len(kinds))}) AND reason IS NOT NULL"
+            " ORDER BY received_at DESC LIMIT 1",
+            (rid, device_id, *kinds),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def _advance_in(self, conn: sqlite3.Connection, rid: str, t: float) -> set[str]:
+        """Push waves while the current one is decided and good; stop on a bad one."""
+        reached: set[str] = set()
+        while True:
+            r = conn.execute(
+                "SELECT state, current_wave, max_failure_share, wave_started_at, wave_timeout_s"
+                " FROM rollouts WHERE id = ?",
+                (rid,),
+            ).fetchone()
+            if r is None or r[0] != "running":
+                return reached
+            _, wave, max_share, started, timeout = r
+            counts = dict(
+                conn.execute(
+                    "SELECT state, count(*) FROM rollout_devices"
+                    " WHERE rollout_id = ? AND wave = ? GROUP BY state",
+                    (rid, wave),
+                ).fetchall()
+            )
+            size = sum(counts.values())
+            failed, pending = counts.get("failed", 0), counts.get("pending", 0)
+            done = counts.get("succeeded", 0) + failed
+            if size and failed / size > max_share:
+                self._stop_in(conn, rid, wave, failed, size, max_share)
+                return reached
+            if pending:
+                timed_out = timeout is not None and started is not None and t - started >= timeout
+                if not timed_out or done == 0:
+                    return reached  # keep waiting (see the module doc: no evidence, no push)
+                if failed / done > max_share:
+                    self._stop_in(conn, rid, wave, failed, done, max_share)
+                    return reached
+                log.info("rollout %s: wave %d timed out with %d pending", rid, wave, pending)
+            reached |= self._next_wave_in(conn, rid, wave, t)
+
+    def _stop_in(
+        self, conn: sqlite3.Connection, rid: str, wave: int, failed: int, of: int, share: float
+    ) -> None:
+        reason = (
+            f"wave {wave}: {failed} of {of} devices failed, more than the"
+            f" {share:.0%} allowed; later waves were not started"
+        )
+        self._set_state_in(conn, rid, "stopped", reason)
+
+    # ----------------------------------------------------------------- description
+
+    def _describe_in(self, conn: sqlite3.Connection, rid: str) -> dict[str, Any]:
+        r = conn.execute(
+            "SELECT id, model, version, target_kind, target, waves, max_failure_share, state,"
+            " current_wave, wave_started_at, wave_timeout_s, reason, created_at, updated_at"
+            " FROM rollouts WHERE id = ?",
+            (rid,),
+        ).fetchone()
+        if r is None:
+            raise UnknownRollout(f"unknown rollout {rid!r}")
+        waves: dict[int, dict[str, int]] = {}
+        for wave, state, n in conn.execute(
+            "SELECT wave, state, count(*) FROM rollout_devices WHERE rollout_id = ?"
+            " GROUP BY wave, state ORDER BY wave",
+            (rid,),
+        ):
+            w = waves.setdefault(
+                wave, {"wave": wave, "devices": 0, **dict.fromkeys(DEVICE_STATES, 0)}
+            )
+            w[state] = n
+            w["devices"] += n
+        totals = {"devices": 0, **dict.fromkeys(DEVICE_STATES, 0)}
+        for w in waves.values():
+            for k in totals:
+                totals[k] += w[k]
+        failures = [
+            {"device_id": d, "wave": w, "reason": reason, "at": at}
+            for d, w, reason, at in conn.execute(
+                "SELECT device_id, wave, reason, updated_at FROM rollout_devices"
+                " WHERE rollout_id = ? AND state = 'failed' ORDER BY wave, device_id LIMIT ?",
+                (rid, MAX_FAILURES_LISTED),
+            )
+        ]
+        kind, target = r[3], r[4] or ""
+        return {
+            "id": r[0],
+            "model": r[1],
+            "version": r[2],
+            "target": {"all": True} if kind == "all" else {kind: target},
+            "waves": loads(r[5], []),
+            "max_failure_share": r[6],
+            "state": r[7],
+            "current_wave": r[8],
+            "wave_count": len(waves),
+            "wave_started_at": r[9],
+            "wave_timeout_s": r[10],
+            "reason": r[11],
+            "created_at": r[12],
+            "updated_at": r[13],
+            "counts": totals,
+            "per_wave": [waves[k] for k in sorted(waves)],
+            "failures": failures,
+        }
