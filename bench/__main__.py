@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, str] = {
     "overhead": "bench.overhead",
     "serving": "bench.serving",
     "joint": "bench.joint",
+    "fleet": "bench.fleet",
 }
 
 

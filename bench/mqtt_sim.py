@@ -82,9 +82,9 @@ class SimClient:
     _pending: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     _connack: asyncio.Future[int] | None = None
 
-    async def connect(self, timeout: float = 30.0) -> None:
+    async def connect(self, within_s: float = 30.0) -> None:
         self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), timeout
+            asyncio.open_connection(self.host, self.port), within_s
         )
         flags = 0x02 if self.clean_session else 0
         payload = _str(self.client_id)
@@ -102,7 +102,7 @@ class SimClient:
         self._connack = loop.create_future()
         self._writer.write(_packet(CONNECT, 0, body))
         self._task = asyncio.create_task(self._read_loop(), name=f"sim-{self.client_id}")
-        rc = await asyncio.wait_for(self._connack, timeout)
+        rc = await asyncio.wait_for(self._connack, within_s)
         if rc != 0:
             raise MqttError(f"{self.client_id}: CONNACK return code {rc}")
 
@@ -110,14 +110,14 @@ class SimClient:
         self._next_id = self._next_id % 65535 + 1
         return self._next_id
 
-    async def subscribe(self, topics: list[str], timeout: float = 30.0) -> None:
+    async def subscribe(self, topics: list[str], within_s: float = 30.0) -> None:
         assert self._writer is not None
         pid = self._packet_id()
         body = struct.pack("!H", pid) + b"".join(_str(t) + b"\x01" for t in topics)
         fut = asyncio.get_running_loop().create_future()
         self._pending[pid] = fut
         self._writer.write(_packet(SUBSCRIBE, 0x02, body))
-        await asyncio.wait_for(fut, timeout)
+        await asyncio.wait_for(fut, within_s)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> asyncio.Future[None]:
         """QoS 1; the future resolves on PUBACK."""
@@ -202,9 +202,7 @@ def status_payload(device_id: str, state: str) -> bytes:
     return orjson.dumps(doc)
 
 
-def reported_payload(
-    device_id: str, revision: int, models: dict[str, dict[str, object]]
-) -> bytes:
+def reported_payload(device_id: str, revision: int, models: dict[str, dict[str, object]]) -> bytes:
     return orjson.dumps(
         {
             "schema": 1,

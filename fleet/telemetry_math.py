@@ -130,9 +130,7 @@ def _histogram(value: Any, what: str, bounds: tuple[float, ...]) -> Histogram:
 def _tally(value: Any, what: str) -> dict[str, int]:
     if not isinstance(value, dict) or len(value) > MAX_KEYS:
         raise ValueError(f"{what} must be an object of at most {MAX_KEYS} counts")
-    return {
-        _name(k, f"{what} key", MAX_KEY): _count(v, f"{what}[{k!r}]") for k, v in value.items()
-    }
+    return {_name(k, f"{what} key", MAX_KEY): _count(v, f"{what}[{k!r}]") for k, v in value.items()}
 
 
 def validate_inference_stats(data: Any) -> InferenceStatsData:

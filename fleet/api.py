@@ -1,0 +1,609 @@
+"""The fleet's HTTP API on 8480 (docs/fleet.md, "HTTP API"): aiohttp routes, auth, errors.
+
+- Every failure leaves as ``{"error": "..."}`` with a precise status (the agent's
+  style, agent/server/app.py): 400 bad input or bundle, 401 no or wrong credentials,
+  403 not allowed, 404 unknown, 409 conflict, 413 too large, 416 bad range, 503 the
+  MQTT side is not running.
+- Management routes need ``Authorization: Bearer <token>``, compared in constant
+  time and never logged. Each route names the permission it needs; today the one
+  admin token has them all, and roles (issue 6) only change ``ROLE_PERMISSIONS``
+  and where principals come from.
+- ``GET /v1/health`` and ``POST /v1/enrol`` (the token is the credential) are open.
+  Bundle downloads also take a device's HTTP Basic credentials.
+- Assignments, rollouts, commands and telemetry go through the MQTT side's
+  ``FleetBus`` (fleet/bus.py); handlers only validate and translate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from agent import __version__
+from agent.errors import BadRequest, EdgeError, NotFound
+from agent.mqtt_link import LinkClosed, PublishTimeout
+from agent.server.responses import error_response, json_response, read_json_object
+from fleet.devices import Devices, Unauthorized
+from fleet.registry import BundleFile, Registry
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+JSON_BODY_LIMIT = 1024 * 1024  # every JSON request is small; bundle uploads stream
+_UPLOAD_CHUNK = 256 * 1024
+_SEND_CHUNK = 256 * 1024
+
+# --------------------------------------------------------------------------- auth
+
+READ, WRITE, DEVICES, DOWNLOAD = "read", "write", "devices", "download"
+# Issue 6 adds roles (e.g. viewer: {read}, operator: {read, write}); routes stay as they are.
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    "admin": frozenset({READ, WRITE, DEVICES, DOWNLOAD}),
+}
+OPEN = "open"
+_PERMISSION = "edgefleet_permission"
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+    device_id: str | None = None  # set for a device (Basic auth on downloads)
+
+    def may(self, permission: str) -> bool:
+        return permission in ROLE_PERMISSIONS.get(self.role, frozenset())
+
+
+class Authenticator:
+    """Bearer tokens → principals. One admin token now; a list of them with roles later."""
+
+    def __init__(self, tokens: dict[str, Principal]) -> None:
+        if not tokens:
+            raise ValueError("the fleet API needs at least one token")
+        self._tokens = [(t.encode(), p) for t, p in tokens.items()]
+
+    @classmethod
+    def single_admin(cls, token: str) -> Authenticator:
+        return cls({token: Principal("admin", "admin")})
+
+    def bearer(self, header: str) -> Principal | None:
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return None
+        raw = given.strip().encode()
+        found: Principal | None = None
+        # Every token is compared (constant-time each), so the time taken says nothing
+        # about which one, or how much of one, matched.
+        for token, principal in self._tokens:
+            if hmac.compare_digest(raw, token):
+                found = principal
+        return found
+
+
+def requires(permission: str) -> Callable[[Handler], Handler]:
+    """Mark a handler with the permission it needs (``OPEN``: none)."""
+
+    def mark(handler: Handler) -> Handler:
+        setattr(handler, _PERMISSION, permission)
+        return handler
+
+    return mark
+
+
+def _basic(header: str) -> tuple[str, str] | None:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+        user, sep, password = decoded.partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
+# ------------------------------------------------------------------------ context
+
+
+@dataclass
+class FleetApi:
+    registry: Registry
+    devices: Devices
+    auth: Authenticator
+    bus: Any | None = None  # fleet.bus.FleetBus; None: the MQTT side is not running
+    max_failure_share: float = 0.2
+
+    def need_bus(self) -> Any:
+        if self.bus is None:
+            raise ServiceUnavailable("the fleet's MQTT side is not running")
+        return self.bus
+
+
+class ServiceUnavailable(EdgeError):
+    status = 503
+
+
+class Forbidden(EdgeError):
+    status = 403
+
+
+class RangeNotSatisfiable(EdgeError):
+    status = 416
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+API = web.AppKey("fleet_api", FleetApi)
+PRINCIPAL = web.RequestKey("principal", Principal)  # who is calling, for handlers and audit
+
+
+def _api(request: web.Request) -> FleetApi:
+    return request.app[API]
+
+
+# -------------------------------------------------------------------- middlewares
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as ``{"error": ...}`` with the status its class names."""
+    try:
+        return await handler(request)
+    except RangeNotSatisfiable as exc:
+        return error_response(exc.message, 416, {"Content-Range": f"bytes */{exc.size}"})
+    except EdgeError as exc:
+        log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        headers = None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": 'Bearer realm="edgefleet"'}
+            if request.path.startswith("/v1/bundles/"):
+                headers = {"WWW-Authenticate": 'Basic realm="edgefleet", charset="UTF-8"'}
+        return error_response(exc.message, exc.status, headers)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(f"request body larger than the {JSON_BODY_LIMIT} byte limit", 413)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.reason, exc.status)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("bug while serving %s %s", request.method, request.path)
+        return error_response(f"internal error ({type(exc).__name__})", 500)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route_handler = request.match_info.handler
+    # Unknown paths need credentials too: an anonymous caller learns nothing of the API.
+    permission = getattr(route_handler, _PERMISSION, READ)
+    if permission == OPEN:
+        return await handler(request)
+    api = _api(request)
+    header = request.headers.get("Authorization", "")
+    principal = api.auth.bearer(header)
+    if principal is None and permission == DOWNLOAD and (creds := _basic(header)) is not None:
+        if await api.devices.check_secret(*creds):
+            principal = Principal(creds[0], "device", device_id=creds[0])
+        else:
+            raise Unauthorized("wrong device id or secret")
+    if principal is None:
+        if permission == DOWNLOAD:
+            raise Unauthorized("a bearer token or the device's Basic credentials are required")
+        raise Unauthorized("missing or wrong bearer token")
+    if principal.device_id is None and not principal.may(permission):
+        raise Forbidden(f"{principal.name} ({principal.role}) may not {permission}")
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _str_field(doc: dict[str, Any], key: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{key} must be a non-empty string")
+    return value
+
+
+async def _bus_call(call: Callable[[], Any]) -> Any:
+    """Run a FleetBus call. Its own errors (EdgeError: 400/404/409) pass as they are;
+    any other LookupError is a 404 and ValueError a 400."""
+    try:
+        result = call()
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            result = await result
+        return result
+    except EdgeError:
+        raise
+    except LookupError as exc:
+        raise NotFound(str(exc.args[0]) if exc.args else "not found") from exc
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+def _query_int(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{key} must be an integer") from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"{key} must lie in {lo}..{hi}")
+    return value
+
+
+# ------------------------------------------------------------------------- routes
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/health")
+@requires(OPEN)
+async def health(request: web.Request) -> web.Response:
+    bus = _api(request).bus
+    doc: dict[str, Any] = {"status": "ok", "version": __version__}
+    connected = getattr(bus, "connected", None) if bus is not None else None
+    doc["mqtt"] = "absent" if bus is None else ("connected" if connected else "disconnected")
+    return json_response(doc)
+
+
+# models
+
+
+@routes.post("/v1/models")
+@requires(WRITE)
+async def upload_model(request: web.Request) -> web.Response:
+    record, created = await _api(request).registry.upload(
+        request.content.iter_chunked(_UPLOAD_CHUNK), request.content_length
+    )
+    return json_response(record, 201 if created else 200)
+
+
+@routes.get("/v1/models")
+@requires(READ)
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"models": await _api(request).registry.list_models()})
+
+
+@routes.get("/v1/models/{name}")
+@requires(READ)
+async def get_model(request: web.Request) -> web.Response:
+    return json_response(await _api(request).registry.get_model(request.match_info["name"]))
+
+
+@routes.put("/v1/models/{name}/labels/{label}")
+@requires(WRITE)
+async def set_label(request: web.Request) -> web.Response:
+    api = _api(request)
+    doc = await read_json_object(request)
+    result = await api.registry.set_label(
+        request.match_info["name"], request.match_info["label"], _str_field(doc, "version")
+    )
+    if api.bus is not None:
+        # Labels travel in the desired documents of devices that run this model.
+        await _bus_call(lambda: api.bus.desired.refresh())
+    return json_response(result)
+
+
+# bundles
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """``(first, last)`` (inclusive) of a single ``bytes=`` range, or None for "all".
+
+    A malformed or multi-range header is ignored (RFC 9110 §14.2 allows serving the
+    whole file); one that cannot be satisfied raises ``RangeNotSatisfiable``.
+    """
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_s, dash, last_s = spec.strip().partition("-")
+    if not dash or not (first_s.isdigit() or last_s.isdigit()):
+        return None
+    if not first_s:  # suffix: the last N bytes
+        n = int(last_s)
+        if n == 0:
+            raise RangeNotSatisfiable("an empty suffix range selects nothing", size)
+        return (max(0, size - n), size - 1) if size else None
+    if not first_s.isdigit() or (last_s and not last_s.isdigit()):
+        return None
+    first = int(first_s)
+    last = int(last_s) if last_s else size - 1
+    if last_s and last < first:
+        return None  # invalid: ignored
+    if first >= size:
+        raise RangeNotSatisfiable(f"range starts at {first}, the bundle has {size} bytes", size)
+    return first, min(last, size - 1)
+
+
+@routes.get("/v1/bundles/{name}/{version}")
+@requires(DOWNLOAD)
+async def download_bundle(request: web.Request) -> web.StreamResponse:
+    bundle = await _api(request).registry.bundle_file(
+        request.match_info["name"], request.match_info["version"]
+    )
+    return await send_bundle(request, bundle)
+
+
+async def send_bundle(request: web.Request, bundle: BundleFile) -> web.StreamResponse:
+    """The bundle file with ``Range`` (resume), ``ETag`` = sha256 and conditional GETs.
+
+    Not aiohttp's FileResponse: it derives its ETag from mtime and size, and a device
+    resuming a download must be able to say "the bytes whose sha256 is X" (If-Range)
+    and be sure it is not stitching two different files together.
+    """
+    etag = f'"{bundle.sha256}"'
+    size = bundle.size
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        # A version's bytes never change (the registry refuses that with a 409).
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "Content-Disposition": f'attachment; filename="{bundle.path.parent.name}-'
+        f'{bundle.path.stem}.bundle"',
+    }
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and (
+        if_none_match.strip() == "*"
+        or etag in [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    ):
+        return web.Response(status=304, headers={"ETag": etag})
+    rng: tuple[int, int] | None = None
+    range_header = request.headers.get("Range")
+    if range_header is not None:
+        if_range = request.headers.get("If-Range")
+        # If-Range with another validator: the device holds other bytes; send them all.
+        if if_range is None or if_range.strip() == etag:
+            rng = parse_range(range_header, size)
+    first, last = rng if rng is not None else (0, size - 1)
+    length = last - first + 1 if size else 0
+    response = web.StreamResponse(status=206 if rng is not None else 200, headers=headers)
+    response.content_length = length
+    if rng is not None:
+        response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    loop = asyncio.get_running_loop()
+    try:
+        f = await loop.run_in_executor(None, open, bundle.path, "rb")
+    except FileNotFoundError:
+        log.error("bundle file %s is missing from the fleet's disk", bundle.path)
+        raise EdgeError(
+            f"bundle file for {bundle.path.parent.name} is missing on the fleet"
+        ) from None
+    try:
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        await loop.run_in_executor(None, f.seek, first)
+        remaining = length
+        while remaining > 0:
+            chunk = await loop.run_in_executor(None, f.read, min(_SEND_CHUNK, remaining))
+            if not chunk:
+                # The file shrank under us: end the response short rather than hang.
+                log.error("bundle file %s is shorter than recorded", bundle.path)
+                break
+            await response.write(chunk)
+            remaining -= len(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        await loop.run_in_executor(None, f.close)
+
+
+# devices and enrolment
+
+
+@routes.post("/v1/enrolment-tokens")
+@requires(DEVICES)
+async def create_enrolment_token(request: web.Request) -> web.Response:
+    doc = await read_json_object(request, optional=True)
+    device_id = doc.get("device_id")
+    if device_id is not None and not isinstance(device_id, str):
+        raise BadRequest("device_id must be a string")
+    token = await _api(request).devices.create_token(
+        device_id, doc.get("groups", []), doc.get("ttl_s")
+    )
+    return json_response(token, 201)
+
+
+@routes.post("/v1/enrol")
+@requires(OPEN)
+async def enrol(request: web.Request) -> web.Response:
+    doc = await read_json_object(request)
+    return json_response(await _api(request).devices.enrol(doc.get("token")))
+
+
+@routes.get("/v1/devices")
+@requires(READ)
+async def list_devices(request: web.Request) -> web.Response:
+    group = request.query.get("group")
+    return json_response({"devices": await _api(request).devices.list_devices(group)})
+
+
+@routes.get("/v1/devices/{id}")
+@requires(READ)
+async def get_device(request: web.Request) -> web.Response:
+    return json_response(await _api(request).devices.get(request.match_info["id"]))
+
+
+@routes.put("/v1/devices/{id}/groups")
+@requires(DEVICES)
+async def set_groups(request: web.Request) -> web.Response:
+    doc = await read_json_object(request)
+    if "groups" not in doc:
+        raise BadRequest("groups is required (a list, [] for none)")
+    return json_response(
+        await _api(request).devices.set_groups(request.match_info["id"], doc["groups"])
+    )
+
+
+_COMMANDS = {"resync": (), "rollback": ("model",)}
+
+
+@routes.post("/v1/devices/{id}/commands")
+@requires(WRITE)
+async def send_command(request: web.Request) -> web.Response:
+    api = _api(request)
+    device_id = request.match_info["id"]
+    doc = await read_json_object(request)
+    command = _str_field(doc, "command")
+    if command not in _COMMANDS:
+        raise BadRequest(f"unknown command {command!r}; known: {sorted(_COMMANDS)}")
+    fields = {k: _str_field(doc, k) for k in _COMMANDS[command]}
+    await api.devices.get(device_id)  # 404 for an unknown device
+    bus = api.need_bus()
+    try:
+        command_id = await _bus_call(lambda: bus.send_command(device_id, command, **fields))
+    except PublishTimeout as exc:
+        raise ServiceUnavailable(
+            f"the broker did not confirm the command in time (it may still be delivered): {exc}"
+        ) from exc
+    except LinkClosed as exc:
+        raise ServiceUnavailable("the fleet's MQTT connection is closed") from exc
+    return json_response({"id": command_id, "device_id": device_id, "command": command}, 202)
+
+
+# assignments and rollouts
+
+
+@routes.post("/v1/assignments")
+@requires(WRITE)
+async def assign(request: web.Request) -> web.Response:
+    api = _api(request)
+    doc = await read_json_object(request)
+    model, version = _str_field(doc, "model"), _str_field(doc, "version")
+    target = doc.get("target")
+    if not isinstance(target, dict) or len(target) != 1:
+        raise BadRequest('target must be one of {"device": id}, {"group": g}, {"all": true}')
+    ((kind, value),) = target.items()
+    if kind in ("device", "group"):
+        if not isinstance(value, str) or not value:
+            raise BadRequest(f"target.{kind} must be a non-empty string")
+    elif kind == "all":
+        if value is not True:
+            raise BadRequest("target.all must be true")
+        value = ""
+    else:
+        raise BadRequest(f"unknown target {kind!r}: use device, group or all")
+    share = doc.get("max_failure_share", api.max_failure_share)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise BadRequest("max_failure_share must be a number in 0..1")
+    bus = api.need_bus()
+    if doc.get("waves") is None:
+        assignment_id = await _bus_call(
+            lambda: bus.desired.assign(model, version, target_kind=kind, target=value)
+        )
+        return json_response(
+            {"assignment_id": assignment_id, "model": model, "version": version, "target": target},
+            201,
+        )
+    if kind == "device":
+        raise BadRequest("waves apply to a group or all devices, not to one device")
+    waves = doc["waves"]  # validated by the rollouts (fleet/rollouts.py: parse_waves)
+    rollout = await _bus_call(
+        lambda: bus.rollouts.start(
+            model,
+            version,
+            target_kind=kind,
+            target=value,
+            waves=waves,
+            max_failure_share=float(share),
+        )
+    )
+    return json_response(_jsonable(rollout), 201)
+
+
+@routes.get("/v1/rollouts")
+@requires(READ)
+async def list_rollouts(request: web.Request) -> web.Response:
+    bus = _api(request).need_bus()
+    return json_response({"rollouts": _jsonable(await _bus_call(lambda: bus.rollouts.list()))})
+
+
+@routes.get("/v1/rollouts/{id}")
+@requires(READ)
+async def get_rollout(request: web.Request) -> web.Response:
+    bus = _api(request).need_bus()
+    rid = request.match_info["id"]
+    return json_response(_jsonable(await _bus_call(lambda: bus.rollouts.get(rid))))
+
+
+def _rollout_action(action: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        bus = _api(request).need_bus()
+        rid = request.match_info["id"]
+        result = await _bus_call(lambda: getattr(bus.rollouts, action)(rid))
+        if result is None:
+            result = await _bus_call(lambda: bus.rollouts.get(rid))
+        return json_response(_jsonable(result))
+
+    handler.__name__ = f"rollout_{action}"
+    return requires(WRITE)(handler)
+
+
+for _action in ("pause", "resume", "rollback"):
+    routes.post(f"/v1/rollouts/{{id}}/{_action}")(_rollout_action(_action))
+
+
+# telemetry and events
+
+
+@routes.get("/v1/telemetry/models")
+@requires(READ)
+async def telemetry_models(request: web.Request) -> web.Response:
+    bus = _api(request).need_bus()
+    found = await _bus_call(lambda: bus.telemetry.models())
+    return json_response({"models": _jsonable(found)})
+
+
+@routes.get("/v1/telemetry/devices/{id}")
+@requires(READ)
+async def telemetry_device(request: web.Request) -> web.Response:
+    bus = _api(request).need_bus()
+    device_id = request.match_info["id"]
+    await _api(request).devices.get(device_id)  # 404 for an unknown device
+    found = await _bus_call(lambda: bus.telemetry.device(device_id))
+    return json_response({"device_id": device_id, "models": _jsonable(found)})
+
+
+@routes.get("/v1/events")
+@requires(READ)
+async def events(request: web.Request) -> web.Response:
+    bus = _api(request).need_bus()
+    limit = _query_int(request, "limit", 100, 1, 10_000)
+    device, model = request.query.get("device"), request.query.get("model")
+    found = await _bus_call(lambda: bus.telemetry.events(device=device, model=model, limit=limit))
+    return json_response({"events": _jsonable(found)})
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses and pydantic models from the MQTT side, as plain JSON values."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def create_app(api: FleetApi) -> web.Application:
+    app = web.Application(
+        client_max_size=JSON_BODY_LIMIT, middlewares=[error_middleware, auth_middleware]
+    )
+    app[API] = api
+    app.add_routes(routes)
+    return app

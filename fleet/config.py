@@ -1,0 +1,295 @@
+"""Typed fleet-service configuration (``edge-fleet serve --config FILE``), from YAML.
+
+Same rules as the agent's config (agent/config.py): every section forbids unknown
+keys, errors name the key path and the YAML line, and relative paths are relative
+to the config file. The broker connection reuses the agent's ``FleetConfig`` (host,
+port, tls, username, password_file...): the fleet is one more MQTT client of the
+same broker.
+
+```yaml
+data_dir: /var/lib/edgefleet/fleet      # fleet.sqlite + bundles/
+http:
+  host: 127.0.0.1                       # 0.0.0.0 to serve devices on other machines
+  port: 8480
+  public_url: https://fleet.example.com # what devices are told (bundle URLs, enrolment)
+  max_upload_bytes: 1073741824
+auth:
+  token_file: /etc/edgefleet/admin.token  # default: <data_dir>/admin.token, made at first start
+trust:
+  public_keys: [keys/release.pub]       # an upload must be signed by one of these
+broker:                                 # absent: the embedded amqtt broker
+  host: mqtt.example.com
+  username: fleet
+  password_file: mqtt.password
+embedded_broker: {host: 127.0.0.1, port: 1883}
+enrolment: {mqtt_host: mqtt.example.com, mqtt_port: 8883, mqtt_tls: true, token_ttl_s: 86400}
+rollouts: {max_failure_share: 0.2}
+```
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.config import FleetConfig, Lines, TrustConfig, _node_lines
+from agent.errors import ConfigError
+
+HTTP_PORT = 8480  # DESIGN.md: fleet HTTP (API, dashboard, bundle downloads)
+MQTT_PORT = 1883
+MQTT_TLS_PORT = 8883
+_ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpConfig(_Section):
+    # Loopback by default: a fleet API reachable from the network must be a decision
+    # (set host: 0.0.0.0 and, past a lab, TLS or a TLS-terminating proxy).
+    host: str = "127.0.0.1"
+    port: int = Field(HTTP_PORT, ge=0, le=65535, description="0: any free port (tests)")
+    public_url: str | None = Field(
+        None,
+        description="base URL devices reach this service at; None: http://<host>:<port>",
+    )
+    max_upload_bytes: int = Field(1024 * 1024 * 1024, gt=0, description="bundle upload cap")
+    max_member_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="largest file inside an uploaded bundle"
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM chain: HTTPS when set with the key")
+    tls_key_file: Path | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("public_url must be an absolute http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError("public_url may not have a query or fragment")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+    def base_url(self, port: int | None = None) -> str:
+        """``public_url``, or a URL made of the bind address (``port``: the bound one)."""
+        if self.public_url is not None:
+            return self.public_url
+        host = self.host
+        if host in _ANY_ADDRESS:
+            # Bound to every interface: the machine's name is the best guess a device
+            # can use; set public_url when it is not resolvable from the stores.
+            host = socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self.tls_cert_file is not None else "http"
+        return f"{scheme}://{host}:{port if port is not None else self.port}"
+
+
+class AuthConfig(_Section):
+    """One admin bearer token for now.
+
+    Roles (issue 6) will add named tokens with a role each; the API already checks a
+    permission per route against the caller's role (fleet/api.py), so they slot in
+    without touching the routes.
+    """
+
+    token: str | None = Field(None, description="prefer token_file: configs leak")
+    token_file: Path | None = Field(
+        None, description="None (and no token): <data_dir>/admin.token, created at first start"
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> AuthConfig:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        if self.token is not None and len(self.token) < 16:
+            raise ValueError("token must be at least 16 characters")
+        return self
+
+
+class EmbeddedBrokerConfig(_Section):
+    """The in-process amqtt broker, started when no ``broker`` is configured."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(MQTT_PORT, ge=0, le=65535, description="0: any free port (tests)")
+
+
+class EnrolmentConfig(_Section):
+    """What an enrolling device is told, and how long a token lives."""
+
+    mqtt_host: str | None = Field(
+        None, description="broker host as devices reach it; None: the broker's (or public_url's)"
+    )
+    mqtt_port: int | None = Field(None, ge=1, le=65535, description="None: the broker's port")
+    mqtt_tls: bool | None = Field(None, description="None: whether the fleet uses TLS itself")
+    token_ttl_s: int = Field(24 * 3600, gt=0, description="default lifetime of a token")
+    max_token_ttl_s: int = Field(30 * 24 * 3600, gt=0, description="longest a caller may ask")
+
+    @model_validator(mode="after")
+    def _ttls(self) -> EnrolmentConfig:
+        if self.token_ttl_s > self.max_token_ttl_s:
+            raise ValueError("token_ttl_s must be <= max_token_ttl_s")
+        return self
+
+
+class RolloutDefaults(_Section):
+    max_failure_share: float = Field(
+        0.2, ge=0.0, le=1.0, description="a wave whose failed share passes this stops the rollout"
+    )
+
+
+class IngestConfig(_Section):
+    # Several fleet workers: each subscribes to `$share/<group>/...` so the broker
+    # splits device traffic between them (DESIGN.md, Scale). None: one worker.
+    shared_group: str | None = None
+
+    @field_validator("shared_group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/+#")):
+            raise ValueError("shared_group may not be empty or contain '/', '+' or '#'")
+        return v
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class FleetServiceConfig(_Section):
+    data_dir: Path = Path("/var/lib/edgefleet/fleet")
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
+    broker: FleetConfig | None = Field(None, description="external broker; None: embedded")
+    embedded_broker: EmbeddedBrokerConfig = Field(default_factory=EmbeddedBrokerConfig)
+    enrolment: EnrolmentConfig = Field(default_factory=EnrolmentConfig)
+    rollouts: RolloutDefaults = Field(default_factory=RolloutDefaults)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _one_broker(self) -> FleetServiceConfig:
+        if self.broker is not None and "embedded_broker" in self.model_fields_set:
+            raise ValueError("give broker (external) or embedded_broker, not both")
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "fleet.sqlite"
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.data_dir / "bundles"
+
+    @property
+    def token_file(self) -> Path:
+        """Where the admin token is read from (when ``auth.token`` is not inline)."""
+        return self.auth.token_file or self.data_dir / "admin.token"
+
+
+# ----------------------------------------------------------------------- loading
+
+
+def _rebase(section: Any, keys: tuple[str, ...], base: Path) -> None:
+    if isinstance(section, dict):
+        for k in keys:
+            if isinstance(section.get(k), str):
+                section[k] = str(base / section[k])
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file are relative to that file, not to the cwd."""
+    if isinstance(raw.get("data_dir"), str):
+        raw["data_dir"] = str(base / raw["data_dir"])
+    _rebase(raw.get("http"), ("tls_cert_file", "tls_key_file"), base)
+    _rebase(raw.get("auth"), ("token_file",), base)
+    trust = raw.get("trust")
+    if isinstance(trust, dict) and isinstance(trust.get("public_keys"), list):
+        trust["public_keys"] = [
+            str(base / k) if isinstance(k, str) else k for k in trust["public_keys"]
+        ]
+    broker = raw.get("broker")
+    if isinstance(broker, dict):
+        _rebase(broker, ("password_file",), base)
+        _rebase(broker.get("tls"), ("ca_file", "cert_file", "key_file"), base)
+
+
+def parse_yaml_model(
+    model: type[M],
+    text: str,
+    source: str = "<config>",
+    prepare: Callable[[dict[str, Any]], None] | None = None,
+) -> M:
+    """Validate YAML ``text`` as ``model``; errors name each key path and its line.
+
+    The same reporting as agent/config.py's ``parse_config`` (whose line-map helper it
+    uses), for any pydantic model: ``prepare`` may rewrite the raw mapping first.
+    """
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown line"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: YAML syntax error at {where}: {problem}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    lines: Lines = {}
+    if node is not None:
+        _node_lines(node, (), lines)
+    if prepare is not None:
+        prepare(raw)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            # The deepest located ancestor: a missing key has no line of its own.
+            line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+            key = ".".join(str(p) for p in loc) or "(root)"
+            at = f" (line {line})" if line is not None else ""
+            problems.append(f"{key}{at}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems)) from exc
+
+
+def parse_fleet_config(
+    text: str, source: str = "<config>", base: Path | None = None
+) -> FleetServiceConfig:
+    prepare = (lambda raw: _resolve_paths(raw, base)) if base is not None else None
+    return parse_yaml_model(FleetServiceConfig, text, source, prepare)
+
+
+def load_fleet_config(path: Path) -> FleetServiceConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    return parse_fleet_config(text, str(path), base=path.resolve().parent)
+
+
+def broker_port(cfg: FleetConfig) -> int:
+    """The port a ``FleetConfig`` connects to (its default depends on TLS)."""
+    if cfg.port is not None:
+        return cfg.port
+    return MQTT_TLS_PORT if cfg.tls is not None else MQTT_PORT

@@ -1,0 +1,357 @@
+"""Devices: enrolment tokens, enrolment, credentials, groups and the device views.
+
+Credentials. A device's secret is 32 random bytes (``secrets.token_urlsafe``): its
+MQTT password and its HTTP Basic password for bundle downloads. The database keeps
+only its sha256. A slow password hash (scrypt, argon2) protects guessable human
+passwords; a 256-bit random secret cannot be guessed whatever the hash, and a fast
+one keeps 2,000 devices fetching a bundle at once from costing 2,000 scrypt runs.
+Comparisons are constant-time.
+
+Enrolment. An operator makes a one-time token (optionally for a given device id and
+groups, with an expiry); the device trades it at ``POST /v1/enrol`` for its id, its
+secret, the broker address and the fleet's trusted keys. Tokens, like secrets, are
+stored as sha256, so a leaked database spends none of them. Enrolling again with a
+token made for an existing device id rotates that device's secret (a replaced
+store PC keeps its id, groups and history).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.errors import BadRequest, EdgeError, NotFound
+from fleet.db import FleetDB, dumps, loads, now
+
+# A device id is one MQTT topic level and the user part of HTTP Basic auth (no ':');
+# the same boring alphabet as model names keeps it safe in paths, URLs and logs.
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RECENT_EVENTS = 50
+
+
+class Unauthorized(EdgeError):
+    status = 401
+
+
+def check_device_id(device_id: Any) -> str:
+    if not isinstance(device_id, str) or not _ID_RE.match(device_id):
+        raise BadRequest(f"device id {device_id!r} must match {_ID_RE.pattern}")
+    return device_id
+
+
+def check_groups(groups: Any) -> list[str]:
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise BadRequest("groups must be a list of strings")
+    bad = [g for g in groups if not _ID_RE.match(g)]
+    if bad:
+        raise BadRequest(f"group names {bad} must match {_ID_RE.pattern}")
+    return sorted(set(groups))
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _new_device_id() -> str:
+    return f"dev-{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class EnrolmentInfo:
+    """What an enrolled device is told besides its credentials."""
+
+    mqtt_host: str
+    mqtt_port: int
+    mqtt_tls: bool
+    fleet_url: str
+    trusted_keys: list[str] = field(default_factory=list)  # PEM
+
+
+def _store_device(conn: sqlite3.Connection, device_id: str, groups: list[str] | None) -> str:
+    """Create ``device_id`` or rotate its secret; replace its groups unless None."""
+    secret = secrets.token_urlsafe(32)
+    conn.execute(
+        "INSERT INTO devices (id, created_at, secret_hash) VALUES (?, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET secret_hash = excluded.secret_hash",
+        (device_id, now(), secret_hash(secret)),
+    )
+    if groups is not None:
+        _replace_groups(conn, device_id, groups)
+    return secret
+
+
+def _replace_groups(conn: sqlite3.Connection, device_id: str, groups: list[str]) -> None:
+    conn.execute("DELETE FROM device_groups WHERE device_id = ?", (device_id,))
+    conn.executemany(
+        "INSERT INTO device_groups (device_id, grp) VALUES (?, ?)",
+        [(device_id, g) for g in groups],
+    )
+
+
+async def create_device(db: FleetDB, device_id: str, groups: Iterable[str] = ()) -> str:
+    """Register ``device_id`` (or rotate its secret) and return its secret.
+
+    For tests and benchmarks that need devices without the enrolment round trip.
+    """
+    check_device_id(device_id)
+    group_list = check_groups(list(groups))
+    return await db.write(lambda conn: _store_device(conn, device_id, group_list))
+
+
+class Devices:
+    """Enrolment and the device views; ``on_groups_changed`` recomputes desired states."""
+
+    def __init__(
+        self,
+        db: FleetDB,
+        info: EnrolmentInfo,
+        *,
+        default_ttl_s: int = 24 * 3600,
+        max_ttl_s: int = 30 * 24 * 3600,
+        on_groups_changed: Callable[[list[str]], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.db = db
+        self.info = info
+        self.default_ttl_s = default_ttl_s
+        self.max_ttl_s = max_ttl_s
+        self.on_groups_changed = on_groups_changed
+
+    # -------------------------------------------------------------- enrolment
+
+    async def create_token(
+        self,
+        device_id: str | None = None,
+        groups: list[str] | None = None,
+        ttl_s: float | None = None,
+    ) -> dict[str, Any]:
+        if device_id is not None:
+            check_device_id(device_id)
+        group_list = check_groups(groups if groups is not None else [])
+        if ttl_s is None:
+            ttl_s = self.default_ttl_s
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or ttl_s <= 0:
+            raise BadRequest("ttl_s must be a positive number of seconds")
+        if ttl_s > self.max_ttl_s:
+            raise BadRequest(f"ttl_s {ttl_s} is over the {self.max_ttl_s} s maximum")
+        token = secrets.token_urlsafe(32)
+        created = now()
+        row = {
+            "token_hash": secret_hash(token),
+            "device_id": device_id,
+            "groups": dumps(group_list),
+            "created_at": created,
+            "expires_at": created + float(ttl_s),
+        }
+        await self.db.write(
+            lambda conn: conn.execute(
+                "INSERT INTO enrolment_tokens (token_hash, device_id, groups, created_at,"
+                " expires_at) VALUES (:token_hash, :device_id, :groups, :created_at,"
+                " :expires_at)",
+                row,
+            )
+        )
+        # The token itself exists only in this answer.
+        return {
+            "token": token,
+            "device_id": device_id,
+            "groups": group_list,
+            "expires_at": row["expires_at"],
+        }
+
+    async def enrol(self, token: Any) -> dict[str, Any]:
+        if not isinstance(token, str) or not token:
+            raise BadRequest("token must be a non-empty string")
+        token_hash = secret_hash(token)
+
+        def job(conn: sqlite3.Connection) -> tuple[str, str]:
+            row = conn.execute(
+                "SELECT device_id, groups, expires_at, used_at FROM enrolment_tokens"
+                " WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            if row is None:
+                raise Unauthorized("unknown enrolment token")
+            wanted_id, groups_json, expires_at, used_at = row
+            at = now()
+            if used_at is not None:
+                raise Unauthorized("enrolment token already used")
+            if at >= expires_at:
+                raise Unauthorized("enrolment token expired")
+            device_id = wanted_id
+            if device_id is None:
+                for _ in range(10):
+                    candidate = _new_device_id()
+                    taken = conn.execute(
+                        "SELECT 1 FROM devices WHERE id = ?", (candidate,)
+                    ).fetchone()
+                    if taken is None:
+                        device_id = candidate
+                        break
+                else:  # 10 collisions in 2^32: something else is wrong
+                    raise RuntimeError("could not find a free device id")
+            groups = loads(groups_json, [])
+            # A token made without groups leaves a re-enrolled device's groups alone.
+            secret = _store_device(conn, device_id, groups if groups or wanted_id is None else None)
+            # Spent in the same transaction that creates the device: a token enrols once.
+            conn.execute(
+                "UPDATE enrolment_tokens SET used_at = ?, used_by = ? WHERE token_hash = ?",
+                (at, device_id, token_hash),
+            )
+            return device_id, secret
+
+        device_id, secret = await self.db.write(job)
+        if self.on_groups_changed is not None:
+            await self.on_groups_changed([device_id])
+        return {
+            "device_id": device_id,
+            "mqtt": {
+                "host": self.info.mqtt_host,
+                "port": self.info.mqtt_port,
+                "tls": self.info.mqtt_tls,
+                "username": device_id,
+                "password": secret,
+            },
+            "trusted_keys": list(self.info.trusted_keys),
+            "fleet_url": self.info.fleet_url,
+        }
+
+    # ------------------------------------------------------------ credentials
+
+    async def check_secret(self, device_id: str, secret: str) -> bool:
+        """True when ``secret`` is ``device_id``'s (constant-time in the secret)."""
+        if not _ID_RE.match(device_id):
+            return False
+
+        def q(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT secret_hash FROM devices WHERE id = ?", (device_id,))
+            found = row.fetchone()
+            return None if found is None else found[0]
+
+        stored = await self.db.read(q)
+        given = secret_hash(secret)
+        # An unknown device still costs one comparison, against a dummy.
+        return hmac.compare_digest(given, stored or "0" * 64) and stored is not None
+
+    # ------------------------------------------------------------------ views
+
+    async def list_devices(self, group: str | None = None) -> list[dict[str, Any]]:
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            if group is None:
+                devices = conn.execute("SELECT * FROM devices ORDER BY id").fetchall()
+                groups = conn.execute("SELECT device_id, grp FROM device_groups").fetchall()
+                models = conn.execute("SELECT * FROM device_models").fetchall()
+            else:
+                sub = "SELECT device_id FROM device_groups WHERE grp = ?"
+                devices = conn.execute(
+                    f"SELECT * FROM devices WHERE id IN ({sub}) ORDER BY id", (group,)
+                ).fetchall()
+                groups = conn.execute(
+                    f"SELECT device_id, grp FROM device_groups WHERE device_id IN ({sub})",
+                    (group,),
+                ).fetchall()
+                models = conn.execute(
+                    f"SELECT * FROM device_models WHERE device_id IN ({sub})", (group,)
+                ).fetchall()
+            by_groups: dict[str, list[str]] = {}
+            for r in groups:
+                by_groups.setdefault(r["device_id"], []).append(r["grp"])
+            by_models: dict[str, dict[str, Any]] = {}
+            for r in models:
+                by_models.setdefault(r["device_id"], {})[r["model"]] = _model_state(r)
+            return [
+                _summary(d, sorted(by_groups.get(d["id"], [])), by_models.get(d["id"], {}))
+                for d in devices
+            ]
+
+        return await self.db.read(q)
+
+    async def get(self, device_id: str) -> dict[str, Any]:
+        def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            d = conn.execute("SELECT * FROM devices WHERE id = ?", (device_id,)).fetchone()
+            if d is None:
+                return None
+            groups = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT grp FROM device_groups WHERE device_id = ? ORDER BY grp",
+                    (device_id,),
+                )
+            ]
+            models = {
+                r["model"]: _model_state(r)
+                for r in conn.execute(
+                    "SELECT * FROM device_models WHERE device_id = ? ORDER BY model",
+                    (device_id,),
+                )
+            }
+            events = conn.execute(
+                "SELECT data, received_at FROM events WHERE device_id = ?"
+                " ORDER BY received_at DESC LIMIT ?",
+                (device_id, RECENT_EVENTS),
+            ).fetchall()
+            doc = _summary(d, groups, models)
+            doc["desired"] = loads(d["desired"])
+            doc["reported"] = loads(d["reported"])
+            doc["events"] = [
+                {**loads(e["data"], {}), "received_at": e["received_at"]} for e in events
+            ]
+            return doc
+
+        doc = await self.db.read(q)
+        if doc is None:
+            raise NotFound(f"unknown device {device_id!r}")
+        return doc
+
+    async def set_groups(self, device_id: str, groups: Any) -> dict[str, Any]:
+        group_list = check_groups(groups)
+
+        def job(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM devices WHERE id = ?", (device_id,)).fetchone() is None:
+                return False
+            _replace_groups(conn, device_id, group_list)
+            return True
+
+        if not await self.db.write(job):
+            raise NotFound(f"unknown device {device_id!r}")
+        if self.on_groups_changed is not None:
+            # Group assignments may now reach (or leave) this device.
+            await self.on_groups_changed([device_id])
+        return {"device_id": device_id, "groups": group_list}
+
+
+def _model_state(r: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "active": r["active"],
+        "previous": r["previous"],
+        "desired": r["desired"],
+        "state": r["state"],
+        "rollout": r["rollout"],
+        "provider": r["provider"],
+        "last_error": r["last_error"],
+        "updated_at": r["updated_at"],
+    }
+
+
+def _summary(d: sqlite3.Row, groups: list[str], models: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": d["id"],
+        "online": bool(d["online"]),
+        "last_seen": d["last_seen"],
+        "status_at": d["status_at"],
+        "offline_reason": d["offline_reason"],
+        "agent_version": d["agent_version"],
+        "protocol": d["protocol"],
+        "accelerators": loads(d["accelerators"]),
+        "groups": groups,
+        "models": models,
+        "desired_revision": d["desired_revision"],
+        "reported_revision": d["reported_revision"],
+        "last_error": d["last_error"],
+        "created_at": d["created_at"],
+    }
