@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 models: $(STAMP)
 	$(PY) -m models
 
-# Build the sample bundles if missing, start the agent, send it real images, print the answers.
+# Build the sample bundles if missing; the fleet pushes digits-edge v2 to a running agent
+# (embedded broker, all in-process); then start the agent, send it real images, print answers.
 demo: $(STAMP)
 	$(PY) -m models --if-missing
+	$(VENV)/bin/edge-fleet demo --build models/build
 	$(VENV)/bin/edge-agent demo --config models/build/agent.yaml
 
 test: $(STAMP)

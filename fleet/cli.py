@@ -700,6 +700,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return runner.run(serve(cfg))
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fleet.demo import main as demo_main
+
+    return demo_main(Path(args.build))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from fleet.config import load_fleet_config
 
@@ -777,6 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mqtt-port", type=int, help="embedded broker port (default 1883)")
     s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.set_defaults(func=cmd_serve, needs_client=False)
+
+    s = sub.add_parser(
+        "demo", help="push a new digits-edge version to a running agent (all in-process)"
+    )
+    s.add_argument("--build", default="models/build", help="`python -m models` output")
+    s.set_defaults(func=cmd_demo, needs_client=False)
 
     s = sub.add_parser("check-config", help="validate a fleet config file")
     s.add_argument("--config", required=True)
