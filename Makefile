@@ -29,7 +29,8 @@ test: $(STAMP)
 	# The agent runs on uvloop by default: the in-process async tests run on it too.
 	EDGEFLEET_TEST_LOOP=uvloop $(PY) -m pytest -q tests/test_api.py tests/test_model_store.py \
 		tests/test_batcher.py tests/test_cloud_faults.py tests/test_fallback_modes.py \
-		tests/test_mqtt_link.py tests/test_mqtt_telemetry.py tests/test_mqtt_agent.py
+		tests/test_mqtt_link.py tests/test_mqtt_telemetry.py tests/test_mqtt_agent.py \
+		tests/test_sync.py tests/test_fleet_bus.py tests/test_fleet_e2e.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -32,6 +32,9 @@ from agent.outbox import Batch, Outbox
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
+# After a reconnect, how long batches sent on the old connection may still wait for
+# their ack (paho's redelivery plus the fleet's store-and-ack) before a resend.
+RECONNECT_ACK_GRACE_S = 3.0
 _MAX_ACK_IDS = 10_000  # a larger ack is malformed: batches are far smaller
 
 
@@ -139,12 +142,17 @@ class TelemetrySender:
 
     async def _run(self) -> None:
         last_flush = 0.0
+        was_down = False
         while True:
             try:
                 await self._expire(time.monotonic())
                 if not self.link.connected:
+                    was_down = True
                     await self._wait(self.config.flush_interval_s, self._link_up())
                     continue
+                if was_down:
+                    was_down = False
+                    self._after_reconnect(time.monotonic())
                 due = (
                     self.outbox.urgent.is_set()
                     or self.outbox.waiting_hint >= self.config.batch_max_records
@@ -191,6 +199,18 @@ class TelemetrySender:
             self.stats.records_sent += len(batch.records)
             sent += 1
         return sent
+
+    def _after_reconnect(self, now: float) -> None:
+        """Batches sent before the link dropped: expect their acks soon or resend.
+
+        paho resends what the broker had not PUBACKed, but a broker that crashed (or
+        lost its queue to a slow fleet) may have PUBACKed batches it never delivered;
+        waiting the whole ``ack_timeout_s`` for those would hold records back for
+        nothing. A resend is harmless: the fleet stores by record id.
+        """
+        deadline = now + min(self.config.ack_timeout_s, RECONNECT_ACK_GRACE_S)
+        for flight in self._in_flight.values():
+            flight.deadline = min(flight.deadline, deadline)
 
     async def _expire(self, now: float) -> None:
         for batch_id, flight in list(self._in_flight.items()):

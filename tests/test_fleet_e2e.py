@@ -133,7 +133,9 @@ def agent_for(tmp: Path, keys: tuple[Path, Path], enrolled: dict[str, Any], boot
             "reconnect_min_s": 0.05,
             "reconnect_max_s": 0.5,
             "outbox": {"path": str(tmp / name / "outbox.sqlite")},
-            "telemetry": {"flush_interval_s": 0.2, "stats_interval_s": 0.3},
+            # A batch published while the fleet was not subscribed (it reconnects after
+            # the device) is never acked: resend it soon rather than after 30 s.
+            "telemetry": {"flush_interval_s": 0.2, "stats_interval_s": 0.3, "ack_timeout_s": 2},
         },
     )
 
@@ -421,3 +423,47 @@ async def test_sigkill_while_verifying_or_activating_ends_on_a_verified_version(
         print(f"\nkilled while {caught}")
     finally:
         await asyncio.to_thread(proc.stop)
+
+
+# ------------------------------------------- broker outage under steady inference load
+
+
+@pytest.mark.parametrize("kill", [True, False], ids=["broker-sigkill", "broker-sigterm"])
+async def test_broker_outage_under_inference_load_fails_no_request_and_loses_no_count(
+    fleets: Any,
+    start_agent: Any,
+    make_tiny_bundle: Any,
+    keys: Any,
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    kill: bool,
+) -> None:
+    """Local apps keep calling while the broker is down; afterwards the fleet's
+    telemetry counts exactly the requests the apps made, none twice."""
+    fleet = await fleets()
+    v1 = make_tiny_bundle("1")
+    await fleet.call("POST", "/v1/models", data=v1.read_bytes())
+    enrolled = await fleet.enrol("store-o", [])
+    agent = await start_agent(agent_for(tmp_path, keys, enrolled, v1))
+    await until(lambda: fleet.device("store-o"), check=lambda d: d["online"])
+
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        load = asyncio.create_task(traffic(session, [agent.base], stop))
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(mosquitto.stop, kill)
+        await until(lambda: fleet.device("store-o"), check=lambda d: True)  # API still up
+        await asyncio.sleep(1.0)  # outage: answers keep coming, counts go to the outbox
+        await asyncio.to_thread(mosquitto.start)
+        await asyncio.sleep(0.5)
+        stop.set()
+        seen = await load
+    assert set(seen) == {"v1"}, f"requests failed during the outage: {seen}"
+    await until(
+        lambda: fleet.call("GET", "/v1/telemetry/devices/store-o"),
+        within=20,
+        check=lambda d: sum(r["requests"] for r in d["models"]) >= seen["v1"],
+    )
+    doc = await fleet.call("GET", "/v1/telemetry/devices/store-o")
+    assert sum(r["requests"] for r in doc["models"]) == seen["v1"]
+    assert sum(r["errors"] for r in doc["models"]) == 0
