@@ -7,8 +7,9 @@ errors name the key path and the YAML line it came from.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -24,6 +25,9 @@ from agent.cloud.config import FallbackConfig
 from agent.errors import ConfigError
 
 CLOUD_PORT = 8490  # the cloud profile's default port (DESIGN.md)
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Section(BaseModel):
@@ -414,7 +418,17 @@ def _resolve_paths(raw: Any, base: Path) -> None:
                 d["library"] = str(base / d["library"])
 
 
-def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> AgentConfig:
+def parse_yaml_model(
+    model: type[M],
+    text: str,
+    source: str = "<config>",
+    prepare: Callable[[dict[str, Any]], None] | None = None,
+) -> M:
+    """Validate YAML ``text`` as ``model``; errors name each key path and its line.
+
+    Shared by the agent's and the fleet's configs: ``prepare`` may rewrite the raw
+    mapping first (relative paths made absolute).
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -430,10 +444,10 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
     lines: Lines = {}
     if node is not None:
         _node_lines(node, (), lines)
-    if base is not None:
-        _resolve_paths(raw, base)
+    if prepare is not None:
+        prepare(raw)
     try:
-        return AgentConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -444,6 +458,14 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
             at = f" (line {line})" if line is not None else ""
             problems.append(f"{key}{at}: {err['msg']}")
         raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems)) from exc
+
+
+def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> AgentConfig:
+    def prepare(raw: dict[str, Any]) -> None:
+        if base is not None:
+            _resolve_paths(raw, base)
+
+    return parse_yaml_model(AgentConfig, text, source, prepare)
 
 
 def load_config(path: Path) -> AgentConfig:

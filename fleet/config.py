@@ -30,23 +30,19 @@ rollouts: {max_failure_share: 0.2}
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.config import FleetConfig, Lines, TrustConfig, _node_lines
+from agent.config import FleetConfig, TrustConfig, parse_yaml_model
 from agent.errors import ConfigError
 
 HTTP_PORT = 8480  # DESIGN.md: fleet HTTP (API, dashboard, bundle downloads)
 MQTT_PORT = 1883
 MQTT_TLS_PORT = 8883
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
-
-M = TypeVar("M", bound=BaseModel)
 
 
 class _Section(BaseModel):
@@ -229,48 +225,6 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     if isinstance(broker, dict):
         _rebase(broker, ("password_file",), base)
         _rebase(broker.get("tls"), ("ca_file", "cert_file", "key_file"), base)
-
-
-def parse_yaml_model(
-    model: type[M],
-    text: str,
-    source: str = "<config>",
-    prepare: Callable[[dict[str, Any]], None] | None = None,
-) -> M:
-    """Validate YAML ``text`` as ``model``; errors name each key path and its line.
-
-    The same reporting as agent/config.py's ``parse_config`` (whose line-map helper it
-    uses), for any pydantic model: ``prepare`` may rewrite the raw mapping first.
-    """
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown line"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}: YAML syntax error at {where}: {problem}") from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    lines: Lines = {}
-    if node is not None:
-        _node_lines(node, (), lines)
-    if prepare is not None:
-        prepare(raw)
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            # The deepest located ancestor: a missing key has no line of its own.
-            line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
-            key = ".".join(str(p) for p in loc) or "(root)"
-            at = f" (line {line})" if line is not None else ""
-            problems.append(f"{key}{at}: {err['msg']}")
-        raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems)) from exc
 
 
 def parse_fleet_config(

@@ -19,26 +19,13 @@ from agent import topics
 from agent.config import FleetConfig
 from agent.mqtt_link import Message, MqttLink
 from fleet.db import FleetDB, dumps, now
+from tests.brokers import link_config
 
 BUNDLE_BASE = "http://fleet.test:8480/v1/bundles"
 
 
 def bundle_url(name: str, version: str) -> str:
     return f"{BUNDLE_BASE}/{name}/{version}"
-
-
-def link_config(port: int, **overrides: Any) -> FleetConfig:
-    doc: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": port,
-        "keepalive_s": 2,
-        "reconnect_min_s": 0.05,
-        "reconnect_max_s": 0.4,
-        "connect_timeout_s": 3,
-        "publish_timeout_s": 5,
-    }
-    doc.update(overrides)
-    return FleetConfig.model_validate(doc)
 
 
 def fleet_config(port: int) -> FleetConfig:

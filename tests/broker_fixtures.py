@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fleet.embedded_broker import EmbeddedBroker
-from tests.brokers import Mosquitto
+from tests.brokers import Mosquitto, Peer
 
 
 @pytest.fixture
@@ -45,3 +46,17 @@ async def amqtt_broker() -> AsyncIterator[EmbeddedBroker]:
     await broker.start()
     yield broker
     await broker.stop()
+
+
+@pytest.fixture
+def peers() -> Any:
+    made: list[Peer] = []
+
+    def make(port: int, **kwargs: Any) -> Peer:
+        peer = Peer(port, **kwargs)
+        made.append(peer)
+        return peer
+
+    yield make
+    for p in made:
+        p.close()

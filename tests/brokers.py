@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "mosquitto"
@@ -246,3 +247,20 @@ async def eventually(
             if predicate():
                 return
             await asyncio.sleep(every)
+
+
+def link_config(port: int, **overrides: Any) -> Any:
+    """An MQTT link config for tests: loopback, short keepalive and backoff."""
+    from agent.config import FleetConfig
+
+    doc: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "keepalive_s": 2,
+        "reconnect_min_s": 0.05,
+        "reconnect_max_s": 0.4,
+        "connect_timeout_s": 3,
+        "publish_timeout_s": 5,
+    }
+    doc.update(overrides)
+    return FleetConfig.model_validate(doc)

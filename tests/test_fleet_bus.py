@@ -39,7 +39,7 @@ from tests._fleet_sim import (
     stats_data,
     until,
 )
-from tests.brokers import Mosquitto, Peer, lingering_tasks
+from tests.brokers import Mosquitto, lingering_tasks
 
 pytest_plugins = ("tests.broker_fixtures",)  # mosquitto, mosquitto_factory, amqtt_broker
 
@@ -92,20 +92,6 @@ async def sims() -> AsyncIterator[Callable[..., Any]]:
     yield make
     for sim in made:
         await sim.stop()
-
-
-@pytest.fixture
-def peers() -> Any:
-    made: list[Peer] = []
-
-    def make(port: int, **kwargs: Any) -> Peer:
-        peer = Peer(port, **kwargs)
-        made.append(peer)
-        return peer
-
-    yield make
-    for p in made:
-        p.close()
 
 
 async def device_row(db: FleetDB, device_id: str) -> dict[str, Any]:

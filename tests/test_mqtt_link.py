@@ -42,25 +42,13 @@ from tests.brokers import (
     eventually,
     free_port,
     lingering_tasks,
+    link_config,
 )
 
 pytest_plugins = ("tests.broker_fixtures",)  # mosquitto, mosquitto_factory, amqtt_broker
 
 DEV = "store-0042"
-
-
-def fleet_config(port: int, **overrides: Any) -> FleetConfig:
-    doc: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": port,
-        "keepalive_s": 2,
-        "reconnect_min_s": 0.05,
-        "reconnect_max_s": 0.4,
-        "connect_timeout_s": 3,
-        "publish_timeout_s": 5,
-    }
-    doc.update(overrides)
-    return FleetConfig.model_validate(doc)
+fleet_config = link_config
 
 
 @pytest.fixture(autouse=True)
@@ -85,20 +73,6 @@ async def links() -> AsyncIterator[Callable[..., Any]]:
     yield make
     for link in made:
         await link.stop()
-
-
-@pytest.fixture
-def peers() -> Any:
-    made: list[Peer] = []
-
-    def make(port: int, **kwargs: Any) -> Peer:
-        peer = Peer(port, **kwargs)
-        made.append(peer)
-        return peer
-
-    yield make
-    for p in made:
-        p.close()
 
 
 class Inbox:
