@@ -261,7 +261,7 @@ def calibrate_bundle(build: Path, work: Path, data: EvalSet) -> dict[str, Any]:
 
 def run(timeout_ms: int, rounds: int) -> dict[str, Any]:
     build = ensure_models([f"{EDGE}-*.bundle", f"{CLOUD}-*.bundle"])
-    with np.load(build / "digits-test.npz") as f:
+    with np.load(build / "digits-test.npz", allow_pickle=False) as f:
         x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
     data = EvalSet({INPUT: x}, y)
     meter = CpuMeter()

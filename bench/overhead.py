@@ -481,7 +481,7 @@ def run(n: int, warmup: int, rounds: int, busy_before: float) -> dict[str, Any]:
         digits = extract(paths.digits_bundle, paths.public_key, tmp / "x" / DIGITS)
         pool = extract(pool_bundle, bench_pub, tmp / "x" / POOL)
         dm, pm = digits.manifest, pool.manifest
-        with np.load(paths.test_set) as data:
+        with np.load(paths.test_set, allow_pickle=False) as data:
             x_test, y_test = data["x"].astype(np.float32), data["y"]
         # A real held-out digit and a fixed random image: the same inputs on every path.
         x_small = np.ascontiguousarray(x_test[:1])

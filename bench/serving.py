@@ -205,7 +205,7 @@ def build_models(work: Path, runtime: RuntimeConfig) -> tuple[dict[str, BenchMod
         ),
         DIGITS: _digits_bundle(build),
     }
-    with np.load(build / "digits-test.npz") as data:
+    with np.load(build / "digits-test.npz", allow_pickle=False) as data:
         digit = np.ascontiguousarray(data["x"][:1], dtype=np.float32)
     samples = {
         TINY: np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32),
@@ -324,7 +324,7 @@ def quantization_figures(
     if not fp32_file.is_file():
         out["digits"] = {"error": f"{fp32_file} not found (run `python -m models`)"}
         return out
-    with np.load(MODELS_BUILD / "digits-test.npz") as data:
+    with np.load(MODELS_BUILD / "digits-test.npz", allow_pickle=False) as data:
         x, y = data["x"].astype(np.float32), data["y"]
     post = getattr(digits.manifest.postprocessing, "output", None) or digits.output_name
     preds: dict[str, np.ndarray] = {}
