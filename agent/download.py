@@ -31,7 +31,6 @@ import base64
 import contextlib
 import hashlib
 import logging
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from typing import IO, Any
 import aiohttp
 
 from agent.bundle.manifest import check_name
+from agent.durable import durable_replace
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,6 @@ def _write(f: IO[bytes], digest: Any, chunk: bytes) -> None:
     # the page cache is enough to resume after a process crash.
     f.flush()
     digest.update(chunk)
-
-
-def _finish(part: Path, final: Path) -> None:
-    with open(part, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(part, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> str:
@@ -344,7 +333,7 @@ class BundleDownloader:
             raise DownloadIntegrityError(
                 f"sha256 mismatch: expected {spec.sha256}, got {got}", resumed=resumed
             )
-        await asyncio.to_thread(_finish, part, final)
+        await asyncio.to_thread(durable_replace, part, final)
         self.stats.completed += 1
         return final
 

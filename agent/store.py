@@ -29,6 +29,7 @@ from agent.bundle.archive import (
 )
 from agent.bundle.manifest import MANIFEST_NAME, Manifest, check_name
 from agent.bundle.signing import TrustStore
+from agent.durable import atomic_write
 from agent.errors import BundleError, NotFound
 
 log = logging.getLogger(__name__)
@@ -48,20 +49,6 @@ class ModelState:
         """Versions that must not be pruned."""
         keep = {v for v in (self.active, self.previous) if v}
         return keep | set(self.labels.values())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ModelStore:
@@ -120,7 +107,7 @@ class ModelStore:
             return ModelState(installed=self._installed_on_disk(name))
 
     def save_state(self, name: str, state: ModelState) -> None:
-        _atomic_write(
+        atomic_write(
             self._model_dir(name) / STATE_FILE,
             json.dumps(asdict(state), indent=2, sort_keys=True).encode(),
         )

@@ -53,11 +53,11 @@ from agent.download import (
     basic_auth,
     read_password,
 )
+from agent.durable import atomic_write
 from agent.errors import BundleError, EdgeError, NotFound
 from agent.mqtt_link import LinkError, Message, MqttLink, Subscription
 from agent.outbox import Outbox, OutboxClosed, Priority, new_record_id
 from agent.registry import ModelRegistry
-from agent.store import _atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _save_state(path: Path, revision: int, models: dict[str, ModelSync]) -> None
         "models": {n: asdict(m) for n, m in models.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(doc, indent=2, sort_keys=True).encode())
+    atomic_write(path, json.dumps(doc, indent=2, sort_keys=True).encode())
 
 
 def _check_bundle(path: Path, name: str, version: str) -> None:

@@ -32,6 +32,7 @@ from typing import IO, Any
 from agent.bundle.archive import _check_member, _read_small, parse_manifest
 from agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, check_name
 from agent.bundle.signing import TrustStore
+from agent.durable import fsync_dir
 from agent.errors import BadRequest, BundleError, EdgeError, NotFound, PayloadTooLarge
 from fleet.db import FleetDB, loads, now
 
@@ -158,14 +159,6 @@ def _check_end(tar: tarfile.TarFile) -> None:
         raise BundleError("bundle is truncated: the archive's end marker is missing")
     if stream.read(1):
         raise BundleError(f"bundle has over {MAX_TAIL_BYTES} bytes after the archive's end")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _version_record(row: sqlite3.Row | dict[str, Any], labels: list[str]) -> dict[str, Any]:
@@ -312,7 +305,7 @@ class Registry:
                         )
                     return _version_record(row, _labels_of(conn, name, version)), False
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
                 record = {
                     "name": name,
                     "version": version,

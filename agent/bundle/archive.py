@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from agent.bundle.signing import TrustStore, sign_manifest
+from agent.durable import fsync_dir
 from agent.errors import BundleError
 
 DEFAULT_MAX_MEMBER_BYTES = 512 * 1024 * 1024
@@ -84,7 +85,7 @@ def read_bundle(
         contents = _extract_verified(bundle, tmp, trust, max_member_bytes)
         _fsync_dir_tree(tmp)
         os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return BundleContents(contents.manifest, dest, contents.signed_by)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -253,16 +254,8 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir_tree(path: Path) -> None:
     for child in path.iterdir():
         with open(child, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
