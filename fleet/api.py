@@ -5,9 +5,11 @@
   403 not allowed, 404 unknown, 409 conflict, 413 too large, 416 bad range, 503 the
   MQTT side is not running.
 - Management routes need ``Authorization: Bearer <token>``, compared in constant
-  time and never logged. Each route names the permission it needs; today the one
-  admin token has them all, and roles (issue 6) only change ``ROLE_PERMISSIONS``
-  and where principals come from.
+  time and never logged. Each route names the permission it needs and each token has
+  a role (``ROLE_PERMISSIONS``): ``read`` for dashboards (every GET), ``operator``
+  (also uploads, labels, groups, assignments, rollouts, commands, bundle downloads),
+  ``admin`` (also enrolment tokens and revocation). 401 for a missing or unknown
+  token, 403 for a known one whose role lacks the permission.
 - ``GET /v1/health`` and ``POST /v1/enrol`` (the token is the credential) are open.
   Bundle downloads also take a device's HTTP Basic credentials.
 - Assignments, rollouts, commands and telemetry go through the MQTT side's
@@ -45,8 +47,14 @@ _SEND_CHUNK = 256 * 1024
 # --------------------------------------------------------------------------- auth
 
 READ, WRITE, DEVICES, DOWNLOAD = "read", "write", "devices", "download"
-# Issue 6 adds roles (e.g. viewer: {read}, operator: {read, write}); routes stay as they are.
+# Who may do what (issue 6). `read`: look (dashboards, monitoring). `operator`: change
+# what runs where (uploads are safe to give it: the registry accepts only bundles
+# signed by trusted keys, and the signing key is what really decides what may run).
+# `admin`: who is in the fleet (enrolment tokens, revocation). Bundle downloads are not
+# for `read`: a dashboard token must not be a way to copy the models.
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    "read": frozenset({READ}),
+    "operator": frozenset({READ, WRITE, DOWNLOAD}),
     "admin": frozenset({READ, WRITE, DEVICES, DOWNLOAD}),
 }
 OPEN = "open"
@@ -64,16 +72,30 @@ class Principal:
 
 
 class Authenticator:
-    """Bearer tokens → principals. One admin token now; a list of them with roles later."""
+    """Bearer tokens → principals (a name and a role each)."""
 
     def __init__(self, tokens: dict[str, Principal]) -> None:
         if not tokens:
             raise ValueError("the fleet API needs at least one token")
+        for principal in tokens.values():
+            if principal.role not in ROLE_PERMISSIONS:
+                raise ValueError(f"unknown role {principal.role!r} for token {principal.name!r}")
         self._tokens = [(t.encode(), p) for t, p in tokens.items()]
 
     @classmethod
     def single_admin(cls, token: str) -> Authenticator:
         return cls({token: Principal("admin", "admin")})
+
+    @classmethod
+    def with_roles(cls, admin_token: str, named: list[tuple[str, str, str]]) -> Authenticator:
+        """The admin token plus ``(name, role, token)`` entries; tokens must differ
+        (one token with two roles would make the role depend on list order)."""
+        tokens = {admin_token: Principal("admin", "admin")}
+        for name, role, token in named:
+            if token in tokens:
+                raise ValueError(f"token {name!r} is the same as another token")
+            tokens[token] = Principal(name, role)
+        return cls(tokens)
 
     def bearer(self, header: str) -> Principal | None:
         scheme, _, given = header.partition(" ")
@@ -441,8 +463,22 @@ async def get_device(request: web.Request) -> web.Response:
     return json_response(await _api(request).devices.get(request.match_info["id"]))
 
 
-@routes.put("/v1/devices/{id}/groups")
+@routes.post("/v1/devices/{id}/revoke")
 @requires(DEVICES)
+async def revoke_device(request: web.Request) -> web.Response:
+    """No more downloads, no broker login (Mosquitto disconnects it), no unused token
+    for it. Enrolling the id again (a new token for it) brings it back."""
+    api = _api(request)
+    result = await api.devices.revoke(request.match_info["id"])
+    principal = request.get(PRINCIPAL)
+    log.warning(
+        "device %s revoked by %s", result["device_id"], principal.name if principal else "?"
+    )
+    return json_response(result)
+
+
+@routes.put("/v1/devices/{id}/groups")
+@requires(WRITE)
 async def set_groups(request: web.Request) -> web.Response:
     doc = await read_json_object(request)
     if "groups" not in doc:

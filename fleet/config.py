@@ -15,6 +15,7 @@ http:
   max_upload_bytes: 1073741824
 auth:
   token_file: /etc/edgefleet/admin.token  # default: <data_dir>/admin.token, made at first start
+  tokens: [{name: dashboard, role: read, token_file: dashboard.token}]   # read|operator|admin
 trust:
   public_keys: [keys/release.pub]       # an upload must be signed by one of these
 broker:                                 # absent: the embedded amqtt broker
@@ -22,7 +23,8 @@ broker:                                 # absent: the embedded amqtt broker
   username: fleet
   password_file: mqtt.password
 embedded_broker: {host: 127.0.0.1, port: 1883}
-enrolment: {mqtt_host: mqtt.example.com, mqtt_port: 8883, mqtt_tls: true, token_ttl_s: 86400}
+enrolment: {mqtt_host: mqtt.example.com, mqtt_port: 8883, ca_file: mqtt-ca.pem, token_ttl_s: 86400}
+broker_accounts: {mode: dynsec, username: edgefleet-admin, password_file: broker-admin.password}
 rollouts: {max_failure_share: 0.2}
 ```
 """
@@ -98,18 +100,43 @@ class HttpConfig(_Section):
         return f"{scheme}://{host}:{port if port is not None else self.port}"
 
 
-class AuthConfig(_Section):
-    """One admin bearer token for now.
+Role = Literal["read", "operator", "admin"]
 
-    Roles (issue 6) will add named tokens with a role each; the API already checks a
-    permission per route against the caller's role (fleet/api.py), so they slot in
-    without touching the routes.
+
+class ApiToken(_Section):
+    """One named bearer token with a role (fleet/api.py: ``ROLE_PERMISSIONS``).
+
+    ``read``: every GET (dashboards); ``operator``: also uploads, labels, groups,
+    assignments, rollouts, commands, bundle downloads; ``admin``: also enrolment tokens
+    and revocation. The name is what logs and 403 answers show, never the token.
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Role
+    token: str | None = Field(None, min_length=16, description="prefer token_file")
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ApiToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token or token_file")
+        return self
+
+
+class AuthConfig(_Section):
+    """The admin bearer token, plus named tokens with roles (issue 6).
+
+    The admin token (``token``, ``token_file`` or the generated
+    ``<data_dir>/admin.token``) always exists: it is what ``edge-fleet`` on the fleet
+    host uses. ``tokens`` adds read-only (dashboards), operator and further admin
+    tokens; each route checks a permission against the caller's role (fleet/api.py).
     """
 
     token: str | None = Field(None, description="prefer token_file: configs leak")
     token_file: Path | None = Field(
         None, description="None (and no token): <data_dir>/admin.token, created at first start"
     )
+    tokens: list[ApiToken] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one(self) -> AuthConfig:
@@ -117,6 +144,9 @@ class AuthConfig(_Section):
             raise ValueError("give token or token_file, not both")
         if self.token is not None and len(self.token) < 16:
             raise ValueError("token must be at least 16 characters")
+        names = [t.name for t in self.tokens]
+        if "admin" in names or len(set(names)) != len(names):
+            raise ValueError("token names must be unique and not 'admin' (the admin token's)")
         return self
 
 
@@ -134,7 +164,12 @@ class EnrolmentConfig(_Section):
         None, description="broker host as devices reach it; None: the broker's (or public_url's)"
     )
     mqtt_port: int | None = Field(None, ge=1, le=65535, description="None: the broker's port")
-    mqtt_tls: bool | None = Field(None, description="None: whether the fleet uses TLS itself")
+    mqtt_tls: bool | None = Field(
+        None, description="None: true with ca_file, else whether the fleet uses TLS itself"
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM CA of the broker's certificate, handed to enrolling devices"
+    )
     token_ttl_s: int = Field(24 * 3600, gt=0, description="default lifetime of a token")
     max_token_ttl_s: int = Field(30 * 24 * 3600, gt=0, description="longest a caller may ask")
 
@@ -164,6 +199,32 @@ class IngestConfig(_Section):
         return v
 
 
+class BrokerAccountsConfig(_Section):
+    """Who makes each device's broker login (fleet/broker_accounts.py).
+
+    ``none``: nobody here (the embedded demo broker checks no passwords). ``dynsec``:
+    the fleet creates the device's account at enrolment and deletes it at revocation
+    through Mosquitto's dynamic-security plugin, logged in as ``username`` (an account
+    that may only administer the plugin; ``python -m fleet.broker_accounts init-dynsec``
+    makes it). Host, port and TLS are the ``broker`` section's.
+    """
+
+    mode: Literal["none", "dynsec"] = "none"
+    username: str = Field("edgefleet-admin", min_length=1)
+    password: str | None = Field(None, description="prefer password_file")
+    password_file: Path | None = None
+    client_id: str | None = Field(None, description="None: <the fleet's client id>-accounts")
+    timeout_s: float = Field(10.0, gt=0, description="wait for the broker to confirm a change")
+
+    @model_validator(mode="after")
+    def _password(self) -> BrokerAccountsConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if self.mode == "dynsec" and self.password is None and self.password_file is None:
+            raise ValueError("mode dynsec needs password or password_file")
+        return self
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -178,12 +239,15 @@ class FleetServiceConfig(_Section):
     enrolment: EnrolmentConfig = Field(default_factory=EnrolmentConfig)
     rollouts: RolloutDefaults = Field(default_factory=RolloutDefaults)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    broker_accounts: BrokerAccountsConfig = Field(default_factory=BrokerAccountsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _one_broker(self) -> FleetServiceConfig:
         if self.broker is not None and "embedded_broker" in self.model_fields_set:
             raise ValueError("give broker (external) or embedded_broker, not both")
+        if self.broker_accounts.mode == "dynsec" and self.broker is None:
+            raise ValueError("broker_accounts mode dynsec needs an external broker (Mosquitto)")
         return self
 
     @property
@@ -215,7 +279,13 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     if isinstance(raw.get("data_dir"), str):
         raw["data_dir"] = str(base / raw["data_dir"])
     _rebase(raw.get("http"), ("tls_cert_file", "tls_key_file"), base)
-    _rebase(raw.get("auth"), ("token_file",), base)
+    auth = raw.get("auth")
+    _rebase(auth, ("token_file",), base)
+    if isinstance(auth, dict) and isinstance(auth.get("tokens"), list):
+        for entry in auth["tokens"]:
+            _rebase(entry, ("token_file",), base)
+    _rebase(raw.get("enrolment"), ("ca_file",), base)
+    _rebase(raw.get("broker_accounts"), ("password_file",), base)
     trust = raw.get("trust")
     if isinstance(trust, dict) and isinstance(trust.get("public_keys"), list):
         trust["public_keys"] = [

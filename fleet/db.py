@@ -207,7 +207,13 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
     db["inference_stats"].create_index(["device_id", "model"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
+def _m2_revocation(db: sqlite_utils.Database) -> None:
+    # Issue 6: a revoked device keeps its row and history; its secret_hash is cleared
+    # (downloads refused) and revoked_at set; enrolling it again clears revoked_at.
+    db.execute("ALTER TABLE devices ADD COLUMN revoked_at REAL")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_revocation]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

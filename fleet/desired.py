@@ -194,17 +194,24 @@ def _groups_of(conn: sqlite3.Connection, device_ids: Sequence[str] | None) -> di
 
 def target_devices(conn: sqlite3.Connection, kind: str, target: str) -> list[str]:
     """Device ids an assignment target covers today (writer or reader thread)."""
+    # Revoked devices are no target: they cannot connect, and a rollout wave must not
+    # wait for their reports.
     if kind == "device":
-        row = conn.execute("SELECT id FROM devices WHERE id = ?", (target,)).fetchone()
+        row = conn.execute(
+            "SELECT id FROM devices WHERE id = ? AND revoked_at IS NULL", (target,)
+        ).fetchone()
         return [row[0]] if row else []
     if kind == "group":
         return [
             r[0]
             for r in conn.execute(
-                "SELECT device_id FROM device_groups WHERE grp = ? ORDER BY device_id", (target,)
+                "SELECT g.device_id FROM device_groups g JOIN devices d ON d.id = g.device_id"
+                " WHERE g.grp = ? AND d.revoked_at IS NULL ORDER BY g.device_id",
+                (target,),
             )
         ]
-    return [r[0] for r in conn.execute("SELECT id FROM devices ORDER BY id")]
+    rows = conn.execute("SELECT id FROM devices WHERE revoked_at IS NULL ORDER BY id")
+    return [r[0] for r in rows]
 
 
 def check_target(kind: str, target: str) -> tuple[str, str]:

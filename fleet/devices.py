@@ -13,6 +13,14 @@ secret, the broker address and the fleet's trusted keys. Tokens, like secrets, a
 stored as sha256, so a leaked database spends none of them. Enrolling again with a
 token made for an existing device id rotates that device's secret (a replaced
 store PC keeps its id, groups and history).
+
+Broker accounts (issue 6). With ``broker_accounts`` managed (fleet/broker_accounts.py)
+enrolment also creates the device's broker login, after the token is spent and the
+new secret stored in one transaction (so a token enrols once, even when two requests
+race). If the broker does not confirm, that transaction is undone (token usable
+again, the device as it was) and the caller gets a 503 to retry. Revocation clears the
+secret (downloads refused), cancels unused tokens naming the device, and deletes its
+broker account, which Mosquitto also disconnects.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import BadRequest, EdgeError, NotFound
+from fleet.broker_accounts import BrokerAccountError, BrokerAccounts, NoBrokerAccounts
 from fleet.db import FleetDB, dumps, loads, now
 
 # A device id is one MQTT topic level and the user part of HTTP Basic auth (no ':');
@@ -71,14 +80,29 @@ class EnrolmentInfo:
     mqtt_tls: bool
     fleet_url: str
     trusted_keys: list[str] = field(default_factory=list)  # PEM
+    ca_cert: str | None = None  # PEM of the broker's CA (enrolment.ca_file)
+
+
+@dataclass(frozen=True)
+class _Before:
+    """A device as it was before an enrolment touched it: what an undo restores."""
+
+    device_id: str
+    token_hash: str
+    existed: bool
+    secret_hash: str | None
+    revoked_at: float | None
+    groups: list[str]
 
 
 def _store_device(conn: sqlite3.Connection, device_id: str, groups: list[str] | None) -> str:
-    """Create ``device_id`` or rotate its secret; replace its groups unless None."""
+    """Create ``device_id`` or rotate its secret (un-revoking it); replace its groups
+    unless None."""
     secret = secrets.token_urlsafe(32)
     conn.execute(
         "INSERT INTO devices (id, created_at, secret_hash) VALUES (?, ?, ?)"
-        " ON CONFLICT (id) DO UPDATE SET secret_hash = excluded.secret_hash",
+        " ON CONFLICT (id) DO UPDATE SET secret_hash = excluded.secret_hash,"
+        " revoked_at = NULL",
         (device_id, now(), secret_hash(secret)),
     )
     if groups is not None:
@@ -115,12 +139,20 @@ class Devices:
         default_ttl_s: int = 24 * 3600,
         max_ttl_s: int = 30 * 24 * 3600,
         on_groups_changed: Callable[[list[str]], Awaitable[Any]] | None = None,
+        accounts: BrokerAccounts | None = None,
     ) -> None:
         self.db = db
         self.info = info
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
         self.on_groups_changed = on_groups_changed
+        self.accounts: BrokerAccounts = accounts or NoBrokerAccounts()
+
+    def _check_not_reserved(self, device_id: str) -> None:
+        # A device named like the fleet's own broker account would replace (or, when
+        # revoked, delete) that account.
+        if device_id in self.accounts.reserved_usernames:
+            raise BadRequest(f"device id {device_id!r} is reserved for a broker account")
 
     # -------------------------------------------------------------- enrolment
 
@@ -132,6 +164,7 @@ class Devices:
     ) -> dict[str, Any]:
         if device_id is not None:
             check_device_id(device_id)
+            self._check_not_reserved(device_id)
         group_list = check_groups(groups if groups is not None else [])
         if ttl_s is None:
             ttl_s = self.default_ttl_s
@@ -169,7 +202,7 @@ class Devices:
             raise BadRequest("token must be a non-empty string")
         token_hash = secret_hash(token)
 
-        def job(conn: sqlite3.Connection) -> tuple[str, str]:
+        def job(conn: sqlite3.Connection) -> tuple[str, str, _Before]:
             row = conn.execute(
                 "SELECT device_id, groups, expires_at, used_at FROM enrolment_tokens"
                 " WHERE token_hash = ?",
@@ -195,6 +228,8 @@ class Devices:
                         break
                 else:  # 10 collisions in 2^32: something else is wrong
                     raise RuntimeError("could not find a free device id")
+            self._check_not_reserved(device_id)
+            before = _snapshot(conn, device_id, token_hash)
             groups = loads(groups_json, [])
             # A token made without groups leaves a re-enrolled device's groups alone.
             secret = _store_device(conn, device_id, groups if groups or wanted_id is None else None)
@@ -203,9 +238,16 @@ class Devices:
                 "UPDATE enrolment_tokens SET used_at = ?, used_by = ? WHERE token_hash = ?",
                 (at, device_id, token_hash),
             )
-            return device_id, secret
+            return device_id, secret, before
 
-        device_id, secret = await self.db.write(job)
+        device_id, secret, before = await self.db.write(job)
+        try:
+            await self.accounts.set_device(device_id, secret)
+        except BaseException:
+            # The broker did not confirm: without a login the answer would be useless,
+            # so give the token back and leave the device as it was (then 503: retry).
+            await self.db.write(lambda conn: _undo_enrolment(conn, before))
+            raise
         if self.on_groups_changed is not None:
             await self.on_groups_changed([device_id])
         return {
@@ -214,11 +256,59 @@ class Devices:
                 "host": self.info.mqtt_host,
                 "port": self.info.mqtt_port,
                 "tls": self.info.mqtt_tls,
+                "ca_cert": self.info.ca_cert,
                 "username": device_id,
                 "password": secret,
             },
             "trusted_keys": list(self.info.trusted_keys),
             "fleet_url": self.info.fleet_url,
+        }
+
+    async def revoke(self, device_id: str) -> dict[str, Any]:
+        """Revoke a device: no downloads, no broker login, no unused tokens for it.
+
+        Idempotent: revoking again repeats the broker step (after a broker outage the
+        first call answered 503 for that step alone; the fleet side was already done).
+        """
+        check_device_id(device_id)
+        self._check_not_reserved(device_id)
+
+        def job(conn: sqlite3.Connection) -> tuple[float, int] | None:
+            row = conn.execute(
+                "SELECT revoked_at FROM devices WHERE id = ?", (device_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            at = row[0] if row[0] is not None else now()
+            conn.execute(
+                "UPDATE devices SET secret_hash = NULL, revoked_at = ? WHERE id = ?",
+                (at, device_id),
+            )
+            # A token made for this id and not used yet would bring it back.
+            cancelled = conn.execute(
+                "UPDATE enrolment_tokens SET expires_at = ? WHERE device_id = ?"
+                " AND used_at IS NULL AND expires_at > ?",
+                (now(), device_id, now()),
+            ).rowcount
+            return at, cancelled
+
+        done = await self.db.write(job)
+        if done is None:
+            raise NotFound(f"unknown device {device_id!r}")
+        revoked_at, cancelled = done
+        try:
+            await self.accounts.remove_device(device_id)
+        except BrokerAccountError as exc:
+            raise BrokerAccountError(
+                f"device {device_id} is revoked on the fleet (downloads refused, tokens"
+                f" cancelled) but its broker account was not removed: {exc.message};"
+                " revoke again once the broker is reachable"
+            ) from exc
+        return {
+            "device_id": device_id,
+            "revoked_at": revoked_at,
+            "tokens_cancelled": cancelled,
+            "broker_account": "removed" if self.accounts.managed else "not managed",
         }
 
     # ------------------------------------------------------------ credentials
@@ -325,6 +415,36 @@ class Devices:
         return {"device_id": device_id, "groups": group_list}
 
 
+def _snapshot(conn: sqlite3.Connection, device_id: str, token_hash: str) -> _Before:
+    row = conn.execute(
+        "SELECT secret_hash, revoked_at FROM devices WHERE id = ?", (device_id,)
+    ).fetchone()
+    groups = [
+        r[0]
+        for r in conn.execute("SELECT grp FROM device_groups WHERE device_id = ?", (device_id,))
+    ]
+    if row is None:
+        return _Before(device_id, token_hash, False, None, None, [])
+    return _Before(device_id, token_hash, True, row[0], row[1], groups)
+
+
+def _undo_enrolment(conn: sqlite3.Connection, before: _Before) -> None:
+    """Writer thread: the token unspent and the device as in ``before``."""
+    conn.execute(
+        "UPDATE enrolment_tokens SET used_at = NULL, used_by = NULL WHERE token_hash = ?",
+        (before.token_hash,),
+    )
+    if not before.existed:
+        conn.execute("DELETE FROM device_groups WHERE device_id = ?", (before.device_id,))
+        conn.execute("DELETE FROM devices WHERE id = ?", (before.device_id,))
+        return
+    conn.execute(
+        "UPDATE devices SET secret_hash = ?, revoked_at = ? WHERE id = ?",
+        (before.secret_hash, before.revoked_at, before.device_id),
+    )
+    _replace_groups(conn, before.device_id, before.groups)
+
+
 def _model_state(r: sqlite3.Row) -> dict[str, Any]:
     return {
         "active": r["active"],
@@ -354,4 +474,5 @@ def _summary(d: sqlite3.Row, groups: list[str], models: dict[str, Any]) -> dict[
         "reported_revision": d["reported_revision"],
         "last_error": d["last_error"],
         "created_at": d["created_at"],
+        "revoked_at": d["revoked_at"],
     }

@@ -31,11 +31,13 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
+from cryptography import x509
 
 from agent.bundle.signing import TrustStore
 from agent.config import FleetConfig
 from agent.errors import ConfigError
 from fleet.api import Authenticator, FleetApi, create_app
+from fleet.broker_accounts import BrokerAccounts, DynsecAccounts, NoBrokerAccounts
 from fleet.config import FleetServiceConfig, broker_port
 from fleet.db import FleetDB
 from fleet.devices import Devices, EnrolmentInfo
@@ -76,6 +78,40 @@ def resolve_token(cfg: FleetServiceConfig) -> str:
     return token
 
 
+def resolve_role_tokens(cfg: FleetServiceConfig) -> list[tuple[str, str, str]]:
+    """``(name, role, token)`` for every ``auth.tokens`` entry; files must exist."""
+    out = []
+    for entry in cfg.auth.tokens:
+        token = entry.token
+        if entry.token_file is not None:
+            try:
+                token = entry.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"auth.tokens {entry.name}: cannot read {entry.token_file}: {exc.strerror}"
+                ) from exc
+        if token is None or len(token) < 16:
+            raise ConfigError(f"auth.tokens {entry.name}: the token is shorter than 16 characters")
+        out.append((entry.name, entry.role, token))
+    return out
+
+
+def _read_ca_cert(cfg: FleetServiceConfig) -> str | None:
+    """The broker CA (PEM) enrolling devices get, checked to be a certificate."""
+    path = cfg.enrolment.ca_file
+    if path is None:
+        return None
+    try:
+        pem = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"enrolment.ca_file {path}: cannot read: {exc}") from exc
+    try:
+        x509.load_pem_x509_certificates(pem.encode("ascii"))
+    except ValueError as exc:
+        raise ConfigError(f"enrolment.ca_file {path}: not a PEM certificate: {exc}") from exc
+    return pem
+
+
 def _ssl_context(cfg: FleetServiceConfig) -> ssl.SSLContext | None:
     if cfg.http.tls_cert_file is None or cfg.http.tls_key_file is None:
         return None
@@ -111,6 +147,7 @@ class FleetService:
         self.runner: web.AppRunner | None = None
         self.registry: Registry | None = None
         self.devices: Devices | None = None
+        self.accounts: BrokerAccounts | None = None
         self.token = ""
         self.url = ""  # the base URL devices and the CLI use
         self.mqtt_host = ""
@@ -131,6 +168,11 @@ class FleetService:
     async def _start(self) -> None:
         cfg = self.cfg
         self.token = resolve_token(cfg)
+        try:
+            auth = Authenticator.with_roles(self.token, resolve_role_tokens(cfg))
+        except ValueError as exc:
+            raise ConfigError(f"auth.tokens: {exc}") from exc
+        ca_cert = _read_ca_cert(cfg)
         _log_trust(cfg)
         try:
             trust = TrustStore.from_files(cfg.trust.public_keys, cfg.trust.allow_unsigned)
@@ -154,6 +196,8 @@ class FleetService:
         await asyncio.to_thread(self.registry.prepare)
 
         broker_cfg = await self._start_broker()
+        # Made (its password file read) before anything connects; started after the bus.
+        self.accounts = self._make_accounts(broker_cfg)
 
         from fleet.bus import FleetBus  # the MQTT side (paho) only once it is needed
 
@@ -165,6 +209,7 @@ class FleetService:
             shared_group=cfg.ingest.shared_group,
         )
         await self.bus.start()
+        await self.accounts.start()
 
         bus = self.bus
 
@@ -179,15 +224,17 @@ class FleetService:
                 mqtt_tls=self._mqtt_tls(),
                 fleet_url=self.url,
                 trusted_keys=trusted_pems,
+                ca_cert=ca_cert,
             ),
             default_ttl_s=cfg.enrolment.token_ttl_s,
             max_ttl_s=cfg.enrolment.max_token_ttl_s,
             on_groups_changed=refresh,
+            accounts=self.accounts,
         )
         api = FleetApi(
             self.registry,
             self.devices,
-            Authenticator.single_admin(self.token),
+            auth,
             bus=self.bus,
             max_failure_share=cfg.rollouts.max_failure_share,
         )
@@ -248,9 +295,38 @@ class FleetService:
             client_id=FLEET_MQTT_USER,
         )
 
+    def _make_accounts(self, broker_cfg: FleetConfig) -> BrokerAccounts:
+        """Device broker logins: made by this fleet (dynsec) or by nobody here (none)."""
+        settings = self.cfg.broker_accounts
+        # Never a device id: the fleet's own broker accounts (see Devices).
+        reserved = frozenset({broker_cfg.username or FLEET_MQTT_USER, settings.username})
+        if settings.mode == "none":
+            return NoBrokerAccounts(reserved)
+        password = settings.password
+        if settings.password_file is not None:
+            try:
+                lines = settings.password_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError(
+                    f"broker_accounts.password_file {settings.password_file}: {exc.strerror}"
+                ) from exc
+            password = lines[0].strip() if lines else ""
+        if not password:
+            raise ConfigError("broker_accounts: the admin password is empty")
+        return DynsecAccounts(
+            broker_cfg,
+            username=settings.username,
+            password=password,
+            client_id=settings.client_id or f"{broker_cfg.client_id or FLEET_MQTT_USER}-accounts",
+            timeout_s=settings.timeout_s,
+            reserved_usernames=reserved,
+        )
+
     def _mqtt_tls(self) -> bool:
         if self.cfg.enrolment.mqtt_tls is not None:
             return self.cfg.enrolment.mqtt_tls
+        if self.cfg.enrolment.ca_file is not None:
+            return True  # a CA for the devices only makes sense with TLS
         return self.cfg.broker is not None and self.cfg.broker.tls is not None
 
     async def stop(self) -> None:
@@ -258,6 +334,8 @@ class FleetService:
         steps: list[tuple[str, Any]] = []
         if self.runner is not None:
             steps.append(("HTTP API", self.runner.cleanup))
+        if self.accounts is not None:
+            steps.append(("broker accounts link", self.accounts.stop))
         if self.bus is not None:
             steps.append(("MQTT side", self.bus.stop))
         if self.broker is not None:
@@ -265,6 +343,7 @@ class FleetService:
         if self.db is not None:
             steps.append(("database", self.db.close))
         self.runner = self.bus = self.broker = self.db = None
+        self.accounts = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -501,7 +501,7 @@ async def test_enrolment_token_is_one_time(fleet: Fleet) -> None:
     status, doc = await fleet.call("POST", "/v1/enrol", auth=None, json={"token": tok["token"]})
     assert status == 200, doc
     assert doc["device_id"] == "store-0042"
-    assert doc["mqtt"] == {"host": "mqtt.example", "port": 1883, "tls": False,
+    assert doc["mqtt"] == {"host": "mqtt.example", "port": 1883, "tls": False, "ca_cert": None,
                            "username": "store-0042", "password": doc["mqtt"]["password"]}
     assert len(doc["mqtt"]["password"]) >= 40
     assert doc["fleet_url"] == "http://fleet.example:8480"
