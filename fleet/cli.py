@@ -431,6 +431,18 @@ def cmd_devices_groups(args: argparse.Namespace, client: Client) -> int:
     )
 
 
+def cmd_devices_revoke(args: argparse.Namespace, client: Client) -> int:
+    doc = client.post(f"/v1/devices/{_q(args.id)}/revoke", {})
+    return _emit(
+        args,
+        doc,
+        lambda d: print(
+            f"{d['device_id']}: revoked (downloads refused, {d['tokens_cancelled']} unused"
+            f" token(s) cancelled, broker account {d['broker_account']})"
+        ),
+    )
+
+
 def cmd_devices_command(args: argparse.Namespace, client: Client) -> int:
     body: dict[str, Any] = {"command": args.command_name}
     if args.model:
@@ -822,6 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = client(devices, "groups", cmd_devices_groups, help="set a device's groups")
     s.add_argument("id")
     s.add_argument("groups", nargs="*")
+    s = client(devices, "revoke", cmd_devices_revoke, help="revoke a device (admin)")
+    s.add_argument("id")
     s = client(devices, "command", cmd_devices_command, help="send resync or rollback")
     s.add_argument("id")
     s.add_argument("command_name", choices=["resync", "rollback"])

@@ -230,6 +230,9 @@ def test_serve_and_every_manager_command(
     assert "(none)" in r.stdout
     assert as_json("telemetry", "device", "store-1") == {"device_id": "store-1", "models": []}
     assert as_json("events", "--device", "store-1") == {"events": []}
+    r = ok("devices", "revoke", "store-2")
+    assert "store-2: revoked" in r.stdout and "broker account not managed" in r.stdout
+    assert as_json("devices", "show", "store-2").get("revoked_at")
 
     # refusals: wrong token 1, unreachable 3, usage 2
     r = run_cli("models", "list", "--token", "wrong-token-0123456789", env=env)
