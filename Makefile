@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/edge-agent demo --config models/build/agent.yaml
 
 test: $(STAMP)
-	deploy/ensure-mosquitto.sh
+	deploy/ensure-test-tools.sh
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 	# The agent runs on uvloop by default: the in-process async tests run on it too.

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig, load_config
+from agent.enroll import add_arguments as add_enroll_arguments
+from agent.enroll import cmd_enroll
 from agent.errors import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:8470"
@@ -285,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cloud-port", type=int,
                    help="port for that cloud endpoint (the agent's fallback URL follows)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("enroll", help="join a fleet with a one-time enrolment token")
+    add_enroll_arguments(s)  # agent/enroll.py
+    s.set_defaults(func=cmd_enroll)
     return p
 
 
