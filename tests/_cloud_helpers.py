@@ -18,8 +18,6 @@ use them are in tests/_cloud_fixtures.py).
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import ssl
 import time
 from collections.abc import Callable
@@ -32,15 +30,12 @@ import onnx
 import orjson
 import yaml
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from onnx import TensorProto, helper
 
 from agent.config import parse_config
 from agent.inference import INFERENCE, InferenceService
 from agent.server.app import create_app
+from tests._tls import TlsFiles, make_tls  # noqa: F401 (re-exported)
 from tests.conftest import agent_config, tiny_reference
 
 TOKEN = "test-cloud-token-0123456789"
@@ -365,94 +360,6 @@ def broken_oip_app(mode: str) -> web.Application:
 
 
 # ---- TLS ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    ca: Path  # the CA that signed the server certificate
-    cert: Path
-    key: Path
-    other_ca: Path  # an unrelated CA: trusting it must fail
-
-    def server_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.cert, self.key)
-        return ctx
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def make_tls(directory: Path) -> TlsFiles:
-    """A throwaway CA, a server certificate it signed for 127.0.0.1, and another CA."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = _ca("edgefleet test CA")
-    _, other = _ca("some other CA")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("127.0.0.1"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    files = TlsFiles(
-        directory / "ca.pem",
-        directory / "server.pem",
-        directory / "server.key",
-        directory / "other-ca.pem",
-    )
-    files.ca.write_bytes(ca_cert.public_bytes(pem))
-    files.other_ca.write_bytes(other.public_bytes(pem))
-    files.cert.write_bytes(cert.public_bytes(pem))
-    files.key.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return files
 
 
 # ---- measuring -------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ allowed marker on the same connection, and once the marker has arrived, the forg
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
 import pwd
@@ -36,10 +35,6 @@ import aiohttp
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import topics
@@ -47,6 +42,7 @@ from agent.mqtt_link import LinkRefused, LinkState, Message, MqttLink
 from fleet.broker_accounts import main as broker_accounts_main
 from fleet.config import FleetServiceConfig, load_fleet_config
 from fleet.service import FleetService
+from tests._tls import Ca, make_ca, make_tls
 from tests.brokers import DEPLOY, Mosquitto, Peer, eventually, free_port, link_config
 
 pytest_plugins = ("tests.broker_fixtures",)
@@ -59,63 +55,10 @@ DOCKER_CONF = DEPLOY / "docker.conf"
 # ------------------------------------------------------------------ certificates
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def write_server_tls(
-    d: Path, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], host: str = "localhost"
-) -> tuple[Path, Path, Path]:
+def write_server_tls(d: Path, ca: Ca, host: str = "localhost") -> tuple[Path, Path, Path]:
     """``ca.pem``, ``server.pem`` (for ``host``, signed by ``ca``) and ``server.key``."""
-    ca_cert, ca_key = ca
-    now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(host))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    d.mkdir(parents=True, exist_ok=True)
-    ca_file, cert_file, key_file = d / "ca.pem", d / "server.pem", d / "server.key"
-    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_file.chmod(0o600)
-    return ca_file, cert_file, key_file
+    f = make_tls(d, names=(host,), ca=ca)
+    return f.ca, f.cert, f.key
 
 
 # ------------------------------------------------------------------ the shipped config

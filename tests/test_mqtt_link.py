@@ -35,6 +35,7 @@ from agent.mqtt_link import (
     check_filter,
 )
 from fleet.embedded_broker import EmbeddedBroker
+from tests._tls import make_tls
 from tests.brokers import (
     ROOT,
     Mosquitto,
@@ -535,53 +536,8 @@ async def test_link_throughput(mosquitto: Mosquitto, links: Any, peers: Any) -> 
 
 def make_tls_files(d: Path) -> tuple[Path, Path, Path]:
     """A throwaway CA and a server certificate for the name ``localhost`` only."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("edgefleet test CA"))
-        .issuer_name(name("edgefleet test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(2)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    d.mkdir(parents=True, exist_ok=True)
-    ca_file, cert_file, key_file = d / "ca.pem", d / "server.pem", d / "server.key"
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return ca_file, cert_file, key_file
+    f = make_tls(d, names=("localhost",))
+    return f.ca, f.cert, f.key
 
 
 async def test_tls_with_hostname_check(
