@@ -247,6 +247,9 @@ class FleetSyncConfig(_Section):
     retry_min_s: float = Field(2.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
     download_attempts: int = Field(8, ge=1, description="attempts without progress, then failed")
+    # An https fleet whose certificate comes from the operator's own CA (written by
+    # `edge-agent enroll --ca-file`); None: the system's trust store.
+    ca_file: Path | None = Field(None, description="PEM CA bundle for https bundle URLs")
 
     @model_validator(mode="after")
     def _retry_bounds(self) -> FleetSyncConfig:
@@ -402,7 +405,7 @@ def _resolve_paths(raw: Any, base: Path) -> None:
         for sub, keys in (
             ("tls", ("ca_file", "cert_file", "key_file")),
             ("outbox", ("path",)),
-            ("sync", ("download_dir", "state_file")),
+            ("sync", ("download_dir", "state_file", "ca_file")),
         ):
             section = fleet.get(sub)
             if isinstance(section, dict):

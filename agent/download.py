@@ -33,6 +33,7 @@ import hashlib
 import logging
 import random
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -163,8 +164,10 @@ class BundleDownloader:
         attempts: int = 8,
         chunk_bytes: int = 256 * 1024,
         rng: random.Random | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.directory = directory
+        self.ca_file = ca_file
         self.auth = auth  # an Authorization header value: see basic_auth()
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
@@ -179,7 +182,11 @@ class BundleDownloader:
     async def open(self) -> BundleDownloader:
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
         if self._session is None:
+            ssl_ctx: ssl.SSLContext | bool = True  # the system's trust store
+            if self.ca_file is not None:
+                ssl_ctx = await asyncio.to_thread(ssl.create_default_context, cafile=self.ca_file)
             self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ssl_ctx),
                 # Per request: connect, and the longest silence between bytes. No total:
                 # a big bundle on a slow store line may take many minutes, and that is fine.
                 timeout=aiohttp.ClientTimeout(

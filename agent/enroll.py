@@ -115,6 +115,11 @@ class Layout:
     def ca_file(self) -> Path:
         return self.etc / CA_FILE
 
+    @property
+    def http_ca_file(self) -> Path:
+        """The CA of an https fleet (from ``--ca-file``), for bundle downloads too."""
+        return self.etc / "fleet-http-ca.pem"
+
     def key_file(self, n: int) -> Path:
         return self.keys_dir / f"{KEY_PREFIX}{n}.pub"
 
@@ -367,6 +372,7 @@ def merge_config(
     key_files: list[Path],
     ca_file: Path | None,
     set_data_paths: bool,
+    http_ca_file: Path | None = None,
 ) -> str:
     """The config text with the enrolment-owned keys set and everything else kept."""
     raw: dict[str, Any] = {}
@@ -415,6 +421,9 @@ def merge_config(
         fleet["tls"] = tls
     else:
         fleet.pop("tls", None)
+    if http_ca_file is not None:
+        # Bundle URLs point at the same https fleet: downloads must trust its CA too.
+        fleet["sync"] = {**dict(fleet.get("sync") or {}), "ca_file": str(http_ca_file)}
     outbox = dict(fleet.get("outbox") or {})
     if set_data_paths or "path" not in outbox:
         outbox["path"] = str(layout.data_dir / "outbox.sqlite")
@@ -620,6 +629,7 @@ def enroll(
 
     key_files = [layout.key_file(i + 1) for i in range(len(enrolment.trusted_keys))]
     ca_path = layout.ca_file if enrolment.ca_cert else None
+    https_ca = ca_file if ca_file is not None and fleet_url.startswith("https:") else None
     new_text = merge_config(
         text,
         enrolment,
@@ -627,6 +637,7 @@ def enroll(
         key_files=key_files,
         ca_file=ca_path,
         set_data_paths=data_dir_given,
+        http_ca_file=layout.http_ca_file if https_ca is not None else None,
     )
     # The result must load as the agent will load it, before anything is written.
     _check_config(
@@ -645,6 +656,8 @@ def enroll(
                 old.unlink()
         if enrolment.ca_cert is not None and ca_path is not None:
             atomic_write(ca_path, enrolment.ca_cert.encode("ascii"), 0o644, *root_gid)
+        if https_ca is not None and https_ca.resolve() != layout.http_ca_file.resolve():
+            atomic_write(layout.http_ca_file, https_ca.read_bytes(), 0o644, *root_gid)
         atomic_write(
             layout.password_file,
             (enrolment.password + "\n").encode("utf-8"),

@@ -306,6 +306,7 @@ class DesiredStateSync:
             retry_min_s=sync.retry_min_s,
             retry_max_s=sync.retry_max_s,
             attempts=sync.download_attempts,
+            ca_file=sync.ca_file,
         )
         self.desired_topic = topics.device_topic(self.device_id, topics.DESIRED)
         self.commands_topic = topics.device_topic(self.device_id, topics.COMMANDS)

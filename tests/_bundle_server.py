@@ -21,6 +21,7 @@ import asyncio
 import base64
 import hashlib
 import re
+import ssl
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -55,13 +56,15 @@ class BundleServer:
         self.requests: list[Request] = []
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.scheme = "http"
 
-    async def start(self) -> BundleServer:
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> BundleServer:
+        self.scheme = "https" if ssl_context is not None else "http"
         app = web.Application()
         app.router.add_get("/bundles/{name}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
@@ -79,7 +82,7 @@ class BundleServer:
         return self.url(name)
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/bundles/{name}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/bundles/{name}"
 
     def fault(self, name: str, fault: Fault) -> Fault:
         self.faults.setdefault(name, []).append(fault)

@@ -449,6 +449,10 @@ def test_https_fleet_needs_its_ca_and_the_broker_ca_is_written(
         cfg = load_config(config)
         assert cfg.fleet is not None and cfg.fleet.tls is not None
         assert cfg.fleet.tls.ca_file == written
+        # Bundle URLs are on the same https fleet: downloads trust its CA as well.
+        http_ca = config.parent / "fleet-http-ca.pem"
+        assert cfg.fleet.sync.ca_file == http_ca
+        assert http_ca.read_bytes() == ca.read_bytes()
     finally:
         fleet.stop()
 

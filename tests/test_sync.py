@@ -776,6 +776,35 @@ async def test_downloader_auth_and_size_limits(bundles: BundleServer, tmp_path: 
             await d.close()
 
 
+async def test_https_downloads_trust_the_configured_ca_only(tmp_path: Path) -> None:
+    """A fleet on https with the operator's own CA: trusted with ``fleet.sync.ca_file``,
+    refused (not retried forever) with the system store or another CA."""
+    from agent.download import BundleDownloader, DownloadError, basic_auth
+    from tests._tls import make_tls
+
+    tls = make_tls(tmp_path / "tls")
+    server = await BundleServer(DEV, SECRET).start(ssl_context=tls.server_context())
+    data = os.urandom(5_000)
+    url = server.add("blob", data)
+    assert url.startswith("https://")
+    spec = BundleSpec("blob", "1", url, hashlib.sha256(data).hexdigest(), len(data))
+    auth = basic_auth(DEV, SECRET)
+    made = [
+        BundleDownloader(tmp_path / name, auth=auth, ca_file=ca, attempts=1, retry_min_s=0.01)
+        for name, ca in (("ok", tls.ca), ("system", None), ("other", tls.other_ca))
+    ]
+    try:
+        ok, system, other = [await d.open() for d in made]
+        assert (await ok.fetch(spec)).read_bytes() == data
+        for refused in (system, other):
+            with pytest.raises(DownloadError, match="(?i)certificate"):
+                await refused.fetch(spec)
+    finally:
+        for d in made:
+            await d.close()
+        await server.stop()
+
+
 def test_sync_config_section(tmp_path: Path) -> None:
     from agent.config import load_config
     from agent.errors import ConfigError
