@@ -335,22 +335,23 @@ async def api(session: aiohttp.ClientSession, method: str, url: str, token: str,
         return orjson.loads(body) if body else None
 
 
-def version_two(workdir: Path) -> Path:
-    """digits-edge version 2 (models/digits.py's update), built once into the bench dir."""
-    from models.digits import build_edge_update
-    from models.recipe import BuildContext
+def version_two() -> Path:
+    """digits-edge version 2 (recipe models/fleet_update.py), built if missing."""
+    from models.fleet_update import update_bundle
 
-    cached = MODELS_BUILD / "fleet" / f"{MODEL}-2.bundle"
-    if cached.exists():
-        return cached
-    ctx = BuildContext.create(MODELS_BUILD, MODELS_BUILD / "work")
-    return build_edge_update(ctx, MODELS_BUILD / "fleet")
+    path = update_bundle(MODELS_BUILD)
+    if not path.exists():
+        from models.__main__ import build_all
+
+        if build_all(MODELS_BUILD, "1", ["fleet_update"]) != 0:
+            raise RuntimeError("could not build the digits-edge update (python -m models)")
+    return path
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     token = secrets.token_urlsafe(24)
     v1 = MODELS_BUILD / f"{MODEL}-1.bundle"
-    v2 = version_two(workdir)
+    v2 = version_two()
     results: dict[str, Any] = {"devices": args.devices}
     with mosquitto(workdir) as broker:
         http_port = free_port()

@@ -45,17 +45,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def version_two(build: Path) -> Path:
-    """``digits-edge-2.bundle`` under ``<build>/fleet/``, built on first use (~5 s)."""
+def version_two(build: Path) -> Path | None:
+    """``<build>/fleet/digits-edge-2.bundle``, made by ``python -m models`` (recipe
+    models/fleet_update.py); None when that build has not run."""
     path = build / "fleet" / f"{MODEL}-{NEW_VERSION}.bundle"
-    if path.exists():
-        return path
-    from models.digits import build_edge_update
-    from models.recipe import BuildContext
-
-    print(f"building {MODEL} version {NEW_VERSION} (models/digits.py) …")
-    ctx = BuildContext.create(build, build / "work")
-    return build_edge_update(ctx, build / "fleet", NEW_VERSION)
+    return path if path.exists() else None
 
 
 class Api:
@@ -104,11 +98,11 @@ async def _app_load(
 async def run_demo(build: Path, workdir: Path) -> int:
     keys = sorted((build / "keys").glob("*.pub"))
     v1 = build / f"{MODEL}-1.bundle"
+    v2 = version_two(build)
     images_dir = build / "demo" / MODEL
-    if not v1.exists() or not keys or not images_dir.is_dir():
-        print(f"{build} has no {MODEL} bundle, keys or demo images: run `python -m models`")
+    if not v1.exists() or v2 is None or not keys or not images_dir.is_dir():
+        print(f"{build} lacks the {MODEL} bundles, keys or demo images: run `python -m models`")
         return 2
-    v2 = await asyncio.to_thread(version_two, build)
     images = [p.read_bytes() for p in sorted(images_dir.glob("*.png"))]
 
     token = secrets.token_urlsafe(24)

@@ -33,7 +33,7 @@ from models.recipe import (
 
 log = logging.getLogger("models")
 
-RECIPES = ("digits", "digits_litert", "face_detect")
+RECIPES = ("digits", "digits_litert", "face_detect", "fleet_update")
 
 
 def load_recipes(names: Sequence[str] = RECIPES) -> dict[str, ModuleType]:
@@ -117,7 +117,8 @@ def build_all(out: Path | None, version: str, only: Sequence[str], if_missing: b
             ", ".join(p.name for p in built[name]),
         )
     bundles = [p for paths in built.values() for p in paths]
-    write_agent_configs(ctx, bundles)
+    # Only top-level bundles are the agent's bootstrap models (fleet/ holds updates).
+    write_agent_configs(ctx, [b for b in bundles if b.parent == ctx.build_dir])
     write_demo_images(ctx, {read_manifest_unverified(b)[0].name for b in bundles})
     write_stamp(ctx, built)
     log.info("done in %.1fs: %s", time.monotonic() - start, ctx.build_dir / AGENT_CONFIG)

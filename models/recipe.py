@@ -225,7 +225,10 @@ def write_stamp(ctx: BuildContext, recipes: Mapping[str, list[Path]]) -> Path:
     doc = {
         "version": ctx.version,
         "key_id": ctx.key_id,
-        "recipes": {name: sorted(p.name for p in paths) for name, paths in sorted(recipes.items())},
+        "recipes": {
+            name: sorted(_rel(p, ctx.build_dir) for p in paths)
+            for name, paths in sorted(recipes.items())
+        },
     }
     path = ctx.build_dir / BUILD_STAMP
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -34,12 +34,26 @@ def test_build_writes_bundles_config_and_demo_images(build):
     names = sorted(p.name for p in build.glob("*.bundle"))
     assert names == ["digits-cloud-1.bundle", "digits-edge-1.bundle",
                      "digits-edge-litert-1.bundle", "face-detect-1.bundle"]
+    assert [p.name for p in (build / "fleet").glob("*.bundle")] == ["digits-edge-2.bundle"]
+    assert "fleet/" not in (build / "agent.yaml").read_text()  # an update, not a bootstrap
     assert (build / "keys" / "signing.key").stat().st_mode & 0o077 == 0
     assert (build / "demo" / "face-detect" / "astronaut.png").is_file()
     # --if-missing does nothing on an up-to-date build.
     before = (build / "digits-edge-1.bundle").stat().st_mtime_ns
     run("-m", "models", "--out", str(build), "--if-missing", "-q")
     assert (build / "digits-edge-1.bundle").stat().st_mtime_ns == before
+
+
+def test_fleet_demo_pushes_version_2_without_a_failed_request(build, tmp_path):
+    """``make demo``'s first step, as the console script runs it: from another
+    directory, so only installed packages can be imported."""
+    script = Path(sys.executable).parent / "edge-fleet"
+    r = subprocess.run([str(script), "demo", "--build", str(build)], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "state=active active=2" in r.stdout
+    assert re.search(r"failed requests: 0$", r.stdout, re.M)
+    assert re.search(r"\d+ answered by version 1, \d+ answered by version 2", r.stdout)
 
 
 def test_demo_answers_every_image_correctly(build):
