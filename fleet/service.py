@@ -63,7 +63,8 @@ def resolve_token(cfg: FleetServiceConfig) -> str:
     except FileNotFoundError:
         if cfg.auth.token_file is not None:
             raise ConfigError(f"auth.token_file {path} does not exist") from None
-        token = secrets.token_urlsafe(32)
+        # Prefixed like enrolment tokens: never a leading "-", recognisable when leaked.
+        token = "efa_" + secrets.token_urlsafe(32)
         path.parent.mkdir(parents=True, exist_ok=True)
         # 0600 from the start: a chmod afterwards would leave a window.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

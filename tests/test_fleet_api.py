@@ -498,6 +498,9 @@ async def test_enrolment_token_is_one_time(fleet: Fleet) -> None:
     status, tok = await fleet.call("POST", "/v1/enrolment-tokens",
                                    json={"device_id": "store-0042", "groups": ["north", "pilot"]})
     assert status == 201 and tok["device_id"] == "store-0042"
+    # Prefixed: a bare token_urlsafe starts with "-" one time in 64, which a CLI reads
+    # as an option (`edge-agent enroll --token -Xy…` failed so in CI).
+    assert tok["token"].startswith("efe_")
     status, doc = await fleet.call("POST", "/v1/enrol", auth=None, json={"token": tok["token"]})
     assert status == 200, doc
     assert doc["device_id"] == "store-0042"
