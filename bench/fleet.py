@@ -158,9 +158,8 @@ class Device:
 
 
 class Simulator:
-    def __init__(self, mqtt_port: int, http_base: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, mqtt_port: int, session: aiohttp.ClientSession) -> None:
         self.mqtt_port = mqtt_port
-        self.http_base = http_base
         self.session = session
         self.devices: list[Device] = []
         self.work: set[asyncio.Task[None]] = set()
@@ -376,7 +375,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     json={"model": MODEL, "version": "1", "target": {"all": True}},
                 )
                 print(f"enrolling {args.devices} devices over the API …", file=sys.stderr)
-                sim = Simulator(broker.port, base, session)
+                sim = Simulator(broker.port, session)
                 sem = asyncio.Semaphore(16)
 
                 async def enrol(i: int) -> Device:

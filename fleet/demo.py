@@ -37,14 +37,6 @@ MODEL = "digits-edge"
 NEW_VERSION = "2"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def version_two(build: Path) -> Path | None:
     """``<build>/fleet/digits-edge-2.bundle``, made by ``python -m models`` (recipe
     models/fleet_update.py); None when that build has not run."""
@@ -103,7 +95,10 @@ async def run_demo(build: Path, workdir: Path) -> int:
     if not v1.exists() or v2 is None or not keys or not images_dir.is_dir():
         print(f"{build} lacks the {MODEL} bundles, keys or demo images: run `python -m models`")
         return 2
-    images = [p.read_bytes() for p in sorted(images_dir.glob("*.png"))]
+    images = await asyncio.to_thread(
+        lambda: [p.read_bytes() for p in sorted(images_dir.glob("*.png"))]
+    )
+    bundles = await asyncio.to_thread(lambda: [b.read_bytes() for b in (v1, v2)])
 
     token = secrets.token_urlsafe(24)
     fleet_cfg = FleetServiceConfig.model_validate(
@@ -121,8 +116,8 @@ async def run_demo(build: Path, workdir: Path) -> int:
         async with aiohttp.ClientSession() as session:
             api = Api(session, fleet.url, token)
             print(f"fleet service on {fleet.url}, embedded MQTT broker on port {fleet.mqtt_port}")
-            for bundle in (v1, v2):
-                doc = await api.call("POST", "/v1/models", data=bundle.read_bytes())
+            for bundle, data in zip((v1, v2), bundles, strict=True):
+                doc = await api.call("POST", "/v1/models", data=data)
                 print(
                     f"  uploaded {bundle.name}: signature and hashes verified"
                     f" (sha256 {doc['sha256'][:12]}…, {doc['size']:,} bytes)"
@@ -137,11 +132,10 @@ async def run_demo(build: Path, workdir: Path) -> int:
             device = enrolled["device_id"]
             print(f"enrolled {device}: MQTT user {enrolled['mqtt']['username']}")
 
-            agent_port = _free_port()
             agent_cfg = AgentConfig.model_validate(
                 {
                     "device_id": device,
-                    "server": {"host": "127.0.0.1", "port": agent_port},
+                    "server": {"host": "127.0.0.1"},
                     "store": {"path": str(workdir / "agent" / "store")},
                     "trust": {"public_keys": [str(k) for k in keys]},
                     "models": [{"bundle": str(v1), "labels": ["stable"]}],
@@ -159,8 +153,9 @@ async def run_demo(build: Path, workdir: Path) -> int:
             )
             agent_runner = web.AppRunner(create_app(agent_cfg), access_log=None)
             await agent_runner.setup()
-            await web.TCPSite(agent_runner, "127.0.0.1", agent_port).start()
-            agent_base = f"http://127.0.0.1:{agent_port}"
+            # Port 0: the OS picks a free one, no race with another process.
+            await web.TCPSite(agent_runner, "127.0.0.1", 0).start()
+            agent_base = f"http://127.0.0.1:{agent_runner.addresses[0][1]}"
             print(f"agent {device} serving {MODEL} version 1 on {agent_base}")
             await _wait_online(api, device)
             print("  the fleet sees it online")

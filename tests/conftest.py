@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from agent.bundle.signing import generate_keypair, load_private_key
 from agent.config import parse_config
 from agent.server.app import create_app
 from converters.bundler import build_bundle
+from tests.brokers import free_port  # noqa: F401 (the tests import it from here too)
 
 TINY_W = np.array(
     [[1.0, -1.0, 0.5], [0.5, 2.0, -1.0], [-1.0, 0.5, 1.5], [2.0, 0.0, -0.5]], dtype=np.float32
@@ -102,12 +102,6 @@ def make_tiny_bundle(
         return out
 
     return make
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def agent_config(tmp: Path, keys: tuple[Path, Path], bundles: list[Path], **extra: Any) -> Any:
