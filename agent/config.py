@@ -282,6 +282,18 @@ class FleetConfig(_Section):
     telemetry: FleetTelemetryConfig = Field(default_factory=FleetTelemetryConfig)
     sync: FleetSyncConfig = Field(default_factory=FleetSyncConfig)
 
+    def secret(self) -> str | None:
+        """The device secret: ``password``, or the first line of ``password_file``.
+
+        One rule for both places that present it: the MQTT login and the HTTP Basic
+        auth of bundle downloads (the fleet checks the same secret). Reads a file:
+        call it off the event loop.
+        """
+        if self.password_file is not None:
+            lines = Path(self.password_file).read_text(encoding="utf-8").splitlines()
+            return lines[0].strip() if lines else ""
+        return self.password
+
     @field_validator("protocol", mode="before")
     @classmethod
     def _protocol(cls, v: Any) -> Any:

@@ -401,15 +401,3 @@ def basic_auth(user: str, password: str) -> str:
     the secret never follows a redirect to a CDN.
     """
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-
-
-def read_password(password: str | None, password_file: Path | None) -> str | None:
-    """The device secret as FleetConfig gives it (``password_file``: its first line).
-
-    The same rule as the MQTT link's login: the fleet checks the same secret for the
-    bundle downloads (HTTP Basic ``device_id:secret``).
-    """
-    if password_file is not None:
-        lines = Path(password_file).read_text(encoding="utf-8").splitlines()
-        return lines[0].strip() if lines else ""
-    return password

@@ -34,7 +34,6 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -182,13 +181,6 @@ class _Client(mqtt.Client):
         return sock
 
 
-def _read_password(cfg: FleetConfig) -> str | None:
-    if cfg.password_file is not None:
-        lines = Path(cfg.password_file).read_text(encoding="utf-8").splitlines()
-        return lines[0].strip() if lines else ""
-    return cfg.password
-
-
 class MqttLink:
     """One device's connection to the fleet broker.
 
@@ -233,6 +225,7 @@ class MqttLink:
         self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._password: str | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -274,6 +267,8 @@ class MqttLink:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self.last_error = None
+        # Read once, off the loop (a file): every client made later logs in with it.
+        self._password = await asyncio.to_thread(self.config.secret)
         self._client = self._make_client(self._protocol)
         for sub in self._subs:
             self._start_worker(sub)
@@ -604,7 +599,7 @@ class MqttLink:
         # A bug in one of our callbacks must not unwind paho's packet handling.
         client.suppress_exceptions = True
         username = cfg.username or self.client_id
-        client.username_pw_set(username, _read_password(cfg))
+        client.username_pw_set(username, self._password)
         if self.announce_status:
             client.will_set(
                 self.status_topic,

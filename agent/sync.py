@@ -51,7 +51,6 @@ from agent.download import (
     DownloadError,
     DownloadIntegrityError,
     basic_auth,
-    read_password,
 )
 from agent.durable import atomic_write
 from agent.errors import BundleError, EdgeError, NotFound
@@ -334,7 +333,7 @@ class DesiredStateSync:
             raise RuntimeError("sync already started")
         self.revision, self.models = await asyncio.to_thread(_load_state, self.state_file)
         cfg = self.fleet_config
-        password = await asyncio.to_thread(read_password, cfg.password, cfg.password_file)
+        password = await asyncio.to_thread(cfg.secret)
         # HTTP Basic device_id:secret, the same secret as the MQTT login (docs/fleet.md).
         self.downloader.auth = (
             basic_auth(self.device_id, password) if password is not None else None
