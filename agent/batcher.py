@@ -52,13 +52,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends.base import Backend
-from agent.bundle.manifest import Manifest
-from agent.config import BatchingConfig
-from agent.errors import Unavailable
-from agent.metrics import Metrics
-from agent.runner import FallbackNotice, wait_idle
-from agent.selftest import load_vectors
+from edgefleet.agent.config import BatchingConfig
+from edgefleet.agent.metrics import Metrics
+from edgefleet.agent.runner import FallbackNotice, wait_idle
+from edgefleet.core.backends.base import Backend
+from edgefleet.core.bundle.manifest import Manifest
+from edgefleet.core.bundle.selftest import load_vectors
+from edgefleet.core.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -541,11 +541,10 @@ def _sample_rows(manifest: Manifest, directory: Path) -> Tensors | None:
             return None
     if any(-1 in t.shape[1:] for t in manifest.inputs):
         return None  # no way to know the other dimensions
-    from agent.bundle.manifest import OIP_TO_NUMPY
+    from edgefleet.core.bundle.manifest import OIP_TO_NUMPY
 
     return {
-        t.name: np.zeros([1, *t.shape[1:]], dtype=OIP_TO_NUMPY[t.datatype])
-        for t in manifest.inputs
+        t.name: np.zeros([1, *t.shape[1:]], dtype=OIP_TO_NUMPY[t.datatype]) for t in manifest.inputs
     }
 
 
@@ -574,9 +573,7 @@ def warm_up(backend: Backend, manifest: Manifest, directory: Path, sizes: list[i
     for n in sizes:
         # Repeat the sample's rows up to n: real values, unlike zeros, take the same
         # kernels' paths as real requests (e.g. no shortcut for all-zero blocks).
-        feed = {
-            k: np.resize(v, (fixed.get(k, n), *v.shape[1:])) for k, v in sample.items()
-        }
+        feed = {k: np.resize(v, (fixed.get(k, n), *v.shape[1:])) for k, v in sample.items()}
         try:
             for _ in range(backend.warmup_repeats):
                 backend.infer(feed)

@@ -7,17 +7,17 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig, load_config
-from agent.enroll import add_arguments as add_enroll_arguments
-from agent.enroll import cmd_enroll
-from agent.errors import ConfigError
+from edgefleet.agent.config import AgentConfig, load_config
+from edgefleet.agent.enroll import add_arguments as add_enroll_arguments
+from edgefleet.agent.enroll import cmd_enroll
+from edgefleet.core.aio import event_loop_factory
+from edgefleet.core.errors import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:8470"
-log = logging.getLogger("agent")
+log = logging.getLogger("edgefleet.agent")
 
 
 def _setup_logging(level: str) -> None:
@@ -36,32 +36,15 @@ def _load(args: argparse.Namespace) -> AgentConfig:
     if getattr(args, "host", None) is not None:
         overrides["host"] = args.host
     if overrides:
-        config = config.model_copy(
-            update={"server": config.server.model_copy(update=overrides)}
-        )
+        config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     return config
-
-
-def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    """The event loop the agent runs on: uvloop when asked or, with ``auto``, installed."""
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise ConfigError(
-                    "server.event_loop is uvloop but uvloop is not installed"
-                ) from None
-        else:
-            return uvloop.new_event_loop
-    return asyncio.new_event_loop
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from agent.server.app import create_app
-    from agent.server.tls import server_ssl_context
+    from edgefleet.agent.server.app import create_app
+    from edgefleet.agent.server.tls import server_ssl_context
 
     config = _load(args)
     _setup_logging(config.logging.level)
@@ -176,11 +159,18 @@ def cmd_models(args: argparse.Namespace) -> int:
             provider = v.get("provider", "-")
             if v.get("runtime_fallback"):
                 provider += " (accelerator failed)"
-            rows.append((
-                m["name"], v["version"], state, ",".join(v["labels"]) or "-",
-                v.get("runtime", "-"), provider, v.get("self_test", "-"),
-                _batching_cell(v.get("batching")),
-            ))
+            rows.append(
+                (
+                    m["name"],
+                    v["version"],
+                    state,
+                    ",".join(v["labels"]) or "-",
+                    v.get("runtime", "-"),
+                    provider,
+                    v.get("self_test", "-"),
+                    _batching_cell(v.get("batching")),
+                )
+            )
         if m.get("last_error"):
             rows.append((m["name"], "", "error", m["last_error"], "", "", "", ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -222,7 +212,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import cloud_setup, collect_samples, run_demo
+    from edgefleet.agent.demo import cloud_setup, collect_samples, run_demo
 
     config = _load(args)
     _setup_logging("WARNING" if not args.verbose else config.logging.level)
@@ -277,15 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="start the agent, send it the sample images, print answers")
     s.add_argument("--config", required=True)
     s.add_argument("--port", type=int)
-    s.add_argument("--images", default="models/build/demo",
-                   help="folder with one sub-folder of images per model")
+    s.add_argument(
+        "--images",
+        default="models/build/demo",
+        help="folder with one sub-folder of images per model",
+    )
     s.add_argument("--exit", action="store_true", help="stop after the demo requests")
     s.add_argument("--verbose", action="store_true")
-    s.add_argument("--cloud-config",
-                   help="cloud-profile config to start beside the agent"
-                   " (default: cloud.yaml next to --config, if present)")
-    s.add_argument("--cloud-port", type=int,
-                   help="port for that cloud endpoint (the agent's fallback URL follows)")
+    s.add_argument(
+        "--cloud-config",
+        help="cloud-profile config to start beside the agent"
+        " (default: cloud.yaml next to --config, if present)",
+    )
+    s.add_argument(
+        "--cloud-port",
+        type=int,
+        help="port for that cloud endpoint (the agent's fallback URL follows)",
+    )
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("enroll", help="join a fleet with a one-time enrolment token")

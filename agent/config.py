@@ -7,34 +7,25 @@ errors name the key path and the YAML line it came from.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import Field, field_validator, model_validator
+
+from edgefleet.agent.cloud.config import FallbackConfig
+from edgefleet.core.backends.config import (  # noqa: F401 (the agent's runtime section)
+    BackendConfig,
+    ExternalDelegate,
+    LiteRTConfig,
+    OnnxConfig,
 )
-
-from agent.cloud.config import FallbackConfig
-from agent.errors import ConfigError
+from edgefleet.core.config import Section, TrustConfig, parse_yaml_model
+from edgefleet.core.errors import ConfigError
 
 CLOUD_PORT = 8490  # the cloud profile's default port (DESIGN.md)
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ServerConfig(_Section):
+class ServerConfig(Section):
     # uvloop cuts the event loop's CPU per request by roughly a quarter (bench serving);
     # auto uses it where installed (Linux/macOS wheels), the stdlib loop elsewhere.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
@@ -70,45 +61,10 @@ class ServerConfig(_Section):
         return self
 
 
-class StoreConfig(_Section):
+class StoreConfig(Section):
     path: Path = Path("/var/lib/edgefleet/models")
     keep_versions: int = Field(3, ge=1, description="installed versions kept per model")
     max_member_bytes: int = Field(512 * 1024 * 1024, gt=0)
-
-
-class TrustConfig(_Section):
-    public_keys: list[Path] = Field(
-        default_factory=list, description="PEM files of the Ed25519 keys bundles may be signed by"
-    )
-    allow_unsigned: bool = Field(False, description="development only; logged loudly at start")
-
-
-class OnnxConfig(_Section):
-    type: Literal["onnx"] = "onnx"
-    # Tried in order; CPUExecutionProvider is always appended as the last resort.
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
-    provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
-    intra_op_threads: int = Field(0, ge=0, description="0: cores ÷ concurrent runs")
-    inter_op_threads: int = Field(1, ge=0)
-    # ONNX Runtime's pool threads spin-wait after each run by default: fine on a
-    # server, but on a 2-4 core store PC it burns a core the event loop, the other
-    # models and the store's own apps need. On only for sustained heavy load.
-    allow_spinning: bool = False
-    sessions: int = Field(1, ge=1, description="concurrent inferences per model version")
-
-
-class ExternalDelegate(_Section):
-    library: Path
-    options: dict[str, str] = Field(default_factory=dict)
-
-
-class LiteRTConfig(_Section):
-    type: Literal["litert"] = "litert"
-    num_threads: int = Field(0, ge=0, description="0: cores ÷ interpreters")
-    xnnpack: bool = True
-    # Tried in order (e.g. an Edge TPU or GPU delegate); the CPU is the last resort.
-    delegates: list[ExternalDelegate] = Field(default_factory=list)
-    interpreters: int = Field(1, ge=1, description="interpreters per model version")
 
 
 def _batch_size_problem(preferred: list[int], max_batch_size: int) -> str | None:
@@ -118,7 +74,7 @@ def _batch_size_problem(preferred: list[int], max_batch_size: int) -> str | None
     return None
 
 
-class BatchingConfig(_Section):
+class BatchingConfig(Section):
     """Dynamic batching of one model version's requests (``agent/batcher.py``).
 
     On by default with no delay: requests that arrived while the model was busy run
@@ -148,7 +104,7 @@ class BatchingConfig(_Section):
         return self
 
 
-class BatchingOverride(_Section):
+class BatchingOverride(Section):
     """A model's own batching: only the keys given replace ``runtime.batching``'s."""
 
     enabled: bool | None = None
@@ -159,14 +115,12 @@ class BatchingOverride(_Section):
     queue_timeout_ms: int | None = Field(None, ge=0)
 
 
-class ModelRuntimeConfig(_Section):
+class ModelRuntimeConfig(Section):
     batching: BatchingOverride = Field(default_factory=BatchingOverride)
 
 
-class RuntimeConfig(_Section):
+class RuntimeConfig(BackendConfig):
     executor_threads: int = Field(0, ge=0, description="inference threads; 0: one per core")
-    onnx: OnnxConfig = Field(default_factory=OnnxConfig)
-    litert: LiteRTConfig = Field(default_factory=LiteRTConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     # Keyed by model name, not by bundle, so it also covers versions the fleet installs.
     per_model: dict[str, ModelRuntimeConfig] = Field(default_factory=dict)
@@ -190,7 +144,7 @@ class RuntimeConfig(_Section):
         return self
 
 
-class ModelEntry(_Section):
+class ModelEntry(Section):
     """A bundle the agent installs at start when its store does not have it yet."""
 
     bundle: Path
@@ -198,11 +152,11 @@ class ModelEntry(_Section):
     activate: bool = True
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-class FleetTLSConfig(_Section):
+class FleetTLSConfig(Section):
     """TLS to the broker. Present (even empty) means TLS on, with the system trust store."""
 
     ca_file: Path | None = Field(None, description="PEM CA bundle; None: the system's")
@@ -212,14 +166,14 @@ class FleetTLSConfig(_Section):
     verify_hostname: bool = True
 
 
-class FleetOutboxConfig(_Section):
+class FleetOutboxConfig(Section):
     path: Path = Path("/var/lib/edgefleet/outbox.sqlite")
     # Cap on what waits for the fleet (payload bytes + per-record overhead); past it the
     # oldest low-priority records go first (see agent/outbox.py).
     max_bytes: int = Field(64 * 1024 * 1024, gt=0)
 
 
-class FleetTelemetryConfig(_Section):
+class FleetTelemetryConfig(Section):
     flush_interval_s: float = Field(10.0, gt=0, description="longest a record waits to be sent")
     batch_max_records: int = Field(500, gt=0)
     batch_max_bytes: int = Field(256 * 1024, gt=0)
@@ -230,7 +184,7 @@ class FleetTelemetryConfig(_Section):
     stats_interval_s: float = Field(60.0, gt=0, description="window of inference_stats records")
 
 
-class FleetSyncConfig(_Section):
+class FleetSyncConfig(Section):
     """The desired-state sync (``agent/sync.py``) and its downloads (``agent/download.py``)."""
 
     # None: <store.path>/.downloads (the store skips dot-directories). Partial downloads
@@ -258,7 +212,7 @@ class FleetSyncConfig(_Section):
         return self
 
 
-class FleetConfig(_Section):
+class FleetConfig(Section):
     """The MQTT link to the fleet. Absent: the agent runs standalone (offline first)."""
 
     host: str
@@ -316,7 +270,7 @@ class FleetConfig(_Section):
         return self
 
 
-class AgentConfig(_Section):
+class AgentConfig(Section):
     profile: Literal["edge", "cloud"] = "edge"
     device_id: str | None = None
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -363,23 +317,6 @@ class AgentConfig(_Section):
                 "profile cloud is the end of the line: fallback.cloud.url must be unset"
             )
         return self
-
-
-PathKey = tuple[str | int, ...]
-Lines = dict[PathKey, int]
-
-
-def _node_lines(node: yaml.Node, path: PathKey, out: Lines) -> None:
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            k = key.value
-            out[(*path, k)] = key.start_mark.line + 1
-            _node_lines(value, (*path, k), out)
-            out[(*path, k)] = key.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _node_lines(item, (*path, i), out)
 
 
 def _resolve_paths(raw: Any, base: Path) -> None:
@@ -431,48 +368,6 @@ def _resolve_paths(raw: Any, base: Path) -> None:
             # A bare name (libedgetpu.so.1) is for the dynamic loader to find.
             if isinstance(d, dict) and isinstance(d.get("library"), str) and "/" in d["library"]:
                 d["library"] = str(base / d["library"])
-
-
-def parse_yaml_model(
-    model: type[M],
-    text: str,
-    source: str = "<config>",
-    prepare: Callable[[dict[str, Any]], None] | None = None,
-) -> M:
-    """Validate YAML ``text`` as ``model``; errors name each key path and its line.
-
-    Shared by the agent's and the fleet's configs: ``prepare`` may rewrite the raw
-    mapping first (relative paths made absolute).
-    """
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown line"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}: YAML syntax error at {where}: {problem}") from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    lines: Lines = {}
-    if node is not None:
-        _node_lines(node, (), lines)
-    if prepare is not None:
-        prepare(raw)
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            # The deepest located ancestor: a missing key has no line of its own.
-            line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
-            key = ".".join(str(p) for p in loc) or "(root)"
-            at = f" (line {line})" if line is not None else ""
-            problems.append(f"{key}{at}: {err['msg']}")
-        raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems)) from exc
 
 
 def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> AgentConfig:

@@ -19,11 +19,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent.cli import format_prediction
-from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError
-from agent.server.app import create_app
-from agent.server.tls import server_ssl_context
+from edgefleet.agent.cli import format_prediction
+from edgefleet.agent.config import AgentConfig, load_config
+from edgefleet.agent.server.app import create_app
+from edgefleet.agent.server.tls import server_ssl_context
+from edgefleet.core.errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CLOUD_CONFIG = "cloud.yaml"
@@ -174,7 +174,7 @@ async def run_demo(
             config = point_at_cloud(config, cloud, cloud_base)
         # The demo prints each fallback reason itself; the log would say it twice.
         if logging.getLogger().getEffectiveLevel() >= logging.WARNING:
-            logging.getLogger("agent.cloud").setLevel(logging.ERROR)
+            logging.getLogger("edgefleet.agent.cloud").setLevel(logging.ERROR)
     runner = web.AppRunner(create_app(config), access_log=None)
     await runner.setup()
     try:

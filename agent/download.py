@@ -40,8 +40,8 @@ from typing import IO, Any
 
 import aiohttp
 
-from agent.bundle.manifest import check_name
-from agent.durable import durable_replace
+from edgefleet.core.bundle.manifest import check_name
+from edgefleet.core.durable import durable_replace
 
 log = logging.getLogger(__name__)
 

@@ -52,8 +52,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from agent.durable import fsync_dir
-from agent.errors import ConfigError
+from edgefleet.core.durable import fsync_dir
+from edgefleet.core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edgefleet/agent.yaml")
 DEFAULT_DATA_DIR = Path("/var/lib/edgefleet")
@@ -331,7 +331,7 @@ def parse_enrolment(doc: dict[str, Any]) -> Enrolment:
     keys = doc.get("trusted_keys", [])
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise bad("trusted_keys is not a list of PEM strings")
-    from agent.bundle.signing import load_public_key
+    from edgefleet.core.bundle.signing import load_public_key
 
     for i, pem in enumerate(keys):
         try:
@@ -687,7 +687,7 @@ _STAND_IN = Enrolment(
 
 
 def _check_config(text: str, layout: Layout, what: str) -> None:
-    from agent.config import parse_config
+    from edgefleet.agent.config import parse_config
 
     try:
         parse_config(text, str(layout.config), base=layout.etc.resolve())

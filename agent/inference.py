@@ -36,9 +36,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import web
 
-from agent.bundle.manifest import DetectionPost, Manifest
-from agent.cloud.fallback import CallOutcome, CloudFallback, default_store_path, expectation
-from agent.cloud.hard_examples import (
+from edgefleet.agent.cloud.fallback import (
+    CallOutcome,
+    CloudFallback,
+    default_store_path,
+    expectation,
+)
+from edgefleet.agent.cloud.hard_examples import (
     HardExampleStore,
     NewExample,
     PendingExample,
@@ -48,8 +52,8 @@ from agent.cloud.hard_examples import (
     RetryOutcome,
     RetryRefused,
 )
-from agent.cloud.metrics import CloudMetrics
-from agent.cloud.policy import (
+from edgefleet.agent.cloud.metrics import CloudMetrics
+from edgefleet.agent.cloud.policy import (
     FallbackPolicy,
     ItemScores,
     Route,
@@ -57,12 +61,13 @@ from agent.cloud.policy import (
     resolve_policy,
     route_items,
 )
-from agent.config import AgentConfig
-from agent.metrics import Metrics
-from agent.registry import LoadedVersion, ModelRegistry
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.metrics import Metrics
+from edgefleet.agent.serving_registry import LoadedVersion, ModelRegistry
+from edgefleet.core.bundle.manifest import DetectionPost, Manifest
 
 if TYPE_CHECKING:
-    from agent.telemetry_stats import InferenceStats
+    from edgefleet.agent.telemetry_stats import InferenceStats
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +149,10 @@ class Provenance:
             return part
 
         edge = side(
-            self.edge_model, self.edge_version, self.edge_ms, self.edge_confidence,
+            self.edge_model,
+            self.edge_version,
+            self.edge_ms,
+            self.edge_confidence,
             self.edge_class,
         )
         doc: dict[str, Any] = {
@@ -154,7 +162,10 @@ class Provenance:
         }
         if self.cloud_model is not None and self.cloud_ms is not None:
             cloud = side(
-                self.cloud_model, self.cloud_version, self.cloud_ms, self.cloud_confidence,
+                self.cloud_model,
+                self.cloud_version,
+                self.cloud_ms,
+                self.cloud_confidence,
                 self.cloud_class,
             )
             if self.fallback:

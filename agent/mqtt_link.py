@@ -43,8 +43,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import topics
-from agent.config import FleetConfig
+from edgefleet.agent import topics
+from edgefleet.agent.config import FleetConfig
 
 log = logging.getLogger(__name__)
 

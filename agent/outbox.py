@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from agent.sqlite_writer import SqliteWriter, WriterClosed
+from edgefleet.core.sqlite_writer import SqliteWriter, WriterClosed
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.backends.base import Backend
-from agent.errors import Unavailable
-from agent.metrics import Metrics
+from edgefleet.agent.metrics import Metrics
+from edgefleet.core.backends.base import Backend
+from edgefleet.core.errors import Unavailable
 
 Tensors = dict[str, np.ndarray]
 
@@ -117,9 +117,7 @@ class ModelRunner:
                 self._set_gauges()
                 loop = asyncio.get_running_loop()
                 try:
-                    outputs = await loop.run_in_executor(
-                        self.executor, self.backend.infer, inputs
-                    )
+                    outputs = await loop.run_in_executor(self.executor, self.backend.infer, inputs)
                 finally:
                     self._running -= 1
                 done = time.perf_counter()

@@ -21,16 +21,16 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent.bundle.archive import (
+from edgefleet.core.bundle.archive import (
     DEFAULT_MAX_MEMBER_BYTES,
     parse_manifest,
     peek_manifest,
     read_bundle,
 )
-from agent.bundle.manifest import MANIFEST_NAME, Manifest, check_name
-from agent.bundle.signing import TrustStore
-from agent.durable import atomic_write
-from agent.errors import BundleError, NotFound
+from edgefleet.core.bundle.manifest import MANIFEST_NAME, Manifest, check_name
+from edgefleet.core.bundle.signing import TrustStore
+from edgefleet.core.durable import atomic_write
+from edgefleet.core.errors import BundleError, NotFound
 
 log = logging.getLogger(__name__)
 

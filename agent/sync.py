@@ -41,22 +41,22 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent import topics
-from agent.bundle.archive import parse_manifest, peek_manifest
-from agent.bundle.manifest import check_name
-from agent.config import AgentConfig
-from agent.download import (
+from edgefleet.agent import topics
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.download import (
     BundleDownloader,
     BundleSpec,
     DownloadError,
     DownloadIntegrityError,
     basic_auth,
 )
-from agent.durable import atomic_write
-from agent.errors import BundleError, EdgeError, NotFound
-from agent.mqtt_link import LinkError, Message, MqttLink, Subscription
-from agent.outbox import Outbox, OutboxClosed, Priority, new_record_id
-from agent.registry import ModelRegistry
+from edgefleet.agent.mqtt_link import LinkError, Message, MqttLink, Subscription
+from edgefleet.agent.outbox import Outbox, OutboxClosed, Priority, new_record_id
+from edgefleet.agent.serving_registry import ModelRegistry
+from edgefleet.core.bundle.archive import parse_manifest, peek_manifest
+from edgefleet.core.bundle.manifest import check_name
+from edgefleet.core.durable import atomic_write
+from edgefleet.core.errors import BundleError, EdgeError, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import orjson
 
-from agent import topics
-from agent.config import FleetTelemetryConfig
-from agent.mqtt_link import LinkError, Message, MqttLink, Subscription
-from agent.outbox import Batch, Outbox
+from edgefleet.agent import topics
+from edgefleet.agent.config import FleetTelemetryConfig
+from edgefleet.agent.mqtt_link import LinkError, Message, MqttLink, Subscription
+from edgefleet.agent.outbox import Batch, Outbox
 
 log = logging.getLogger(__name__)
 

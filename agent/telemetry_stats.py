@@ -41,10 +41,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.outbox import NewRecord, Priority
+from edgefleet.agent.outbox import NewRecord, Priority
 
 if TYPE_CHECKING:
-    from agent.inference import Provenance
+    from edgefleet.agent.inference import Provenance
 
 log = logging.getLogger(__name__)
 

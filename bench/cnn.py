@@ -159,7 +159,7 @@ def quantize_cnn(fp32: Path, out: Path, calibration_images: int = 32, seed: int 
 
     Calibrated on random images: with random weights there is no real data to prefer.
     """
-    from converters.quantize import quantize_model
+    from edgefleet.converters.quantize import quantize_model
 
     quantize_model(
         fp32, out, calibration={"image": random_images(calibration_images, seed)}, fmt="qdq"

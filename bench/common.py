@@ -262,7 +262,7 @@ def agent_command() -> list[str]:
     script = Path(sys.executable).parent / "edge-agent"
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-m", "agent"]
+    return [sys.executable, "-m", "edgefleet.agent"]
 
 
 class AgentProcess:

@@ -93,7 +93,7 @@ class Usage:
 def mosquitto(workdir: Path) -> Iterator[Any]:
     # The test suite's broker runner: deploy/mosquitto/edgefleet.conf on a free port.
     sys.path.insert(0, str(ROOT))
-    from tests.brokers import Mosquitto
+    from tests.support.brokers import Mosquitto
 
     broker = Mosquitto(workdir / "mosquitto")
     broker.start()
@@ -124,7 +124,7 @@ def fleet_process(workdir: Path, mqtt_port: int, http_port: int, token: str) -> 
     path.write_text(yaml.safe_dump(config))
     log = (workdir / "fleet.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "edgefleet.fleet", "serve", "--config", str(path)],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,

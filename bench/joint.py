@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agent.bundle.signing import load_private_key
 from bench.common import (
     AgentProcess,
     CpuMeter,
@@ -51,8 +50,9 @@ from bench.common import (
     write_doc_section,
     write_result,
 )
-from converters import calibrate as cal
-from converters.evaluate import EvalSet
+from edgefleet.converters import calibrate as cal
+from edgefleet.converters.evaluate import EvalSet
+from edgefleet.core.bundle.signing import load_private_key
 
 NAME = "joint"
 EDGE, CLOUD = "digits-edge", "digits-cloud"

@@ -41,12 +41,6 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agent.backends import Backend, create_backend
-from agent.bundle.archive import BundleContents, read_bundle
-from agent.bundle.manifest import OIP_TO_NUMPY, ClassificationPost, Manifest
-from agent.bundle.signing import TrustStore, generate_keypair, load_private_key
-from agent.config import RuntimeConfig, load_config
-from agent.server.tensors import HEADER_LENGTH
 from bench.common import (
     BUSY_WARNING,
     MODELS_BUILD,
@@ -70,6 +64,12 @@ from bench.common import (
     write_doc_section,
     write_result,
 )
+from edgefleet.agent.config import RuntimeConfig, load_config
+from edgefleet.agent.server.tensors import HEADER_LENGTH
+from edgefleet.core.backends import Backend, create_backend
+from edgefleet.core.bundle.archive import BundleContents, read_bundle
+from edgefleet.core.bundle.manifest import OIP_TO_NUMPY, ClassificationPost, Manifest
+from edgefleet.core.bundle.signing import TrustStore, generate_keypair, load_private_key
 
 NAME = "overhead"
 DIGITS = "digits-edge"
@@ -125,7 +125,7 @@ def write_pool_onnx(path: Path) -> Path:
 
 def build_pool_bundle(work: Path) -> tuple[Path, Path]:
     """The bench model as a bundle signed with a fresh bench key; (bundle, public key)."""
-    from converters.bundler import build_bundle
+    from edgefleet.converters.bundler import build_bundle
 
     priv, pub = generate_keypair(work / "keys", "bench")
     model = write_pool_onnx(work / "pool224.onnx")

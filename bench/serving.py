@@ -43,10 +43,6 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agent.backends import Backend, create_backend
-from agent.bundle.manifest import Manifest
-from agent.bundle.signing import generate_keypair, load_private_key
-from agent.config import RuntimeConfig, load_config
 from bench.cnn import (
     CNN_CLASSES,
     CNN_SHAPE,
@@ -89,6 +85,10 @@ from bench.overhead import (
     json_request,
     split_binary_response,
 )
+from edgefleet.agent.config import RuntimeConfig, load_config
+from edgefleet.core.backends import Backend, create_backend
+from edgefleet.core.bundle.manifest import Manifest
+from edgefleet.core.bundle.signing import generate_keypair, load_private_key
 
 NAME = "serving"
 PEERS_DIR = ROOT / "bench" / "peers"
@@ -158,7 +158,7 @@ class BenchModel:
 def _bench_bundle(
     work: Path, name: str, model: Path, inputs: dict[str, Any], outputs: dict[str, Any], key: Path
 ) -> Path:
-    from converters.bundler import build_bundle
+    from edgefleet.converters.bundler import build_bundle
 
     x_name, x_shape = next(iter(inputs.items()))
     out = work / f"{name}-1.bundle"
@@ -764,7 +764,7 @@ def peer_onnx_options(runtime: RuntimeConfig) -> dict[str, Any]:
     threads = runtime.onnx.intra_op_threads
     if threads == 0:
         try:
-            from agent.backends.threads import auto_threads
+            from edgefleet.core.backends.threads import auto_threads
 
             threads = auto_threads(runtime.onnx.sessions)
         except ImportError:

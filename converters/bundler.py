@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.backends import create_backend
-from agent.bundle.archive import sha256_file, write_bundle
-from agent.bundle.manifest import Manifest
-from agent.config import RuntimeConfig
-from agent.selftest import save_vectors
+from edgefleet.core.backends import create_backend
+from edgefleet.core.backends.config import BackendConfig
+from edgefleet.core.bundle.archive import sha256_file, write_bundle
+from edgefleet.core.bundle.manifest import Manifest
+from edgefleet.core.bundle.selftest import save_vectors
 
 MODEL_FILE_NAMES = {"onnx": "model.onnx", "litert": "model.tflite"}
 SELFTEST_FILE = "selftest.npz"
@@ -30,7 +30,7 @@ def run_model(
     model_file: Path,
     manifest_fields: Mapping[str, Any],
     inputs: dict[str, np.ndarray],
-    runtime: RuntimeConfig | None = None,
+    runtime: BackendConfig | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``model_file`` once through the agent's backend for its runtime."""
     doc = dict(manifest_fields)
@@ -38,7 +38,7 @@ def run_model(
     doc["files"] = {model_file.name: {"sha256": sha256_file(model_file), "size": 0}}
     doc.pop("self_test", None)
     manifest = Manifest.model_validate(doc)
-    backend = create_backend(model_file, manifest, runtime or RuntimeConfig())
+    backend = create_backend(model_file, manifest, runtime or BackendConfig())
     backend.load()
     try:
         return backend.infer(inputs)

@@ -16,19 +16,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.backends import create_backend
-from agent.bundle.archive import (
+from edgefleet.core.backends import create_backend
+from edgefleet.core.backends.config import BackendConfig
+from edgefleet.core.bundle.archive import (
     DEFAULT_MAX_MEMBER_BYTES,
     MAX_MANIFEST_BYTES,
     parse_manifest,
     read_bundle,
     resign_bundle,
 )
-from agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
-from agent.bundle.signing import TrustStore, key_id, load_private_key
-from agent.config import RuntimeConfig
-from agent.errors import BundleError
-from agent.selftest import run_self_test
+from edgefleet.core.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
+from edgefleet.core.bundle.selftest import run_self_test
+from edgefleet.core.bundle.signing import TrustStore, key_id, load_private_key
+from edgefleet.core.errors import BundleError
 
 
 def sign_bundle(bundle: Path, key: Path | Ed25519PrivateKey, out: Path | None = None) -> str:
@@ -59,7 +59,7 @@ def verify_bundle(
         if self_test:
             manifest = contents.manifest
             backend = create_backend(
-                contents.directory / manifest.model_file, manifest, RuntimeConfig()
+                contents.directory / manifest.model_file, manifest, BackendConfig()
             )
             backend.load()
             try:

@@ -30,11 +30,11 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.bundle.archive import DEFAULT_MAX_MEMBER_BYTES, read_bundle, write_bundle
-from agent.bundle.manifest import MANIFEST_NAME, ClassificationPost, Manifest
-from agent.bundle.signing import TrustStore
-from agent.processing import classification
-from converters.evaluate import EvalSet, EvaluationError, load_npz, open_model, predict
+from edgefleet.converters.evaluate import EvalSet, EvaluationError, load_npz, open_model, predict
+from edgefleet.core.bundle.archive import DEFAULT_MAX_MEMBER_BYTES, read_bundle, write_bundle
+from edgefleet.core.bundle.manifest import MANIFEST_NAME, ClassificationPost, Manifest
+from edgefleet.core.bundle.signing import TrustStore
+from edgefleet.core.processing import classification
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def predictions_from_endpoint(
     timeout_s: float = 30.0,
 ) -> np.ndarray:
     """Class ids from a live OIP endpoint (the agent's own client, batches of ``batch``)."""
-    from agent.cloud.client import CloudError, OipClient
+    from edgefleet.core.oip_client import CloudError, OipClient
 
     async def run() -> np.ndarray:
         client = OipClient(url, token=token, ca_file=ca_file)
@@ -342,7 +342,7 @@ def report_json(cal: Calibration, chosen: Point | None) -> dict[str, Any]:
 
 
 def load_eval(path: Path, manifest: Manifest) -> EvalSet:
-    from converters.evaluate import load_eval_set
+    from edgefleet.converters.evaluate import load_eval_set
 
     try:
         return load_eval_set(path, [t.model_dump() for t in manifest.inputs])

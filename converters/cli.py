@@ -19,9 +19,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import EdgeError
+from edgefleet.core.errors import EdgeError
 
-log = logging.getLogger("converters")
+log = logging.getLogger("edgefleet.converters")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -102,7 +102,7 @@ def cli_logging(quiet: bool = False) -> Iterator[None]:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from agent.bundle.signing import generate_keypair, key_id, load_private_key
+    from edgefleet.core.bundle.signing import generate_keypair, key_id, load_private_key
 
     out: Path = args.out
     existing = [p for p in (out / f"{args.name}.key", out / f"{args.name}.pub") if p.exists()]
@@ -115,7 +115,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_sklearn(args: argparse.Namespace) -> int:
-    from converters.sklearn import load_joblib, sklearn_to_onnx
+    from edgefleet.converters.sklearn import load_joblib, sklearn_to_onnx
 
     renames = dict(_pair(r, "--rename-output") for r in args.rename_output)
     estimator = load_joblib(args.model)
@@ -132,7 +132,7 @@ def cmd_sklearn(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from converters.quantize import load_calibration, quantize_model
+    from edgefleet.converters.quantize import load_calibration, quantize_model
 
     calibration = None
     if args.mode == "static":
@@ -166,7 +166,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_torch(args: argparse.Namespace) -> int:
-    from converters.torch_export import export_torch, parse_shape
+    from edgefleet.converters.torch_export import export_torch, parse_shape
 
     export_torch(
         args.module,
@@ -184,8 +184,8 @@ def cmd_torch(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from converters.evaluate import load_eval_set
-    from converters.gate import bundle_model, load_spec, prepare_spec
+    from edgefleet.converters.evaluate import load_eval_set
+    from edgefleet.converters.gate import bundle_model, load_spec, prepare_spec
 
     spec = load_spec(args.spec)
     fields, _, _ = prepare_spec(spec, args.model, args.version)
@@ -214,7 +214,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from converters.bundletools import sign_bundle
+    from edgefleet.converters.bundletools import sign_bundle
 
     out = args.output or args.bundle
     kid = sign_bundle(args.bundle, _load_key(args.key), out)
@@ -223,8 +223,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from agent.bundle.signing import TrustStore
-    from converters.bundletools import verify_bundle
+    from edgefleet.converters.bundletools import verify_bundle
+    from edgefleet.core.bundle.signing import TrustStore
 
     try:
         trust = TrustStore.from_files(args.pubkey)
@@ -240,7 +240,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from converters import calibrate as cal
+    from edgefleet.converters import calibrate as cal
 
     key = _load_key(args.key) if args.key else None
     if args.output and key is None:
@@ -302,7 +302,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from converters.bundletools import format_inspection, inspect_bundle
+    from edgefleet.converters.bundletools import format_inspection, inspect_bundle
 
     info = inspect_bundle(args.bundle)
     print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_inspection(info))
@@ -317,7 +317,7 @@ class _Fail(Exception):
 
 
 def _load_key(path: Path) -> Ed25519PrivateKey:
-    from agent.bundle.signing import load_private_key
+    from edgefleet.core.bundle.signing import load_private_key
 
     try:
         return load_private_key(path)
@@ -610,12 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from converters.calibrate import CalibrationError
-    from converters.evaluate import EvaluationError
-    from converters.gate import SpecError
-    from converters.quantize import QuantizationError
-    from converters.sklearn import SklearnConversionError
-    from converters.torch_export import TorchExportError
+    from edgefleet.converters.calibrate import CalibrationError
+    from edgefleet.converters.evaluate import EvaluationError
+    from edgefleet.converters.gate import SpecError
+    from edgefleet.converters.quantize import QuantizationError
+    from edgefleet.converters.sklearn import SklearnConversionError
+    from edgefleet.converters.torch_export import TorchExportError
 
     return (
         _Fail,
@@ -632,7 +632,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from converters.gate import QualityGateError
+    from edgefleet.converters.gate import QualityGateError
 
     try:
         with cli_logging(args.quiet):

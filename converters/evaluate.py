@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends import Backend, create_backend
-from agent.bundle.archive import sha256_file
-from agent.bundle.manifest import OIP_TO_NUMPY, Manifest
-from agent.config import RuntimeConfig
+from edgefleet.core.backends import Backend, create_backend
+from edgefleet.core.backends.config import BackendConfig
+from edgefleet.core.bundle.archive import sha256_file
+from edgefleet.core.bundle.manifest import OIP_TO_NUMPY, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ def manifest_for(model_file: Path, fields: Mapping[str, Any]) -> Manifest:
 
 @contextmanager
 def open_model(
-    model_file: Path, fields: Mapping[str, Any], runtime: RuntimeConfig | None = None
+    model_file: Path, fields: Mapping[str, Any], runtime: BackendConfig | None = None
 ) -> Iterator[Backend]:
     """A loaded agent backend for ``model_file``, described by manifest ``fields``."""
     manifest = manifest_for(model_file, fields)
-    backend = create_backend(model_file, manifest, runtime or RuntimeConfig())
+    backend = create_backend(model_file, manifest, runtime or BackendConfig())
     backend.load()
     try:
         yield backend
@@ -218,7 +218,7 @@ def evaluate_model(
     output: str,
     *,
     latency_runs: int = 200,
-    runtime: RuntimeConfig | None = None,
+    runtime: BackendConfig | None = None,
 ) -> ModelMetrics:
     """Accuracy on ``data`` (argmax of ``output`` against the labels), size and latency."""
     log.info("evaluating %s on %d samples", model_file.name, len(data))

@@ -20,9 +20,8 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from agent.bundle.manifest import Manifest
-from converters.bundler import build_bundle
-from converters.evaluate import (
+from edgefleet.converters.bundler import build_bundle
+from edgefleet.converters.evaluate import (
     EvalSet,
     EvaluationError,
     ModelMetrics,
@@ -31,6 +30,7 @@ from converters.evaluate import (
     manifest_for,
     runtime_for,
 )
+from edgefleet.core.bundle.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from converters.evaluate import EvaluationError, inputs_from_arrays, load_npz, quant_format_of
+from edgefleet.converters.evaluate import (
+    EvaluationError,
+    inputs_from_arrays,
+    load_npz,
+    quant_format_of,
+)
 
 if TYPE_CHECKING:  # onnxruntime.quantization pulls in onnx: imported only when quantizing
     from onnxruntime.quantization import CalibrationDataReader, QuantType
@@ -52,7 +57,7 @@ class QuantizeResult:
 
 def _input_specs(model_path: Path) -> list[tuple[str, list[int], str]]:
     """(name, shape with -1 for dynamic, numpy dtype) of each graph input."""
-    from agent.bundle.manifest import OIP_TO_NUMPY
+    from edgefleet.core.bundle.manifest import OIP_TO_NUMPY
 
     inputs = describe_onnx(model_path)["inputs"]
     return [(i["name"], i["shape"], OIP_TO_NUMPY[i["datatype"]]) for i in inputs]
@@ -286,7 +291,7 @@ def quantize_model(
 
 
 def _latency(model: Path, sample: Mapping[str, np.ndarray], runs: int) -> float:
-    from converters.evaluate import latency_ms, open_model
+    from edgefleet.converters.evaluate import latency_ms, open_model
 
     with open_model(model, describe_onnx(model)) as backend:
         ms, _ = latency_ms(backend, sample, runs=runs)
@@ -298,7 +303,7 @@ def describe_onnx(model: Path) -> dict[str, Any]:
     import onnx
     from onnx import helper
 
-    from agent.bundle.manifest import NUMPY_TO_OIP
+    from edgefleet.core.bundle.manifest import NUMPY_TO_OIP
 
     graph = onnx.load(str(model), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}

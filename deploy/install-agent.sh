@@ -222,7 +222,7 @@ fi
 BUILD=$(mktemp -d)
 trap 'rm -rf "$BUILD"' EXIT
 tar -C "$SRC" --exclude=__pycache__ --exclude='*.egg-info' -cf - \
-  pyproject.toml README.md agent fleet converters | tar -C "$BUILD" -xf -
+  pyproject.toml README.md core agent fleet converters | tar -C "$BUILD" -xf -
 
 PIP_ARGS=(--disable-pip-version-check --no-input --quiet)
 if [ -n "$WHEELHOUSE" ]; then
@@ -238,7 +238,7 @@ fi
 "$VENV/bin/python" -m pip install "${PIP_ARGS[@]}" --upgrade \
   -c "$SRC/constraints.txt" "$BUILD"
 VERSION=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("edgefleet"))')
-if [ "$LIVE" -eq 1 ] && ! runuser -u "$SERVICE_USER" -- "$VENV/bin/python" -I -c 'import agent.cli' \
+if [ "$LIVE" -eq 1 ] && ! runuser -u "$SERVICE_USER" -- "$VENV/bin/python" -I -c 'import edgefleet.agent.cli' \
     >/dev/null 2>&1; then
   # e.g. a pyenv interpreter under /root (0700): the venv links to it, the service
   # would fail. The venv is useless to the service: drop it so the next run makes anew.
@@ -308,7 +308,7 @@ did "installed the unit $UNIT"
 # The module form, like the unit: it works wherever the tree was installed from.
 tmp=$(mktemp "$(dirname "$WRAPPER")/.edge-agent.XXXXXX")
 # shellcheck disable=SC2016  # "$@" belongs in the wrapper, unexpanded
-printf '#!/bin/sh\nexec %s/bin/python -I -m agent "$@"\n' "$T_VENV" >"$tmp"
+printf '#!/bin/sh\nexec %s/bin/python -I -m edgefleet.agent "$@"\n' "$T_VENV" >"$tmp"
 chmod 0755 "$tmp"
 mv "$tmp" "$WRAPPER"
 did "installed the command $WRAPPER"
@@ -320,7 +320,7 @@ if [ -n "$FLEET_URL" ]; then
   if [ -n "$CA_FILE" ]; then ENROL_ARGS+=(--ca-file "$CA_FILE"); fi
   if [ "$LIVE" -eq 0 ]; then ENROL_ARGS+=(--owner ""); fi
   # The token goes through the environment, not the command line (ps shows that).
-  if ! EDGEFLEET_ENROL_TOKEN=$TOKEN "$VENV/bin/python" -I -m agent "${ENROL_ARGS[@]}"; then
+  if ! EDGEFLEET_ENROL_TOKEN=$TOKEN "$VENV/bin/python" -I -m edgefleet.agent "${ENROL_ARGS[@]}"; then
     # The install itself is complete; only the enrolment is missing.
     die "edgefleet $VERSION is installed, but the enrolment failed (see above). Fix that," \
       "then: edge-agent enroll --fleet $FLEET_URL --token NEW-TOKEN;" \

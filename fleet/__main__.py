@@ -3,6 +3,6 @@ it does not depend on the path the venv's console scripts were written for)."""
 
 import sys
 
-from fleet.cli import main
+from edgefleet.fleet.cli import main
 
 sys.exit(main())

@@ -30,12 +30,12 @@ from typing import Any
 
 from aiohttp import web
 
-from agent import __version__
-from agent.errors import BadRequest, EdgeError, NotFound
-from agent.mqtt_link import LinkClosed, PublishTimeout
-from agent.server.responses import error_response, json_response, read_json_object
-from fleet.devices import Devices, Unauthorized
-from fleet.registry import BundleFile, Registry
+from edgefleet.agent.mqtt_link import LinkClosed, PublishTimeout
+from edgefleet.core import __version__
+from edgefleet.core.errors import BadRequest, EdgeError, NotFound
+from edgefleet.core.http import error_response, json_response, read_json_object
+from edgefleet.fleet.bundle_registry import BundleFile, Registry
+from edgefleet.fleet.devices import Devices, Unauthorized
 
 log = logging.getLogger(__name__)
 

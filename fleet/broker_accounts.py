@@ -41,10 +41,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import topics
-from agent.config import FleetConfig
-from agent.errors import EdgeError
-from agent.mqtt_link import LinkClosed, LinkError, LinkRefused, Message, MqttLink
+from edgefleet.agent import topics
+from edgefleet.agent.config import FleetConfig
+from edgefleet.agent.mqtt_link import LinkClosed, LinkError, LinkRefused, Message, MqttLink
+from edgefleet.core.errors import EdgeError
 
 log = logging.getLogger(__name__)
 

@@ -42,14 +42,14 @@ from typing import Any
 
 import orjson
 
-from agent import topics
-from agent.config import FleetConfig
-from agent.mqtt_link import LinkClosed, LinkRefused, MqttLink, PublishTimeout
-from fleet.db import FleetDB
-from fleet.desired import DesiredStates
-from fleet.ingest import Ingest, IngestStats
-from fleet.rollouts import Rollouts
-from fleet.telemetry import TelemetryViews
+from edgefleet.agent import topics
+from edgefleet.agent.config import FleetConfig
+from edgefleet.agent.mqtt_link import LinkClosed, LinkRefused, MqttLink, PublishTimeout
+from edgefleet.fleet.db import FleetDB
+from edgefleet.fleet.desired import DesiredStates
+from edgefleet.fleet.ingest import Ingest, IngestStats
+from edgefleet.fleet.rollouts import Rollouts
+from edgefleet.fleet.telemetry import TelemetryViews
 
 log = logging.getLogger(__name__)
 

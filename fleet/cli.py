@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlencode, urlsplit
 
-from agent.errors import ConfigError
+from edgefleet.core.errors import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:8480"
 _CHUNK = 256 * 1024
-log = logging.getLogger("fleet")
+log = logging.getLogger("edgefleet.fleet")
 
 
 class FleetRefused(Exception):
@@ -363,9 +363,10 @@ def cmd_devices_show(args: argparse.Namespace, client: Client) -> int:
         print(f"revisions     desired {d['desired_revision']}, reported {d['reported_revision']}")
         desired = (d.get("desired") or {}).get("models") or {}
         if desired:
-            print("desired       " + ", ".join(
-                f"{name}:{m.get('version')}" for name, m in sorted(desired.items())
-            ))
+            print(
+                "desired       "
+                + ", ".join(f"{name}:{m.get('version')}" for name, m in sorted(desired.items()))
+            )
         if d.get("last_error"):
             print(f"last error    {d['last_error']}")
         print()
@@ -653,7 +654,7 @@ def cmd_events(args: argparse.Namespace, client: Client) -> int:
 
 def service_config(args: argparse.Namespace) -> Any:
     """The config file (if any) with the command line's overrides laid over it."""
-    from fleet.config import FleetServiceConfig, load_fleet_config
+    from edgefleet.fleet.config import FleetServiceConfig, load_fleet_config
 
     cfg = (
         load_fleet_config(Path(args.config))
@@ -695,8 +696,8 @@ def service_config(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from agent.cli import event_loop_factory
-    from fleet.service import serve
+    from edgefleet.core.aio import event_loop_factory
+    from edgefleet.fleet.service import serve
 
     cfg = service_config(args)
     logging.basicConfig(
@@ -713,13 +714,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fleet.demo import main as demo_main
+    from edgefleet.fleet.demo import main as demo_main
 
     return demo_main(Path(args.build))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from fleet.config import load_fleet_config
+    from edgefleet.fleet.config import load_fleet_config
 
     cfg = load_fleet_config(Path(args.config))
     broker = f"broker {cfg.broker.host}" if cfg.broker else "embedded broker"

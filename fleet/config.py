@@ -38,8 +38,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.config import FleetConfig, TrustConfig, parse_yaml_model
-from agent.errors import ConfigError
+from edgefleet.agent.config import FleetConfig
+from edgefleet.core.config import TrustConfig, parse_yaml_model
+from edgefleet.core.errors import ConfigError
 
 HTTP_PORT = 8480  # DESIGN.md: fleet HTTP (API, dashboard, bundle downloads)
 MQTT_PORT = 1883

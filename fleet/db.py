@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from agent.sqlite_writer import Reader, SqliteWriter
+from edgefleet.core.sqlite_writer import Reader, SqliteWriter
 
 T = TypeVar("T")
 

@@ -26,10 +26,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent.config import AgentConfig
-from agent.server.app import create_app
-from fleet.config import FleetServiceConfig
-from fleet.service import FleetService
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.server.app import create_app
+from edgefleet.fleet.config import FleetServiceConfig
+from edgefleet.fleet.service import FleetService
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agent import topics
-from agent.errors import BadRequest, NotFound
-from fleet.db import FleetDB, dumps, loads, next_revision, now
+from edgefleet.agent import topics
+from edgefleet.core.errors import BadRequest, NotFound
+from edgefleet.fleet.db import FleetDB, dumps, loads, next_revision, now
 
 log = logging.getLogger(__name__)
 

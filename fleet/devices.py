@@ -34,9 +34,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import BadRequest, EdgeError, NotFound
-from fleet.broker_accounts import BrokerAccountError, BrokerAccounts, NoBrokerAccounts
-from fleet.db import FleetDB, dumps, loads, now
+from edgefleet.core.errors import BadRequest, EdgeError, NotFound
+from edgefleet.fleet.broker_accounts import BrokerAccountError, BrokerAccounts, NoBrokerAccounts
+from edgefleet.fleet.db import FleetDB, dumps, loads, now
 
 # A device id is one MQTT topic level and the user part of HTTP Basic auth (no ':');
 # the same boring alphabet as model names keeps it safe in paths, URLs and logs.

@@ -54,11 +54,11 @@ from typing import Any
 
 import orjson
 
-from agent import topics
-from agent.mqtt_link import Handler, Message
-from fleet.db import FleetDB, dumps, now
-from fleet.rollouts import Rollouts
-from fleet.telemetry_math import validate_inference_stats
+from edgefleet.agent import topics
+from edgefleet.agent.mqtt_link import Handler, Message
+from edgefleet.fleet.db import FleetDB, dumps, now
+from edgefleet.fleet.rollouts import Rollouts
+from edgefleet.fleet.telemetry_math import validate_inference_stats
 
 log = logging.getLogger(__name__)
 

@@ -62,9 +62,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from agent.errors import BadRequest, EdgeError, NotFound
-from fleet.db import FleetDB, dumps, loads, now
-from fleet.desired import (
+from edgefleet.core.errors import BadRequest, EdgeError, NotFound
+from edgefleet.fleet.db import FleetDB, dumps, loads, now
+from edgefleet.fleet.desired import (
     DesiredStates,
     Snapshot,
     _groups_of,

@@ -33,17 +33,17 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from cryptography import x509
 
-from agent.bundle.signing import TrustStore
-from agent.config import FleetConfig
-from agent.errors import ConfigError
-from fleet.api import Authenticator, FleetApi, create_app
-from fleet.broker_accounts import BrokerAccounts, DynsecAccounts, NoBrokerAccounts
-from fleet.config import FleetServiceConfig, broker_port
-from fleet.db import FleetDB
-from fleet.devices import Devices, EnrolmentInfo
-from fleet.registry import Registry
+from edgefleet.agent.config import FleetConfig
+from edgefleet.core.bundle.signing import TrustStore
+from edgefleet.core.errors import ConfigError
+from edgefleet.fleet.api import Authenticator, FleetApi, create_app
+from edgefleet.fleet.broker_accounts import BrokerAccounts, DynsecAccounts, NoBrokerAccounts
+from edgefleet.fleet.bundle_registry import Registry
+from edgefleet.fleet.config import FleetServiceConfig, broker_port
+from edgefleet.fleet.db import FleetDB
+from edgefleet.fleet.devices import Devices, EnrolmentInfo
 
-log = logging.getLogger("fleet")
+log = logging.getLogger("edgefleet.fleet")
 
 FLEET_MQTT_USER = "fleet"  # the fleet's username on the broker (deploy/mosquitto/acl)
 _LOOPBACK = ("127.", "localhost", "::1")
@@ -200,7 +200,7 @@ class FleetService:
         # Made (its password file read) before anything connects; started after the bus.
         self.accounts = self._make_accounts(broker_cfg)
 
-        from fleet.bus import FleetBus  # the MQTT side (paho) only once it is needed
+        from edgefleet.fleet.bus import FleetBus  # the MQTT side (paho) only once it is needed
 
         self.bus = FleetBus(
             self.db,
@@ -270,7 +270,7 @@ class FleetService:
             self.mqtt_host = enrol.mqtt_host or external.host
             self.mqtt_port = enrol.mqtt_port or broker_port(external)
             return external
-        from fleet.embedded_broker import EmbeddedBroker
+        from edgefleet.fleet.embedded_broker import EmbeddedBroker
 
         eb = cfg.embedded_broker
         if not eb.host.startswith(_LOOPBACK):

@@ -19,8 +19,8 @@ import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
-from fleet.db import FleetDB, loads
-from fleet.telemetry_math import InferenceStatsData, merge_inference_stats
+from edgefleet.fleet.db import FleetDB, loads
+from edgefleet.fleet.telemetry_math import InferenceStatsData, merge_inference_stats
 
 MAX_EVENTS = 1000
 

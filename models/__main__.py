@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from converters.bundletools import read_manifest_unverified
-from converters.cli import cli_logging
-from converters.gate import QualityGateError
+from edgefleet.converters.bundletools import read_manifest_unverified
+from edgefleet.converters.cli import cli_logging
+from edgefleet.converters.gate import QualityGateError
 from models.demo import DEMO_DIR, write_demo_images
 from models.recipe import (
     AGENT_CONFIG,

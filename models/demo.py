@@ -60,13 +60,13 @@ def write_demo_images(ctx: BuildContext, models: set[str]) -> Path:
 
 def pick_ambiguous(ctx: BuildContext, x: np.ndarray, y: np.ndarray) -> tuple[int, bytes] | None:
     """(index, PNG) of the held-out digit the edge should hand to the cloud, or None."""
-    from agent.bundle.archive import read_bundle
-    from agent.bundle.manifest import ClassificationPost
-    from agent.bundle.signing import TrustStore
-    from agent.config import RuntimeConfig
-    from agent.processing import classification
-    from agent.processing.image import preprocess
-    from converters.evaluate import open_model
+    from edgefleet.agent.config import RuntimeConfig
+    from edgefleet.converters.evaluate import open_model
+    from edgefleet.core.bundle.archive import read_bundle
+    from edgefleet.core.bundle.manifest import ClassificationPost
+    from edgefleet.core.bundle.signing import TrustStore
+    from edgefleet.core.processing import classification
+    from edgefleet.core.processing.image import preprocess
 
     pngs = [render_digit_png(row) for row in x]
     trust = TrustStore.from_files([ctx.public_key_path])

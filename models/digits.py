@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from converters.evaluate import EvalSet
-from converters.gate import BundleReport, bundle_model
-from converters.quantize import quantize_model
-from converters.sklearn import sklearn_to_onnx
+from edgefleet.converters.evaluate import EvalSet
+from edgefleet.converters.gate import BundleReport, bundle_model
+from edgefleet.converters.quantize import quantize_model
+from edgefleet.converters.sklearn import sklearn_to_onnx
 from models.recipe import BuildContext, RecipeError
 
 log = logging.getLogger("models.digits")

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.bundle.manifest import ClassificationPost, ImagePreprocessing, QuantParams
+from edgefleet.core.bundle.manifest import ClassificationPost, ImagePreprocessing, QuantParams
 from models.digits import DigitsSplit, load_split  # the same held-out split as digits-edge
 
 if TYPE_CHECKING:  # the recipe runner passes it; importing it is not needed at run time
     from sklearn.neural_network import MLPClassifier
 
-    from converters.tflite_int8 import Dense, TFLiteModelInfo
+    from edgefleet.converters.tflite_int8 import Dense, TFLiteModelInfo
     from models.recipe import BuildContext
 
 NAME = "digits-edge-litert"
@@ -68,7 +68,7 @@ def train_mlp(split: DigitsSplit) -> MLPClassifier:
 
 def mlp_layers(clf: MLPClassifier) -> list[Dense]:
     """The classifier's layers, taking raw 0..16 pixels (the 1/16 folded into layer 0)."""
-    from converters.tflite_int8 import Dense, dense_layers_from_sklearn
+    from edgefleet.converters.tflite_int8 import Dense, dense_layers_from_sklearn
 
     layers = dense_layers_from_sklearn(clf)
     first = layers[0]
@@ -123,7 +123,7 @@ def manifest_fields(
 def _write_models(
     layers: list[Dense], split: DigitsSplit, directory: Path
 ) -> tuple[Path, TFLiteModelInfo, Path, TFLiteModelInfo]:
-    from converters.tflite_int8 import write_mlp_tflite
+    from edgefleet.converters.tflite_int8 import write_mlp_tflite
 
     common: dict[str, Any] = {"input_name": INPUT, "output_name": OUTPUT}
     int8_path, fp32_path = directory / "digits-int8.tflite", directory / "digits-fp32.tflite"
@@ -139,10 +139,10 @@ def _run_backend(
     model_path: Path, fields: dict[str, Any], x: np.ndarray, repeats: int = 0
 ) -> tuple[np.ndarray, float | None]:
     """Probabilities from the agent's own LiteRT backend, and the batch-1 latency (ms)."""
-    from agent.backends.litert import LiteRTBackend
-    from agent.bundle.archive import sha256_file
-    from agent.bundle.manifest import Manifest
-    from agent.config import LiteRTConfig
+    from edgefleet.core.backends.config import LiteRTConfig
+    from edgefleet.core.backends.litert import LiteRTBackend
+    from edgefleet.core.bundle.archive import sha256_file
+    from edgefleet.core.bundle.manifest import Manifest
 
     doc = dict(fields)
     doc["model_file"] = model_path.name
@@ -182,7 +182,7 @@ def build(ctx: BuildContext) -> list[Path]:
     The int8 and fp32 ``.tflite`` files stay in ``ctx.work_dir("digits_litert")``
     for inspection and benchmarks; only the int8 one is bundled.
     """
-    from converters.bundler import build_bundle
+    from edgefleet.converters.bundler import build_bundle
     from models.recipe import RecipeError
 
     split = load_split()

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.bundle.manifest import DetectionPost, ImagePreprocessing, SsdAnchors
-from agent.processing.detection import decode_ssd
-from agent.processing.image import resize, to_tensor
+from edgefleet.core.bundle.manifest import DetectionPost, ImagePreprocessing, SsdAnchors
+from edgefleet.core.processing.detection import decode_ssd
+from edgefleet.core.processing.image import resize, to_tensor
 from models.sample_images import astronaut_rgb
 from models.wheels import WheelMember
 
@@ -137,7 +137,7 @@ def manifest_fields(version: str, metrics: dict[str, Any]) -> dict[str, Any]:
 
 def build(ctx: BuildContext) -> list[Path]:
     """Write ``face-detect-<version>.bundle`` into ``ctx.build_dir``."""
-    from converters.bundler import build_bundle
+    from edgefleet.converters.bundler import build_bundle
     from models.recipe import RecipeError
 
     model_path = MODEL.fetch(ctx.cache_dir)

@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.bundle.signing import generate_keypair, key_id, load_private_key
-from agent.config import parse_config
+from edgefleet.agent.config import parse_config
+from edgefleet.core.bundle.signing import generate_keypair, key_id, load_private_key
 
 log = logging.getLogger("models")
 
@@ -137,7 +137,7 @@ def write_agent_configs(ctx: BuildContext, bundles: Iterable[Path]) -> list[Path
     ``keys/cloud.token``. Both are checked with the agent's own config parser before
     they are written.
     """
-    from converters.bundletools import read_manifest_unverified
+    from edgefleet.converters.bundletools import read_manifest_unverified
 
     bundles = sorted(set(bundles))
     manifests = {b: read_manifest_unverified(b)[0] for b in bundles}

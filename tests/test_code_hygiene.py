@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("agent", "fleet", "converters", "models", "bench")
+PACKAGES = ("core", "agent", "fleet", "converters", "models", "bench")
 # File -> patterns it may use, and why.
 ALLOWED: dict[str, set[str]] = {
     # `edge-convert sklearn` loads the data scientist's own fitted estimator (joblib is

@@ -13,17 +13,15 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from edgefleet.core.config import Section
 
 Mode = Literal["edge_only", "cloud_when_unsure", "edge_first_escalate"]
 Rule = Literal["top1", "margin", "entropy", "mean_box", "min_box"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CloudEndpointConfig(_Section):
+class CloudEndpointConfig(Section):
     """Where the cloud model lives: any Open Inference Protocol server."""
 
     url: str | None = Field(
@@ -50,7 +48,7 @@ class CloudEndpointConfig(_Section):
         return v.rstrip("/")
 
 
-class BreakerConfig(_Section):
+class BreakerConfig(Section):
     """Stop calling a failing cloud; probe again after a growing back-off."""
 
     failures: int = Field(3, ge=1, description="consecutive failures or timeouts that open it")
@@ -60,7 +58,7 @@ class BreakerConfig(_Section):
     jitter: float = Field(0.2, ge=0.0, le=1.0, description="back-off varies by up to this share")
 
 
-class ModelFallback(_Section):
+class ModelFallback(Section):
     """Overrides for one model (or, under ``defaults``, for all). ``null``: keep the bundle's."""
 
     mode: Mode | None = None
@@ -85,7 +83,7 @@ class ModelFallback(_Section):
         return v
 
 
-class HardExamplesConfig(_Section):
+class HardExamplesConfig(Section):
     """Cases that went, or should have gone, to the cloud, kept for retraining."""
 
     enabled: bool = True
@@ -102,7 +100,7 @@ class HardExamplesConfig(_Section):
     max_attempts: int = Field(10, ge=1)
 
 
-class FallbackConfig(_Section):
+class FallbackConfig(Section):
     # With a fleet link, counts since the last report go to telemetry this often.
     telemetry_interval_s: float = Field(60.0, gt=0)
     cloud: CloudEndpointConfig = Field(default_factory=CloudEndpointConfig)

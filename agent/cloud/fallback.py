@@ -23,9 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.cloud.breaker import CircuitBreaker, Permit, State
-from agent.cloud.budget import CallBudget, Lease
-from agent.cloud.client import (
+from edgefleet.agent.cloud.breaker import CircuitBreaker, Permit, State
+from edgefleet.agent.cloud.budget import CallBudget, Lease
+from edgefleet.agent.cloud.config import FallbackConfig
+from edgefleet.agent.cloud.metrics import CloudMetrics
+from edgefleet.agent.cloud.policy import FallbackPolicy
+from edgefleet.core.oip_client import (
     CallTrace,
     CloudAnswer,
     CloudError,
@@ -34,9 +37,6 @@ from agent.cloud.client import (
     OipClient,
     client_ssl_context,
 )
-from agent.cloud.config import FallbackConfig
-from agent.cloud.metrics import CloudMetrics
-from agent.cloud.policy import FallbackPolicy
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from agent.cloud.config import HardExamplesConfig
+from edgefleet.agent.cloud.config import HardExamplesConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -12,7 +12,7 @@ Fallback rate per model version::
 
 from __future__ import annotations
 
-from agent.metrics import LATENCY_BUCKETS, Counter, Gauge, Histogram, Metrics
+from edgefleet.agent.metrics import LATENCY_BUCKETS, Counter, Gauge, Histogram, Metrics
 
 # Cloud calls take longer than local inference: extend the range to the longest timeout.
 CLOUD_BUCKETS = (*LATENCY_BUCKETS, 10.0, 30.0)

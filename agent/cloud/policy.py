@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.bundle.manifest import ClassificationPost, DetectionPost, Manifest
-from agent.cloud.config import FallbackConfig, Mode, ModelFallback, Rule
-from agent.processing import classification
+from edgefleet.agent.cloud.config import FallbackConfig, Mode, ModelFallback, Rule
+from edgefleet.core.bundle.manifest import ClassificationPost, DetectionPost, Manifest
+from edgefleet.core.processing import classification
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def item_scores(manifest: Manifest, outputs: Mapping[str, np.ndarray], rule: str
         conf = np.array([classification.confidence(p, rule) for p in probs], dtype=np.float64)
         return ItemScores(conf, probs.argmax(axis=1).astype(np.int64))
     if isinstance(post, DetectionPost):
-        from agent.processing.detection import decode_ssd
+        from edgefleet.core.processing.detection import decode_ssd
 
         per_item = decode_ssd(outputs, post)
         conf = np.empty(len(per_item), dtype=np.float64)

@@ -12,9 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.errors import BadRequest, PayloadTooLarge
-from agent.server.context import services
-from agent.server.responses import json_response, read_json_object
+from edgefleet.agent.server.context import services
+from edgefleet.core.errors import BadRequest, PayloadTooLarge
+from edgefleet.core.http import json_response, read_json_object
 
 routes = web.RouteTableDef()
 

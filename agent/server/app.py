@@ -11,17 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from agent.bundle.signing import TrustStore
-from agent.config import AgentConfig, default_threads
-from agent.errors import EdgeError, Unavailable
-from agent.inference import INFERENCE, InferenceService
-from agent.metrics import Metrics
-from agent.registry import ModelRegistry
-from agent.server import admin, fallback, image, oip, openapi
-from agent.server.context import SERVICES, Services, services
-from agent.server.responses import error_response
-from agent.server.tls import warn_if_exposed
-from agent.store import ModelStore
+from edgefleet.agent.config import AgentConfig, default_threads
+from edgefleet.agent.inference import INFERENCE, InferenceService
+from edgefleet.agent.metrics import Metrics
+from edgefleet.agent.server import admin, fallback, image, oip, openapi
+from edgefleet.agent.server.context import SERVICES, Services, services
+from edgefleet.agent.server.tls import warn_if_exposed
+from edgefleet.agent.serving_registry import ModelRegistry
+from edgefleet.agent.store import ModelStore
+from edgefleet.core.bundle.signing import TrustStore
+from edgefleet.core.errors import EdgeError, Unavailable
+from edgefleet.core.http import error_response
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,11 @@ def create_app(config: AgentConfig) -> web.Application:
         # Optional MQTT link + telemetry outbox (agent/fleet.py). Its start never waits
         # for the broker; without a fleet section nothing of it exists, not even paho
         # in memory (imported here, not at the top).
-        from agent.fleet import FLEET, FleetConnection
+        from edgefleet.agent.fleet_link import FLEET, FleetConnection
 
         app[FLEET] = FleetConnection(config, registry)
         app.cleanup_ctx.append(app[FLEET].lifecycle)
-        from agent.server import fleet_api
+        from edgefleet.agent.server import fleet_api
 
         app.add_routes(fleet_api.routes)  # GET /v1/fleet: link and sync state
         # Fallback counts (items by reason, cloud calls, agreement) go to telemetry too.

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from agent.config import AgentConfig
-from agent.metrics import Metrics
-from agent.registry import ModelRegistry
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.metrics import Metrics
+from edgefleet.agent.serving_registry import ModelRegistry
 
 
 @dataclass

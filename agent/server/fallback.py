@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from agent.errors import BadRequest, NotFound
-from agent.inference import inference
-from agent.server.responses import json_response
+from edgefleet.agent.inference import inference
+from edgefleet.core.errors import BadRequest, NotFound
+from edgefleet.core.http import json_response
 
 routes = web.RouteTableDef()
 _STATUSES = ("pending", "answered", "expired")

@@ -10,8 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.fleet import FLEET
-from agent.server.responses import json_response
+from edgefleet.agent.fleet_link import FLEET
+from edgefleet.core.http import json_response
 
 routes = web.RouteTableDef()
 

@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from agent.bundle.manifest import ClassificationPost, DetectionPost, Manifest
-from agent.errors import BadRequest
-from agent.inference import inference
-from agent.processing import classification
-from agent.processing.image import ImageTransform, preprocess
-from agent.server.context import services
-from agent.server.responses import json_response
+from edgefleet.agent.inference import inference
+from edgefleet.agent.server.context import services
+from edgefleet.core.bundle.manifest import ClassificationPost, DetectionPost, Manifest
+from edgefleet.core.errors import BadRequest
+from edgefleet.core.http import json_response
+from edgefleet.core.processing import classification
+from edgefleet.core.processing.image import ImageTransform, preprocess
 
 routes = web.RouteTableDef()
 
@@ -62,7 +62,7 @@ def postprocess(
             "confidence": classification.confidence(probs, manifest.confidence.rule),
         }
     if isinstance(post, DetectionPost):
-        from agent.processing.detection import decode_ssd
+        from edgefleet.core.processing.detection import decode_ssd
 
         found = decode_ssd(outputs, post)[0]
         if top_k is not None:
@@ -119,9 +119,7 @@ async def predict_image(request: web.Request) -> web.Response:
         result = await inference(request).run(
             lv, {spec.input: tensor}, image=data, allow_cloud=allow_cloud, received=received
         )
-        answer = await loop.run_in_executor(
-            pool, postprocess, m, result.outputs, transform, top_k
-        )
+        answer = await loop.run_in_executor(pool, postprocess, m, result.outputs, transform, top_k)
     except Exception:
         # Bad image or query, a full queue, a runtime failure: an error of this version.
         # (A client that hangs up is a CancelledError: not counted.)

@@ -8,13 +8,13 @@ from typing import Any
 
 from aiohttp import web
 
-import agent
-from agent.errors import BadRequest, NotFound, Unavailable
-from agent.inference import inference
-from agent.registry import LoadedVersion
-from agent.server.context import services
-from agent.server.responses import error_response, json_response, read_json_object
-from agent.server.tensors import HEADER_LENGTH, decode_request, encode_response
+from edgefleet.agent.inference import inference
+from edgefleet.agent.server.context import services
+from edgefleet.agent.server.tensors import HEADER_LENGTH, decode_request, encode_response
+from edgefleet.agent.serving_registry import LoadedVersion
+from edgefleet.core import __version__
+from edgefleet.core.errors import BadRequest, NotFound, Unavailable
+from edgefleet.core.http import error_response, json_response, read_json_object
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_labels", "image_predict"]
 PLATFORMS = {"onnx": "onnxruntime_onnx", "litert": "tensorflow_lite"}
@@ -45,7 +45,7 @@ async def ready(request: web.Request) -> web.Response:
 @routes.get("/v2")
 async def server_metadata(request: web.Request) -> web.Response:
     return json_response(
-        {"name": "edgefleet-agent", "version": agent.__version__, "extensions": EXTENSIONS}
+        {"name": "edgefleet-agent", "version": __version__, "extensions": EXTENSIONS}
     )
 
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
-import agent
-from agent.server.responses import json_response
+from edgefleet.core import __version__
+from edgefleet.core.http import json_response
 
 routes = web.RouteTableDef()
 
@@ -65,7 +65,7 @@ def spec() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "edgefleet agent",
-            "version": agent.__version__,
+            "version": __version__,
             "description": "Open Inference Protocol (KServe v2) REST API plus an image endpoint."
             ' Errors are always JSON {"error": ...}.',
         },

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agent.bundle.manifest import NUMPY_TO_OIP, OIP_TO_NUMPY, Manifest, TensorSpec
-from agent.errors import BadRequest
+from edgefleet.core.bundle.manifest import NUMPY_TO_OIP, OIP_TO_NUMPY, Manifest, TensorSpec
+from edgefleet.core.errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _MAX_DIMS = 8

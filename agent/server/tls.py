@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 
-from agent.config import AgentConfig
+from edgefleet.agent.config import AgentConfig
 
 log = logging.getLogger(__name__)
 _LOOPBACK = ("127.", "localhost", "::1")

@@ -1,0 +1,426 @@
+"""Which model versions are loaded, which one serves, and how a new one takes over.
+
+Activation follows MLServer's rule: the new version is loaded and self-tested
+while the old one keeps serving; only then does the pointer swap, and the old
+version is unloaded once its in-flight requests have drained. A failed load or
+self-test leaves the old version active and records the reason.
+
+All blocking work (extraction, loading, self-test, state files) runs in the
+executor; this module's coroutines only orchestrate, on the event loop.
+
+Each loaded version is served by a ``DynamicBatcher`` (``runtime.batching``, with
+``runtime.per_model.<name>.batching`` over it) or, with batching off, a plain
+``ModelRunner``. Before a version may serve it is loaded, self-tested, checked to
+answer a batch as it answers its rows one by one (else it runs unbatched), and
+warmed up at the batch sizes it will see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edgefleet.agent.batcher import (
+    DynamicBatcher,
+    check_rows_independent,
+    manifest_batchable,
+    warm_up,
+    warmup_batch_sizes,
+)
+from edgefleet.agent.config import BatchingConfig, ModelEntry, RuntimeConfig
+from edgefleet.agent.metrics import Metrics
+from edgefleet.agent.runner import ModelRunner, ServingHandle
+from edgefleet.agent.store import ModelState, ModelStore
+from edgefleet.core.backends import Backend, accelerators, create_backend
+from edgefleet.core.bundle.manifest import Manifest, check_name
+from edgefleet.core.bundle.selftest import run_self_test
+from edgefleet.core.errors import BadRequest, EdgeError, ModelLoadError, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class LoadedVersion:
+    manifest: Manifest
+    directory: Path
+    backend: Backend
+    runner: ServingHandle  # DynamicBatcher, or ModelRunner with batching off
+    self_test: str
+    loaded_at: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.manifest.name, self.manifest.version
+
+
+@dataclass
+class _Loaded:
+    """What loading a version in a worker thread produced."""
+
+    manifest: Manifest
+    directory: Path
+    backend: Backend
+    summary: str
+    batching: BatchingConfig
+    can_batch: bool
+    not_batched: str | None
+    warm_up: str
+
+
+def _batching_summary(runner: ServingHandle) -> str:
+    d = runner.describe()
+    if not d["enabled"]:
+        return f"off ({d['instances']} instance(s))"
+    if not d["batched"]:
+        return f"on, one by one ({d['not_batched_because']}; {d['instances']} instance(s))"
+    return (
+        f"on (max {d['max_batch_size']}, delay {d['max_queue_delay_us']} us,"
+        f" {d['instances']} instance(s))"
+    )
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        store: ModelStore,
+        runtime: RuntimeConfig,
+        inference_executor: Executor,
+        io_executor: Executor,
+        metrics: Metrics,
+        max_queue: int,
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        # Inference gets its own pool sized to the cores; loading a model or
+        # writing state must not hold up requests, nor wait behind them.
+        self.inference_executor = inference_executor
+        self.io_executor = io_executor
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self._loaded: dict[str, dict[str, LoadedVersion]] = {}
+        self._states: dict[str, ModelState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        # What the box offers (agent.backends.accelerators.detect), found at start.
+        self.accelerators: dict[str, Any] = {}
+
+    async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.io_executor, functools.partial(fn, *args))
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    # ---- start-up ------------------------------------------------------------
+
+    async def start(self, entries: list[ModelEntry]) -> None:
+        """Install configured bundles, then bring back every model's active version.
+
+        A bundle or model that fails is logged and skipped: one bad model must not
+        keep the others from serving.
+        """
+        wanted: dict[str, tuple[str, ModelEntry]] = {}
+        for entry in entries:
+            try:
+                manifest = await self.install(entry.bundle)
+            except EdgeError as exc:
+                log.error("cannot install %s: %s", entry.bundle, exc.message)
+                continue
+            except OSError as exc:
+                log.error("cannot read %s: %s", entry.bundle, exc)
+                continue
+            wanted[manifest.name] = (manifest.version, entry)
+        for name in await self._blocking(self.store.model_names):
+            state = await self._state(name)
+            target = state.active
+            entry_version, entry = wanted.get(name, (None, None))
+            if target is None and entry is not None and entry.activate:
+                target = entry_version
+            for version in dict.fromkeys(v for v in (target, state.previous) if v):
+                try:
+                    await self.activate(name, version)
+                    break
+                except EdgeError as exc:
+                    log.error("%s:%s could not be activated: %s", name, version, exc.message)
+            if entry is not None and entry_version is not None:
+                for label in entry.labels:
+                    if label not in (await self._state(name)).labels:
+                        try:
+                            await self.set_label(name, label, entry_version)
+                        except EdgeError as exc:
+                            log.error("label %s of %s: %s", label, name, exc.message)
+            for label, version in (await self._state(name)).labels.items():
+                if version not in self._loaded.get(name, {}):
+                    try:
+                        await self._ensure_loaded(name, version)
+                    except EdgeError as exc:
+                        log.error("%s:%s (%s) not loaded: %s", name, version, label, exc.message)
+        # After the models: a runtime only they import is then checked too.
+        await self.detect_accelerators()
+        log.info("accelerators: %s", accelerators.summary(self.accelerators))
+
+    async def detect_accelerators(self) -> dict[str, Any]:
+        """What the box offers, fresh (cheap: no runtime is imported for it)."""
+        self.accelerators = await self._blocking(accelerators.detect, self.runtime)
+        return self.accelerators
+
+    def provider_report(self) -> dict[str, Any]:
+        """Accelerators and, per loaded version, where it runs: for the fleet's ``reported``."""
+        return {
+            "accelerators": self.accelerators.get("accelerators", []),
+            "models": {
+                name: {v: lv.backend.info.as_dict() for v, lv in versions.items()}
+                for name, versions in self._loaded.items()
+            },
+        }
+
+    async def _state(self, name: str) -> ModelState:
+        if name not in self._states:
+            self._states[name] = await self._blocking(self.store.state, name)
+        return self._states[name]
+
+    async def _save_state(self, name: str, state: ModelState) -> None:
+        self._states[name] = state
+        await self._blocking(self.store.save_state, name, state)
+
+    # ---- install / activate ----------------------------------------------------
+
+    async def install(self, bundle: Path) -> Manifest:
+        manifest = await self._blocking(self.store.install, bundle)
+        await self._reload_state(manifest.name)  # install order changed on disk
+        return manifest
+
+    async def _reload_state(self, name: str) -> None:
+        self._states[name] = await self._blocking(self.store.state, name)
+
+    def _load_blocking(self, name: str, version: str) -> _Loaded:
+        directory = self.store.version_dir(name, version)
+        manifest = self.store.manifest(name, version)
+        batching = self.runtime.batching_for(name)
+        backend = create_backend(
+            directory / manifest.model_file, manifest, self.runtime, batching.instances or None
+        )
+        not_batched: str | None = None
+        surprising = False  # a fixed batch is normal; a failed check is worth a warning
+        try:
+            backend.load()
+            summary = run_self_test(backend, manifest, directory)
+            can_batch = batching.enabled and manifest_batchable(manifest)
+            if batching.enabled and not can_batch:
+                not_batched = "the manifest gives a fixed batch dimension"
+            if can_batch:
+                not_batched = check_rows_independent(
+                    backend, manifest, directory, batching.max_batch_size
+                )
+                can_batch = not_batched is None
+                surprising = not can_batch
+            warm = warm_up(backend, manifest, directory, warmup_batch_sizes(batching, can_batch))
+            if warm.batch_problem:
+                can_batch, not_batched, surprising = False, warm.batch_problem, True
+        except BaseException:
+            backend.unload()
+            raise
+        if surprising:
+            log.warning("%s:%s runs unbatched: %s", name, version, not_batched)
+        return _Loaded(
+            manifest, directory, backend, summary, batching, can_batch, not_batched, warm.summary
+        )
+
+    def _runner(self, loaded: _Loaded) -> ServingHandle:
+        if not loaded.batching.enabled:
+            executor, queue = self.inference_executor, self.max_queue
+            return ModelRunner(loaded.backend, executor, self.metrics, queue)
+        return DynamicBatcher(
+            loaded.backend,
+            self.inference_executor,
+            self.metrics,
+            self.max_queue,
+            loaded.batching,
+            can_batch=loaded.can_batch,
+            not_batched_because=loaded.not_batched,
+        )
+
+    async def _ensure_loaded(self, name: str, version: str) -> LoadedVersion:
+        loaded = self._loaded.get(name, {}).get(version)
+        if loaded is not None:
+            return loaded
+        started = time.perf_counter()
+        try:
+            loaded = await self._blocking(self._load_blocking, name, version)
+        except EdgeError:
+            raise
+        except Exception as exc:  # runtime-specific errors from a model file
+            raise ModelLoadError(f"{name}:{version} failed to load: {exc}") from exc
+        runner = self._runner(loaded)
+        lv = LoadedVersion(
+            loaded.manifest, loaded.directory, loaded.backend, runner, loaded.summary, time.time()
+        )
+        self._loaded.setdefault(name, {})[version] = lv
+        log.info(
+            "loaded %s:%s on %s in %.0f ms, self-test %s, %s, batching %s",
+            name,
+            version,
+            loaded.backend.info.provider,
+            (time.perf_counter() - started) * 1000,
+            loaded.summary,
+            loaded.warm_up,
+            _batching_summary(runner),
+        )
+        self._publish_ready(name)
+        onnx = self.accelerators.get("onnx")
+        if onnx is not None and not onnx["checked"] and loaded.manifest.runtime == "onnx":
+            # The first ONNX model since start: onnxruntime is imported now, look at it.
+            await self.detect_accelerators()
+            log.info("accelerators: %s", accelerators.summary(self.accelerators))
+        return lv
+
+    async def activate(self, name: str, version: str) -> LoadedVersion:
+        """Make ``version`` the one that serves ``name``; the old one serves until then."""
+        async with self._lock(name):
+            state = await self._state(name)
+            current = self._loaded.get(name, {}).get(state.active or "")
+            if state.active == version and current is not None:
+                return current
+            try:
+                lv = await self._ensure_loaded(name, version)
+            except EdgeError as exc:
+                state.last_error = f"activating {version}: {exc.message}"
+                await self._save_state(name, state)
+                self.metrics.activations.inc(name, "failed")
+                log.error("%s:%s refused: %s", name, version, exc.message)
+                raise
+            old = state.active
+            state.previous = old if old != version else state.previous
+            state.active = version
+            state.last_error = None
+            await self._save_state(name, state)
+            self.metrics.activations.inc(name, "succeeded")
+            log.info("%s now serves version %s (was %s)", name, version, old)
+            self._publish_ready(name)
+            if old and old != version:
+                await self._retire(name, old)
+            await self._blocking(self.store.prune, name)
+            await self._reload_state(name)
+            return lv
+
+    async def rollback(self, name: str) -> LoadedVersion:
+        state = await self._state(name)
+        if not state.previous:
+            raise NotFound(f"model {name!r} has no previous version to roll back to")
+        return await self.activate(name, state.previous)
+
+    async def set_label(self, name: str, label: str, version: str) -> None:
+        try:
+            check_name(label, "label")
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        async with self._lock(name):
+            state = await self._state(name)
+            await self._blocking(self.store.version_dir, name, version)  # 404 if absent
+            await self._ensure_loaded(name, version)
+            old = state.labels.get(label)
+            state.labels[label] = version
+            await self._save_state(name, state)
+            if old and old != version:
+                await self._retire(name, old)
+
+    async def _retire(self, name: str, version: str) -> None:
+        """Unload ``version`` unless it still serves under a label, after it drains."""
+        state = await self._state(name)
+        if version == state.active or version in state.labels.values():
+            return
+        lv = self._loaded.get(name, {}).pop(version, None)
+        if lv is None:
+            return
+        self._publish_ready(name, retired=lv)
+        if not await lv.runner.drain(DRAIN_TIMEOUT_S):
+            log.warning("%s:%s still busy after %.0f s; unloading", name, version, DRAIN_TIMEOUT_S)
+        lv.runner.close()
+        await self._blocking(lv.backend.unload)
+        log.info("unloaded %s:%s", name, version)
+
+    # ---- repository extension --------------------------------------------------
+
+    async def load_model(self, name: str) -> LoadedVersion:
+        state = await self._state(name)
+        version = state.active or (state.installed[-1] if state.installed else None)
+        if version is None:
+            raise NotFound(f"model {name!r} has no installed version")
+        return await self.activate(name, version)
+
+    async def unload_model(self, name: str) -> None:
+        async with self._lock(name):
+            await self._state(name)  # 404 for unknown models
+            versions = self._loaded.pop(name, {})
+            for lv in versions.values():
+                self._publish_ready(name, retired=lv)
+                await lv.runner.drain(DRAIN_TIMEOUT_S)
+                lv.runner.close()
+                await self._blocking(lv.backend.unload)
+            log.info("unloaded every version of %s", name)
+
+    # ---- lookups (event loop, no I/O) ------------------------------------------
+
+    def resolve(self, name: str, version: str | None = None) -> LoadedVersion:
+        """The loaded version answering ``name`` at ``version`` (a version or a label)."""
+        state = self._states.get(name)
+        versions = self._loaded.get(name)
+        if state is None:
+            raise NotFound(f"unknown model {name!r}")
+        if version is None:
+            target = state.active
+            if target is None or not versions or target not in versions:
+                raise Unavailable(f"model {name!r} has no version ready to serve")
+        else:
+            target = state.labels.get(version, version)
+            if target not in (versions or {}):
+                if target in state.installed:
+                    raise Unavailable(f"{name} version {target} is installed but not loaded")
+                raise NotFound(f"model {name!r} has no version or label {version!r}")
+        assert versions is not None
+        return versions[target]
+
+    def known_state(self, name: str) -> ModelState:
+        state = self._states.get(name)
+        if state is None:
+            raise NotFound(f"unknown model {name!r}")
+        return state
+
+    def loaded_versions(self, name: str) -> dict[str, LoadedVersion]:
+        return dict(self._loaded.get(name, {}))
+
+    def model_names(self) -> list[str]:
+        return sorted(self._states)
+
+    def ready(self) -> bool:
+        """Every known model has an active, loaded version."""
+        return all(
+            s.active is not None and s.active in self._loaded.get(n, {})
+            for n, s in self._states.items()
+        )
+
+    def _publish_ready(self, name: str, retired: LoadedVersion | None = None) -> None:
+        state = self._states.get(name)
+        if retired is not None:
+            for active in ("true", "false"):
+                self.metrics.model_ready.remove(name, retired.manifest.version, active)
+        for version in self._loaded.get(name, {}):
+            is_active = state is not None and state.active == version
+            self.metrics.model_ready.remove(name, version, "false" if is_active else "true")
+            self.metrics.model_ready.set(name, version, "true" if is_active else "false", value=1)
+
+    async def close(self) -> None:
+        for name in list(self._loaded):
+            for lv in self._loaded.pop(name).values():
+                await lv.runner.drain(5.0)
+                lv.runner.close()
+                await self._blocking(lv.backend.unload)

@@ -1,0 +1,114 @@
+"""Ed25519 signatures over the manifest bytes.
+
+The signature file is a small JSON document naming the key it was made with, so an
+agent can trust several keys at once (key rotation) and say which one signed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from edgefleet.core.errors import SignatureError
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def generate_keypair(directory: Path, name: str = "signing") -> tuple[Path, Path]:
+    """Write ``NAME.key`` (private, mode 0600) and ``NAME.pub`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    private = Ed25519PrivateKey.generate()
+    priv_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Create with 0600 from the start: a chmod afterwards leaves a window.
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub_path.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return priv_path, pub_path
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_public_key(data: bytes | str) -> Ed25519PublicKey:
+    if isinstance(data, str):
+        data = data.encode()
+    key = serialization.load_pem_public_key(data)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key
+
+
+def sign_manifest(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> bytes:
+    doc = {
+        "alg": "ed25519",
+        "key_id": key_id(private_key.public_key()),
+        "signature": base64.b64encode(private_key.sign(manifest_bytes)).decode(),
+    }
+    return json.dumps(doc, sort_keys=True).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class TrustStore:
+    """The public keys an agent accepts bundles from."""
+
+    keys: dict[str, Ed25519PublicKey]
+    allow_unsigned: bool = False
+
+    @classmethod
+    def from_pem(cls, pems: list[bytes | str], allow_unsigned: bool = False) -> TrustStore:
+        keys = [load_public_key(p) for p in pems]
+        return cls({key_id(k): k for k in keys}, allow_unsigned)
+
+    @classmethod
+    def from_files(cls, paths: list[Path], allow_unsigned: bool = False) -> TrustStore:
+        return cls.from_pem([p.read_bytes() for p in paths], allow_unsigned)
+
+    def verify(self, manifest_bytes: bytes, signature: bytes | None) -> str | None:
+        """Return the id of the key that signed, or None for an allowed unsigned bundle."""
+        if signature is None:
+            if self.allow_unsigned:
+                return None
+            raise SignatureError("bundle is not signed (manifest.sig missing)")
+        try:
+            doc = json.loads(signature)
+            alg, kid, sig = doc["alg"], doc["key_id"], base64.b64decode(doc["signature"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SignatureError(f"manifest.sig is malformed: {exc}") from exc
+        if alg != "ed25519":
+            raise SignatureError(f"unsupported signature algorithm {alg!r}")
+        key = self.keys.get(kid)
+        if key is None:
+            raise SignatureError(f"bundle signed by untrusted key {kid}")
+        try:
+            key.verify(sig, manifest_bytes)
+        except InvalidSignature as exc:
+            raise SignatureError(f"bad signature from key {kid}: manifest was altered") from exc
+        return kid

@@ -1,0 +1,56 @@
+"""Scores → labelled predictions and a confidence for the fallback policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgefleet.core.bundle.manifest import ClassificationPost
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    confidence: float
+    class_id: int
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def probabilities(outputs: dict[str, np.ndarray], post: ClassificationPost) -> np.ndarray:
+    """(batch, classes) float probabilities."""
+    scores = np.asarray(outputs[post.output], dtype=np.float32)
+    scores = scores.reshape(scores.shape[0], -1)
+    return softmax(scores) if post.apply_softmax else scores
+
+
+def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[Prediction]:
+    """Top-k for one item (1-D ``probs``)."""
+    k = min(k, probs.shape[0])
+    idx = np.argpartition(-probs, k - 1)[:k]
+    idx = idx[np.argsort(-probs[idx], kind="stable")]
+    return [
+        Prediction(labels[i] if i < len(labels) else str(i), float(probs[i]), int(i)) for i in idx
+    ]
+
+
+def confidence(probs: np.ndarray, rule: str) -> float:
+    """One number in [0, 1] for one item: high means the model is sure."""
+    p = np.clip(probs.astype(np.float64), 0.0, 1.0)
+    if rule == "margin":
+        top2 = np.sort(p)[-2:] if p.shape[0] > 1 else np.array([0.0, p[0]])
+        return float(top2[1] - top2[0])
+    if rule == "entropy":
+        total = p.sum()
+        if total <= 0 or p.shape[0] < 2:
+            return 0.0
+        q = p / total
+        h = -float(np.sum(q[q > 0] * np.log(q[q > 0])))
+        return 1.0 - h / math.log(p.shape[0])
+    return float(p.max())

@@ -1,0 +1,136 @@
+"""``POST /v1/predict/{model}`` with real PNG/JPEG bytes, decoded by OpenCV."""
+
+from __future__ import annotations
+
+import aiohttp
+import cv2
+import numpy as np
+import pytest
+
+from edgefleet.core.bundle.manifest import ImagePreprocessing
+from edgefleet.core.processing.image import preprocess
+from tests.support.images import BIG, IMAGE_PRE, IMG, png
+from tests.support.tiny import agent_config, tiny_reference
+
+
+@pytest.fixture
+async def agent(start_agent, make_tiny_bundle, keys, tmp_path):
+    bundle = make_tiny_bundle("img1", preprocessing=IMAGE_PRE)
+    return await start_agent(
+        agent_config(tmp_path, keys, [bundle], server={"max_body_bytes": 200_000})
+    )
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def expected(img: np.ndarray) -> np.ndarray:
+    return tiny_reference((img.astype(np.float32) / 255).reshape(1, 4))[0]
+
+
+async def test_png_body_gives_labelled_predictions(session, agent):
+    async with session.post(f"{agent.base}/v1/predict/tiny", data=png(BIG)) as r:
+        assert r.status == 200, await r.text()
+        doc = await r.json()
+    probs = expected(IMG)
+    assert (doc["model"], doc["version"], doc["source"]) == ("tiny", "img1", "edge")
+    assert doc["latency_ms"] > 0
+    assert [p["label"] for p in doc["predictions"]] == [
+        ["a", "b", "c"][i] for i in np.argsort(-probs)
+    ]
+    assert doc["predictions"][0]["confidence"] == pytest.approx(probs.max(), rel=1e-5)
+    assert doc["confidence"] == pytest.approx(probs.max(), rel=1e-5)
+
+
+async def test_multipart_jpeg_and_top_k(session, agent):
+    _, jpg = cv2.imencode(".jpg", BIG, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    form = aiohttp.FormData()
+    form.add_field("image", jpg.tobytes(), filename="x.jpg", content_type="image/jpeg")
+    async with session.post(f"{agent.base}/v1/predict/tiny?top_k=1", data=form) as r:
+        assert r.status == 200, await r.text()
+        doc = await r.json()
+    assert len(doc["predictions"]) == 1
+    assert doc["predictions"][0]["label"] == ["a", "b", "c"][int(np.argmax(expected(IMG)))]
+
+
+@pytest.mark.parametrize(
+    ("what", "body", "message"),
+    [
+        ("empty", b"", "empty image body"),
+        ("text", b"hello, I am not an image", "not a JPEG or PNG"),
+        ("truncated png", png(BIG)[:40], "corrupt or truncated"),
+        ("corrupt jpeg", b"\xff\xd8\xff\xe0" + b"\x00" * 300, "corrupt or truncated"),
+        ("gif", b"GIF89a" + b"\x00" * 50, "not a JPEG or PNG"),
+    ],
+)
+async def test_bad_images_are_400(session, agent, what, body, message):
+    async with session.post(f"{agent.base}/v1/predict/tiny", data=body) as r:
+        assert r.status == 400, what
+        assert message in (await r.json())["error"]
+    async with session.post(f"{agent.base}/v1/predict/tiny", data=png(BIG)) as r:
+        assert r.status == 200
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header announcing a huge image, followed by a tiny body."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+async def test_decompression_bomb_is_refused_without_allocating(session, agent):
+    async with session.post(
+        f"{agent.base}/v1/predict/tiny", data=png_claiming(100_000, 100_000)
+    ) as r:
+        assert r.status == 400
+        assert "could not be decoded" in (await r.json())["error"]
+    async with session.post(f"{agent.base}/v1/predict/tiny", data=png(BIG)) as r:
+        assert r.status == 200
+
+
+async def test_multipart_without_image_field_and_bad_query(session, agent):
+    form = aiohttp.FormData()
+    form.add_field("picture", png(BIG), filename="x.png")
+    async with session.post(f"{agent.base}/v1/predict/tiny", data=form) as r:
+        assert r.status == 400
+        assert "field named 'image'" in (await r.json())["error"]
+    async with session.post(f"{agent.base}/v1/predict/tiny?top_k=lots", data=png(BIG)) as r:
+        assert r.status == 400
+        assert "top_k" in (await r.json())["error"]
+
+
+async def test_oversized_image_is_413(session, agent):
+    noise = np.random.default_rng(0).integers(0, 255, (600, 600), dtype=np.uint8)
+    body = png(noise)
+    assert len(body) > 200_000
+    async with session.post(f"{agent.base}/v1/predict/tiny", data=body) as r:
+        assert r.status == 413
+
+
+def test_letterbox_keeps_aspect_and_maps_boxes_back():
+    spec = ImagePreprocessing(input="x", width=100, height=100, color="RGB", resize="letterbox")
+    img = np.zeros((50, 200, 3), np.uint8)
+    img[:, 100:] = 255  # right half white
+    tensor, transform = preprocess(png(img), spec)
+    assert tensor.shape == (1, 100, 100, 3)
+    # 200x50 scaled by 0.5 -> 100x25, padded 37 rows above (centred).
+    assert transform.pad_y == 37 and transform.pad_x == 0
+    assert tensor[0, 10].max() == 0  # padding row
+    assert tensor[0, 50, 75].min() == pytest.approx(1.0)  # white half
+    # The box covering the whole content maps back to the whole image.
+    box = (0.0, 37 / 100, 1.0, 62 / 100)
+    assert transform.box_to_pixels(box) == [0.0, 0.0, 200.0, 50.0]

@@ -1,0 +1,279 @@
+"""Real MQTT brokers for tests: Mosquitto as a subprocess, amqtt in-process.
+
+``Mosquitto`` runs ``mosquitto -c CONF`` with deploy/mosquitto/edgefleet.conf on a
+free loopback port in its own directory, and can be stopped (cleanly or SIGKILL)
+and started again on the same port with the same persistence file, for outage
+tests. The fixtures are in tests/broker_fixtures.py (load them with
+``pytest_plugins = ("tests.broker_fixtures",)``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy" / "mosquitto"
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("broker process exited")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing accepts connections on port {port} after {timeout} s")
+
+
+class Mosquitto:
+    """One Mosquitto broker in ``workdir``: config, persistence file and log live there."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        users: dict[str, str] | None = None,
+        acl_file: Path | None = None,
+        extra_conf: str = "",
+    ) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.users = users
+        self.acl_file = acl_file
+        self.extra_conf = extra_conf
+        self.conf = workdir / "mosquitto.conf"
+        self.log_path = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def db_path(self) -> Path:
+        return self.workdir / "mosquitto.db"
+
+    def _write_conf(self) -> None:
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            f"persistence_location {self.workdir}/",
+            # As root Mosquitto switches to the 'mosquitto' user, who cannot write here.
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+        ]
+        if self.users is not None:
+            pw = self.workdir / "passwd"
+            pw.write_text("")
+            for user, password in self.users.items():
+                subprocess.run([MOSQUITTO_PASSWD, "-b", str(pw), user, password], check=True)
+            lines += ["allow_anonymous false", f"password_file {pw}"]
+        else:
+            lines.append("allow_anonymous true")
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
+        body = (DEPLOY / "edgefleet.conf").read_text()
+        self.conf.write_text("\n".join(lines) + "\n" + body + "\n" + self.extra_conf + "\n")
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        """Start (or start again, same port, same persistence) and wait until it accepts."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("broker is already running")
+        self._write_conf()
+        log = open(self.log_path, "ab")  # the child keeps its own copy of the fd
+        try:
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        finally:
+            log.close()
+        proc = self.proc
+        try:
+            wait_port(self.port, timeout, alive=lambda: proc.poll() is None)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop(kill=True)
+            raise RuntimeError(f"mosquitto did not start: {exc}\n{self.log()[-2000:]}") from exc
+        self.starts += 1
+        return self
+
+    def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
+        """Stop: SIGTERM (Mosquitto saves its persistence file) or SIGKILL (it does not)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self, kill: bool = False, down_s: float = 0.0) -> None:
+        self.stop(kill=kill)
+        if down_s:
+            time.sleep(down_s)
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Peer:
+    """A plain paho client on its own network thread: the far side of a test.
+
+    Deliberately *not* our link: the fleet side is another codebase, and a test that
+    used our own client on both ends could hide a shared mistake.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        client_id: str = "test-peer",
+        *,
+        username: str | None = "test-peer",
+        password: str | None = None,
+        clean_session: bool = True,
+        host: str = "127.0.0.1",
+    ) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.subscriptions: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.reconnect_delay_set(0.05, 0.5)  # type: ignore[arg-type]
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self._connected.clear()
+        self.client.connect(host, port, keepalive=5)
+        self.client.loop_start()
+        if not self._connected.wait(10):
+            self.close()
+            raise TimeoutError("peer could not connect")
+
+    def _on_connect(
+        self, client: object, userdata: object, flags: object, rc: object, props: object
+    ) -> None:
+        # Network thread. Re-subscribe after every reconnect, as a real fleet must.
+        for topic_filter, qos in self.subscriptions:
+            self.client.subscribe(topic_filter, qos)
+        self._connected.set()
+
+    def _on_message(self, client: object, userdata: object, msg: object) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))  # type: ignore[attr-defined]
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        import threading
+
+        done = threading.Event()
+        self.subscriptions.append((topic_filter, qos))
+        self.client.on_subscribe = lambda *a: done.set()
+        self.client.subscribe(topic_filter, qos)
+        if not done.wait(10):
+            raise TimeoutError(f"no SUBACK for {topic_filter}")
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(10)
+
+    def received(self, topic: str | None = None) -> list[tuple[str, bytes, bool]]:
+        with self._lock:
+            return [m for m in self.messages if topic is None or m[0] == topic]
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        import asyncio
+
+        deadline = time.monotonic() + within
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"condition not met in {within} s; got {self.messages[-5:]}")
+            await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def lingering_tasks() -> list[object]:
+    """Tasks still running besides the current one (a test must leave none)."""
+    import asyncio
+
+    current = asyncio.current_task()
+    return [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+
+
+async def eventually(
+    predicate: Callable[[], object], within: float = 10.0, every: float = 0.01
+) -> None:
+    """Poll ``predicate`` (sync) until true; TimeoutError after ``within`` seconds."""
+    import asyncio
+
+    async with asyncio.timeout(within):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(every)
+
+
+def link_config(port: int, **overrides: Any) -> Any:
+    """An MQTT link config for tests: loopback, short keepalive and backoff."""
+    from edgefleet.agent.config import FleetConfig
+
+    doc: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "keepalive_s": 2,
+        "reconnect_min_s": 0.05,
+        "reconnect_max_s": 0.4,
+        "connect_timeout_s": 3,
+        "publish_timeout_s": 5,
+    }
+    doc.update(overrides)
+    return FleetConfig.model_validate(doc)
+
+
+def agent_fleet_section(port: int, tmp: Path) -> dict[str, Any]:
+    """An agent config's ``fleet:`` section for a local test broker, with short timers."""
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "keepalive_s": 2,
+        "reconnect_min_s": 0.05,
+        "reconnect_max_s": 0.3,
+        "outbox": {"path": str(tmp / "outbox.sqlite")},
+        "telemetry": {"flush_interval_s": 0.05, "ack_timeout_s": 1},
+    }
