@@ -481,7 +481,7 @@ def test_torch_export_runs_in_onnxruntime(tmp_path):
     module = _tiny_torch_module()
     torch.save(module.state_dict(), tmp_path / "w.pt")
     out = export_torch(
-        "test_converters:_tiny_torch_module",
+        "tests.converters.test_converters:_tiny_torch_module",
         tmp_path / "m.onnx",
         (1, 4),
         weights=tmp_path / "w.pt",

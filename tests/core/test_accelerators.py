@@ -109,8 +109,8 @@ def test_detection_does_not_import_a_runtime_no_model_uses():
     """onnxruntime costs ~19 MB resident: a LiteRT-only box must not pay it to look."""
     code = (
         "import json, sys\n"
-        "from agent.backends.accelerators import detect\n"
-        "from agent.config import RuntimeConfig\n"
+        "from edgefleet.core.backends.accelerators import detect\n"
+        "from edgefleet.core.backends.config import BackendConfig as RuntimeConfig\n"
         "found = detect(RuntimeConfig())\n"
         "print(json.dumps([found['onnx'], 'onnxruntime' in sys.modules,"
         " 'ai_edge_litert' in sys.modules]))\n"
