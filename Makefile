@@ -22,19 +22,25 @@ demo: $(STAMP)
 	$(VENV)/bin/edge-fleet demo --build models/build
 	$(VENV)/bin/edge-agent demo --config models/build/agent.yaml
 
-test: $(STAMP)
+# Format, lint, types (mypy --strict with the pydantic plugin, on the four product
+# packages) and layering (import-linter: the core below the products, the products
+# independent of each other); then the tests.
+test: $(STAMP) lint
 	deploy/ensure-test-tools.sh
-	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 	# The agent runs on uvloop by default: the in-process async tests run on it too.
-	EDGEFLEET_TEST_LOOP=uvloop $(PY) -m pytest -q tests/test_api.py tests/test_model_store.py \
-		tests/test_batcher.py tests/test_cloud_faults.py tests/test_fallback_modes.py \
-		tests/test_mqtt_link.py tests/test_mqtt_telemetry.py tests/test_mqtt_agent.py \
-		tests/test_sync.py tests/test_fleet_bus.py tests/test_fleet_e2e.py
+	EDGEFLEET_TEST_LOOP=uvloop $(PY) -m pytest -q tests/agent/test_api.py \
+		tests/agent/test_model_store.py tests/agent/test_batcher.py \
+		tests/agent/test_cloud_faults.py tests/agent/test_fallback_modes.py \
+		tests/core/test_mqtt_link.py tests/agent/test_mqtt_telemetry.py \
+		tests/agent/test_mqtt_agent.py tests/agent/test_sync.py \
+		tests/fleet/test_fleet_bus.py tests/e2e/test_fleet_e2e.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) -m bench overhead

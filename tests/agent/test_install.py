@@ -351,7 +351,14 @@ def test_install_enrol_serve_upgrade_uninstall(
     before = config.read_bytes()
     r = install(root, wheelhouse, installer=installer)
     assert f"upgraded edgefleet {VERSION}" in r.stdout and "kept the config" in r.stdout
-    r2 = run([venv / "bin/python", "-I", "-c", "import edgefleet.agent._release_note as n; print(n.NOTE)"])
+    r2 = run(
+        [
+            venv / "bin/python",
+            "-I",
+            "-c",
+            "import edgefleet.agent._release_note as n; print(n.NOTE)",
+        ]
+    )
     assert r2.stdout.strip() == "the next release", r2.stderr
     assert "created the venv" not in r.stdout
     assert config.read_bytes() == before and password_file.read_text().strip()
