@@ -204,6 +204,21 @@ class FleetSyncConfig(Section):
     # An https fleet whose certificate comes from the operator's own CA (written by
     # `edge-agent enroll --ca-file`); None: the system's trust store.
     ca_file: Path | None = Field(None, description="PEM CA bundle for https bundle URLs")
+    # The fleet this device enrolled with (written by `edge-agent enroll`): the only
+    # origin bundle downloads send the device credentials to (agent/download.py,
+    # CredentialScope). None (configs from before): the broker's host, https only.
+    fleet_url: str | None = Field(None, description="enrolled fleet URL; gets the credentials")
+
+    @field_validator("fleet_url")
+    @classmethod
+    def _fleet_url(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is not None:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("fleet_url must be an absolute http(s) URL")
+        return v
 
     @model_validator(mode="after")
     def _retry_bounds(self) -> FleetSyncConfig:
