@@ -1,4 +1,7 @@
-"""Shared fixtures: real keys, real ONNX models, real agents on loopback ports."""
+"""Shared fixtures: real keys, real ONNX models, real agents on loopback ports.
+
+Every test also runs under tests/support/leaks.py's autouse check: it must leave no
+asyncio task, timer or thread behind."""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from edgefleet.core.bundle.signing import generate_keypair, load_private_key
 from tests.support.tiny import TEST_X, TINY_MANIFEST, TINY_W, RunningAgent, write_tiny_onnx
 
 pytest_plugins = (
+    "pytester",  # tests/test_leak_check.py runs small test files through the leak check
+    "tests.support.leaks",  # autouse: no task, timer or thread left behind
     "tests.support.broker_fixtures",  # mosquitto, mosquitto_factory, amqtt_broker, peers
     "tests.support.cloud_fixtures",  # servers, cloud_bundles
     "tests.support.digits_fixtures",  # digits
@@ -77,16 +82,15 @@ async def start_agent() -> AsyncIterator[Callable[..., Any]]:
     yield start
     for r in reversed(runners):
         await r.cleanup()
-    # Fail on tasks a test (or the agent) left running.
-    current = asyncio.current_task()
-    lingering = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-    assert not lingering, f"lingering tasks: {lingering}"
+    # Whatever the agents left running fails the test (tests/support/leaks.py).
 
 
 if os.environ.get("EDGEFLEET_TEST_LOOP") == "uvloop":
 
-    @pytest.fixture(scope="session")
-    def event_loop_policy():  # pytest-asyncio hook: every async test runs on uvloop
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        """pytest-asyncio hook: every async test runs on uvloop."""
         import uvloop
 
-        return uvloop.EventLoopPolicy()
+        return {"uvloop": uvloop.new_event_loop}

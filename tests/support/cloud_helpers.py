@@ -1,6 +1,6 @@
 """Helpers for the cloud-fallback tests: real cloud-profile agents on loopback, and
 small real servers for the faults a real agent cannot produce (the fixtures that
-use them are in tests/_cloud_fixtures.py).
+use them are in tests/support/cloud_fixtures.py).
 
 * ``Servers`` (the ``servers`` fixture): starts real agents (edge or cloud profile, optionally HTTPS) and plain
   aiohttp apps on loopback ports in the test's loop; all stopped at the end, and
