@@ -59,6 +59,7 @@ from bench.common import (
     write_doc_section,
     write_result,
 )
+from bench.mosquitto import Mosquitto
 from bench.mqtt_sim import SimClient, reported_payload, status_payload, topic
 
 MODEL = "digits-edge"
@@ -90,11 +91,8 @@ class Usage:
 
 
 @contextlib.contextmanager
-def mosquitto(workdir: Path) -> Iterator[Any]:
-    # The test suite's broker runner: deploy/mosquitto/edgefleet.conf on a free port.
-    sys.path.insert(0, str(ROOT))
-    from tests.support.brokers import Mosquitto
-
+def mosquitto(workdir: Path) -> Iterator[Mosquitto]:
+    """Mosquitto with deploy/mosquitto/edgefleet.conf on a free port (bench/mosquitto.py)."""
     broker = Mosquitto(workdir / "mosquitto")
     broker.start()
     try:
