@@ -8,7 +8,6 @@ the agent will run it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
@@ -16,7 +15,6 @@ from edgefleet.core.config import Section
 
 
 class OnnxConfig(Section):
-    type: Literal["onnx"] = "onnx"
     # Tried in order; CPUExecutionProvider is always appended as the last resort.
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
@@ -35,7 +33,6 @@ class ExternalDelegate(Section):
 
 
 class LiteRTConfig(Section):
-    type: Literal["litert"] = "litert"
     num_threads: int = Field(0, ge=0, description="0: cores ÷ interpreters")
     xnnpack: bool = True
     # Tried in order (e.g. an Edge TPU or GPU delegate); the CPU is the last resort.
