@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from edgefleet.agent.cli import format_prediction
 from edgefleet.agent.config import AgentConfig, load_config
+from edgefleet.agent.formatting import format_prediction
 from edgefleet.agent.server.app import create_app
 from edgefleet.agent.server.tls import server_ssl_context
 from edgefleet.core.errors import ConfigError

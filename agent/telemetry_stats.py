@@ -1,7 +1,8 @@
 """Per-model inference aggregates for the fleet: ``inference_stats`` outbox records.
 
-Every inference the HTTP APIs answer (or fail) for a known model version is counted
-here, into a window per (model, version): requests, errors, a latency histogram, a
+Every inference the data plane (``agent/dataplane.py``) answers (or fails) for a known
+model version, whatever protocol brought it, is counted here, into a window per
+(model, version): requests, errors, a latency histogram, a
 confidence histogram, who answered (edge/cloud/mixed) and why the cloud did not
 (fallback reasons). Every ``fleet.telemetry.stats_interval_s`` the windows are
 swapped for empty ones and each window that saw a request becomes one LOW-priority
@@ -24,10 +25,11 @@ What is counted, per request (a batched OIP request is one request):
   answer or the failure), so its counts add up to ``count``;
 * ``sources`` and ``fallback``: answered requests only (``sum(sources) == count -
   errors``);
-* ``confidence``: answered requests that carry a confidence: the image endpoint
-  always; the OIP endpoint when the cloud-fallback policy scored the answer (no
-  extra work is done on the loop just for this histogram). For a batch, the least
-  confident item (the one that says the most about a model that is unsure).
+* ``confidence``: answered requests of models whose outputs carry a confidence
+  (classifiers and detectors, not raw outputs): the answer's confidence by the
+  model's confidence rule (the cloud's for items the cloud answered), on every
+  endpoint, with or without a cloud. For a batch, the least confident item (the one
+  that says the most about a model that is unsure).
 """
 
 from __future__ import annotations
@@ -39,12 +41,9 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgefleet.agent.outbox import NewRecord, Priority
-
-if TYPE_CHECKING:
-    from edgefleet.agent.inference import Provenance
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,8 @@ class InferenceStats:
         fallback: str | None = None,
         confidence: float | None = None,
     ) -> None:
-        """One answered request."""
+        """One answered request: who answered (``source``: edge, cloud, mixed), why the
+        cloud did not (``fallback``), and the answer's ``confidence`` if it has one."""
         # The lookup is inlined (here and below): a method call costs as much as the rest.
         by_version = self._windows.get(model)
         w = by_version.get(version) if by_version is not None else None
@@ -145,23 +145,6 @@ class InferenceStats:
         w.count += 1
         w.errors += 1
         w.latency[bisect_left(_LATENCY_BOUNDS_S, latency_s)] += 1
-
-    def record_answer(
-        self,
-        model: str,
-        version: str,
-        latency_s: float,
-        provenance: Provenance,
-        confidence: float | None = None,
-    ) -> None:
-        """One answered request, its source and fallback read from its provenance.
-
-        ``confidence``: the answer's, when the caller has it (the image endpoint);
-        otherwise the one the fallback policy computed, if any.
-        """
-        if confidence is None and provenance.edge_confidence is not None:
-            confidence = answer_confidence(provenance)
-        self.record(model, version, latency_s, provenance.source, provenance.fallback, confidence)
 
     # ---- flush (once a window) ----------------------------------------------------------
 
@@ -250,21 +233,3 @@ class InferenceStats:
             if stopping:
                 # Set before this flush began: what was counted until then is written.
                 return
-
-
-def answer_confidence(prov: Provenance) -> float | None:
-    """The confidence of the answer the caller got: for a batch, its least sure item.
-
-    The edge's per-item confidences, with the cloud's for the items the cloud answered.
-    """
-    edge = prov.edge_confidence
-    if not edge:
-        return None
-    cloud = prov.cloud_confidence
-    if not prov.cloud_items or not cloud:
-        return edge[0] if len(edge) == 1 else min(edge)
-    merged = list(edge)
-    for row, conf in zip(prov.cloud_items, cloud, strict=False):
-        if row < len(merged):
-            merged[row] = conf
-    return min(merged)

@@ -75,8 +75,9 @@ class Calibration:
 
 
 def confidences(probs: np.ndarray, rule: str) -> np.ndarray:
-    """The agent's own confidence for each row (agent.processing.classification)."""
-    return np.array([classification.confidence(p, rule) for p in probs], dtype=np.float64)
+    """The agent's own confidence for each row (``edgefleet.core.processing``: the same
+    code the agent scores its answers with)."""
+    return classification.confidences(probs, rule)
 
 
 def curve(

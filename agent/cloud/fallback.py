@@ -1,4 +1,4 @@
-"""The cloud endpoint as the inference service sees it: gate, call, judge, record.
+"""The cloud endpoint as the cloud router sees it: gate, call, judge, record.
 
 ``CloudFallback.call`` is the one way to the cloud, for live requests, background
 escalations and audits, and retries alike. Before a call: the endpoint must not
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,6 +375,13 @@ def expectation(
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """What the cloud must return for ``items`` items, given the edge model's outputs."""
     return {name: ((items, *arr.shape[1:]), arr.dtype) for name, arr in outputs.items()}
+
+
+def take_rows(tensors: Mapping[str, np.ndarray], rows: Sequence[int]) -> dict[str, np.ndarray]:
+    """Items ``rows`` of every tensor, as copies: what goes to the cloud or the store
+    never aliases a buffer the runtime or the request still owns."""
+    idx = np.asarray(rows, dtype=np.intp)
+    return {name: np.asarray(value)[idx] for name, value in tensors.items()}
 
 
 def default_store_path(store_path: Path) -> Path:

@@ -13,6 +13,10 @@ coroutines hand it work through a queue and await a future (Datasette's
 no connection sharing to get wrong. Results come back with the row counts per
 status so the event loop can update the gauges (metrics are loop-only).
 
+``HardExampleRecorder`` is what the cloud router (``agent/cloud/router.py``) hands its
+outcomes to: it picks the rows worth keeping and passes them to the store a moment
+after the answer that made them is on its way.
+
 Until the fleet's outbox lands this is the local store; uploading reads from here.
 """
 
@@ -26,7 +30,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,12 +38,16 @@ from typing import Any, TypeVar
 import numpy as np
 
 from edgefleet.agent.cloud.config import HardExamplesConfig
+from edgefleet.agent.cloud.fallback import take_rows
+from edgefleet.core.processing.scoring import Scored
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 QUEUE_LIMIT = 4096
+# Hard examples reach the writer thread this long after the answer that made them.
+STORE_AFTER_S = 0.005
 # A failed case waits retry_interval x 2^attempts (at most this many intervals).
 MAX_BACKOFF_INTERVALS = 64
 
@@ -545,6 +553,124 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
         fut.set_exception(value)
 
 
+# ---- capture ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request's items as the edge answered them (``edge``: scored by the policy's
+    rule), for keeping some of them as hard examples."""
+
+    model: str
+    version: str
+    cloud_model: str | None
+    inputs: Mapping[str, np.ndarray]
+    edge_outputs: Mapping[str, np.ndarray]
+    edge: Scored
+    image: bytes | None = None
+
+    def edge_class(self, i: int) -> int | None:
+        top = self.edge.top_class
+        return int(top[i]) if top is not None else None
+
+
+class HardExampleRecorder:
+    """Picks the cases worth keeping from cloud outcomes and queues them for the store.
+
+    Event loop only. Cases both models answered are kept at ``sample_rate``, except
+    disagreements, which are always kept (the most useful cases there are); cases the
+    cloud should have answered and did not are all kept, ``pending``, for the retry
+    loop.
+    """
+
+    def __init__(self, store: HardExampleStore, sample_rate: float, rng: random.Random) -> None:
+        self.store = store
+        self.sample_rate = sample_rate
+        self._rng = rng
+        self._unstored: list[NewExample] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+
+    def answered(
+        self,
+        case: Case,
+        rows: Sequence[int],
+        kind: str,
+        *,
+        cloud_version: str | None,
+        cloud_outputs: Mapping[str, np.ndarray],
+        cloud: Scored,
+        agree: Sequence[bool | None],
+    ) -> None:
+        """The cloud answered items ``rows`` of ``case`` (``cloud``: its answer scored by
+        the policy's rule, in ``rows`` order; ``agree``: top-1 agreement per item)."""
+        keep: list[NewExample] = []
+        for j, i in enumerate(rows):
+            if agree[j] is not False and self._rng.random() >= self.sample_rate:
+                continue
+            keep.append(
+                NewExample(
+                    model=case.model,
+                    version=case.version,
+                    cloud_model=case.cloud_model,
+                    cloud_version=cloud_version,
+                    kind=kind,
+                    status="answered",
+                    inputs=take_rows(case.inputs, [i]),
+                    edge_outputs=take_rows(case.edge_outputs, [i]),
+                    edge_class=case.edge_class(i),
+                    edge_confidence=float(case.edge.confidence[i]),
+                    cloud_outputs=take_rows(cloud_outputs, [j]),
+                    cloud_class=int(cloud.top_class[j]) if cloud.top_class is not None else None,
+                    cloud_confidence=float(cloud.confidence[j]),
+                    image=case.image,
+                )
+            )
+        if keep:
+            self._keep_soon(keep)
+
+    def failed(
+        self, case: Case, rows: Sequence[int], kind: str, *, reason: str | None, sent: bool
+    ) -> None:
+        """Items ``rows`` should have had a cloud answer: all kept, to retry."""
+        self._keep_soon(
+            [
+                NewExample(
+                    model=case.model,
+                    version=case.version,
+                    cloud_model=case.cloud_model,
+                    kind=kind,
+                    status="pending",
+                    reason=reason,
+                    attempts=1 if sent else 0,
+                    inputs=take_rows(case.inputs, [i]),
+                    edge_outputs=take_rows(case.edge_outputs, [i]),
+                    edge_class=case.edge_class(i),
+                    edge_confidence=float(case.edge.confidence[i]),
+                    image=case.image,
+                )
+                for i in rows
+            ]
+        )
+
+    def _keep_soon(self, examples: list[NewExample]) -> None:
+        """Hand examples to the writer a moment from now, once this answer is sent:
+        the writer thread's work would otherwise compete for the GIL with the
+        response (a few ms at p99 when the cloud has just timed out)."""
+        self._unstored.extend(examples)
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(STORE_AFTER_S, self.flush)
+
+    def flush(self) -> None:
+        """Hand what is waiting to the store now."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        examples, self._unstored = self._unstored, []
+        if examples:
+            self.store.add(examples)
+
+
 # ---- retries ---------------------------------------------------------------------------
 
 
@@ -577,7 +703,7 @@ RetryOutcome = RetryAnswered | RetryFailed | RetryRefused
 class RetryLoop:
     """Sends pending hard examples to the cloud again, a few per round.
 
-    ``attempt`` (the inference service's) makes one call through the same gate as
+    ``attempt`` (the cloud router's) makes one call through the same gate as
     live traffic (breaker, offline state, budget with a reserve for live requests).
     """
 

@@ -1,10 +1,11 @@
 """The fallback policy of one model version, and the per-item decision it makes.
 
 ``resolve_policy`` lays the agent config over the bundle's defaults (see
-``agent.cloud.config`` for the precedence). ``item_scores`` turns a model's raw
-outputs into one confidence per batch item with the policy's rule, and
-``route_items`` decides for each item: answer locally (``confident``), ask the
-cloud (``unsure``), or answer locally and also send it for an ``audit``.
+``agent.cloud.config`` for the precedence). ``route_items`` takes the model's
+outputs scored by the policy's rule (``edgefleet.core.processing.scoring``: one
+confidence per batch item) and decides for each item: answer locally
+(``confident``), ask the cloud (``unsure``), or answer locally and also send it for
+an ``audit``.
 
 Decisions are per item: in a batched request only the unsure items go to the
 cloud (in one call), so a batch of 32 confident images and one blurry one costs
@@ -19,11 +20,9 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from edgefleet.agent.cloud.config import FallbackConfig, Mode, ModelFallback, Rule
 from edgefleet.core.bundle.manifest import ClassificationPost, DetectionPost, Manifest
-from edgefleet.core.processing import classification
+from edgefleet.core.processing.scoring import Scored
 
 log = logging.getLogger(__name__)
 
@@ -152,38 +151,8 @@ def _why_inactive(
     return None
 
 
-@dataclass(frozen=True)
-class ItemScores:
-    """One confidence per batch item; the top-1 class for classifiers."""
-
-    confidence: np.ndarray  # (batch,) float64 in [0, 1]
-    top_class: np.ndarray | None  # (batch,) int64, classifiers only
-
-
-def item_scores(manifest: Manifest, outputs: Mapping[str, np.ndarray], rule: str) -> ItemScores:
-    """Confidence per item from raw outputs (detectors: decode first; call off the loop)."""
-    post = manifest.postprocessing
-    if isinstance(post, ClassificationPost):
-        probs = classification.probabilities(dict(outputs), post)
-        conf = np.array([classification.confidence(p, rule) for p in probs], dtype=np.float64)
-        return ItemScores(conf, probs.argmax(axis=1).astype(np.int64))
-    if isinstance(post, DetectionPost):
-        from edgefleet.core.processing.detection import decode_ssd
-
-        per_item = decode_ssd(outputs, post)
-        conf = np.empty(len(per_item), dtype=np.float64)
-        for i, found in enumerate(per_item):
-            scores = [d.score for d in found]
-            # Nothing found is a confident answer, as the image endpoint reports it.
-            if not scores:
-                conf[i] = 1.0
-            else:
-                conf[i] = min(scores) if rule == "min_box" else float(np.mean(scores))
-        return ItemScores(conf, None)
-    raise ValueError(f"{manifest.name}: raw outputs carry no confidence")
-
-
-def route_items(policy: FallbackPolicy, scores: ItemScores, rng: random.Random) -> list[Route]:
+def route_items(policy: FallbackPolicy, scores: Scored, rng: random.Random) -> list[Route]:
+    """One route per item of ``scores`` (scored by ``policy.rule``)."""
     routes: list[Route] = []
     for i, conf in enumerate(scores.confidence):
         cls = int(scores.top_class[i]) if scores.top_class is not None else None

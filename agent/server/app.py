@@ -8,20 +8,26 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from edgefleet.agent.config import AgentConfig, default_threads
-from edgefleet.agent.inference import INFERENCE, InferenceService
+from edgefleet.agent.dataplane import DataPlane
 from edgefleet.agent.metrics import Metrics
-from edgefleet.agent.server import admin, fallback, image, oip, openapi
-from edgefleet.agent.server.context import SERVICES, Services, services
+from edgefleet.agent.server import admin, fallback, image, oip, openapi, request_guard
+from edgefleet.agent.server.connections import CONNECTIONS, ConnectionGuard, ConnectionLimits
+from edgefleet.agent.server.context import DATA_PLANE, SERVICES, Services, services
 from edgefleet.agent.server.tls import warn_if_exposed
 from edgefleet.agent.serving_registry import ModelRegistry
 from edgefleet.agent.store import ModelStore
 from edgefleet.core.bundle.signing import TrustStore
 from edgefleet.core.errors import EdgeError, Unavailable
 from edgefleet.core.http import error_response
+from edgefleet.core.processing.image import DecodeLimits, set_decode_limits
+
+if TYPE_CHECKING:
+    from edgefleet.agent.fleet_link import FleetConnection
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +120,47 @@ def create_app(config: AgentConfig) -> web.Application:
     registry = ModelRegistry(
         store, config.runtime, inference, io, metrics, config.server.max_queue_per_model
     )
-    # The token is fixed at start: without one, the auth layer is not installed at all
-    # (one coroutine frame less on every request of the hot path).
-    middlewares = [error_middleware]
-    if config.server.auth_token:
+    server = config.server
+    # Image decodes share one memory budget in this process (core/processing/image.py).
+    set_decode_limits(
+        DecodeLimits(
+            server.image_decode_memory_mb * 1024 * 1024,
+            server.image_decode_concurrency,
+            "server.image_decode_memory_mb",
+        )
+    )
+    # Timeouts and the connection cap, applied by the GuardedSite that serves the app
+    # (agent/server/connections.py); the middleware tells it which request is running.
+    connections = ConnectionGuard(
+        ConnectionLimits(server.max_connections, server.header_timeout_s, server.body_timeout_s)
+    )
+    # Host/Origin/body-type checks first (agent/server/request_guard.py): a request a
+    # browser page forged never reaches the auth check or a handler. The token is fixed
+    # at start: without one, the auth layer is not installed at all (one coroutine frame
+    # less on every request of the hot path).
+    middlewares = [
+        error_middleware,
+        request_guard.middleware(request_guard.RequestGuard(server), connections),
+    ]
+    if server.auth_token:
         middlewares.append(auth_middleware)
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
+    app = web.Application(client_max_size=server.max_body_bytes, middlewares=middlewares)
+    app[CONNECTIONS] = connections
     svc = Services(config, registry, metrics, inference, io)
     app[SERVICES] = svc
-    # Edge model + cloud fallback, for both inference APIs (agent/inference.py).
-    app[INFERENCE] = InferenceService(config, registry, metrics, inference)
+    # The optional fleet link first: the data plane counts every inference in its stats
+    # (inference_stats records) and queues the fallback's counts in its outbox.
+    fleet = _fleet_connection(config, registry)
+    # Every inference API's way to the model (agent/dataplane.py): resolution, the
+    # model, scoring, the cloud fallback, metrics and fleet statistics.
+    app[DATA_PLANE] = DataPlane(
+        config,
+        registry,
+        metrics,
+        inference,
+        stats=fleet.stats if fleet is not None else None,
+        telemetry_sink=fleet.outbox.add_one if fleet is not None else None,
+    )
     for table in (oip.routes, image.routes, admin.routes, openapi.routes, fallback.routes):
         app.add_routes(table)
     if config.server.cors_origins:
@@ -131,23 +168,26 @@ def create_app(config: AgentConfig) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     # After the registry: started once models load, stopped (background cloud work
     # cancelled and awaited) before they unload.
-    app.cleanup_ctx.append(app[INFERENCE].lifecycle)
-    if config.fleet is not None:
-        # Optional MQTT link + telemetry outbox (agent/fleet.py). Its start never waits
-        # for the broker; without a fleet section nothing of it exists, not even paho
-        # in memory (imported here, not at the top).
-        from edgefleet.agent.fleet_link import FLEET, FleetConnection
-
-        app[FLEET] = FleetConnection(config, registry)
-        app.cleanup_ctx.append(app[FLEET].lifecycle)
+    app.cleanup_ctx.append(app[DATA_PLANE].lifecycle)
+    if fleet is not None:
+        from edgefleet.agent.fleet_link import FLEET
         from edgefleet.agent.server import fleet_api
 
+        app[FLEET] = fleet
+        app.cleanup_ctx.append(fleet.lifecycle)
         app.add_routes(fleet_api.routes)  # GET /v1/fleet: link and sync state
-        # Fallback counts (items by reason, cloud calls, agreement) go to telemetry too.
-        app[INFERENCE].telemetry_sink = app[FLEET].outbox.add_one
-        # Per-model inference aggregates (inference_stats records), fed by the handlers.
-        app[INFERENCE].stats = app[FLEET].stats
     return app
+
+
+def _fleet_connection(config: AgentConfig, registry: ModelRegistry) -> FleetConnection | None:
+    """The optional MQTT link + telemetry outbox (agent/fleet_link.py). Its start never
+    waits for the broker; without a fleet section nothing of it exists, not even paho
+    in memory (imported here, not at the top)."""
+    if config.fleet is None:
+        return None
+    from edgefleet.agent.fleet_link import FleetConnection
+
+    return FleetConnection(config, registry)
 
 
 def _cors(origins: list[str]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:

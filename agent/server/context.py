@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.dataplane import DataPlane
 from edgefleet.agent.metrics import Metrics
 from edgefleet.agent.serving_registry import ModelRegistry
 
@@ -24,7 +25,13 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+# Every inference API's way to the model (agent/dataplane.py).
+DATA_PLANE = web.AppKey("data_plane", DataPlane)
 
 
 def services(request: web.Request) -> Services:
     return request.app[SERVICES]
+
+
+def data_plane(request: web.Request) -> DataPlane:
+    return request.app[DATA_PLANE]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from edgefleet.agent.inference import inference
+from edgefleet.agent.server.context import data_plane
 from edgefleet.core.errors import BadRequest, NotFound
 from edgefleet.core.http import json_response
 
@@ -15,13 +15,13 @@ _STATUSES = ("pending", "answered", "expired")
 @routes.get("/v1/fallback")
 async def fallback_status(request: web.Request) -> web.Response:
     """Endpoint state, breakers, budgets, effective policies, counts, hard examples."""
-    return json_response(await inference(request).status())
+    return json_response(await data_plane(request).router.status())
 
 
 @routes.get("/v1/hard-examples")
 async def hard_examples(request: web.Request) -> web.Response:
     """Newest first, without tensors: ``?status=pending|answered|expired&model=&limit=``."""
-    store = inference(request).hard_examples
+    store = data_plane(request).router.hard_examples
     if store is None:
         raise NotFound("no hard-example store (no cloud endpoint configured, or disabled)")
     status = request.query.get("status")

@@ -1,21 +1,28 @@
-"""``POST /v1/predict/{model}``: JPEG/PNG in, labels or boxes with confidences out."""
+"""``POST /v1/predict/{model}``: JPEG/PNG in, labels or boxes with confidences out.
+
+A protocol adapter: it decodes the image into the model's input tensor
+(``edgefleet.core.processing.image``), hands it to the data plane
+(``agent/dataplane.py``: resolution, the model, scoring, the cloud, metrics and fleet
+statistics) and writes the scored answer as labels or boxes in image pixels.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
-from edgefleet.agent.inference import inference
-from edgefleet.agent.server.context import services
-from edgefleet.core.bundle.manifest import ClassificationPost, DetectionPost, Manifest
+from edgefleet.agent.dataplane import InferenceRequest, InferenceResponse, ModelInput
+from edgefleet.agent.provenance import Provenance
+from edgefleet.agent.server.context import data_plane, services
+from edgefleet.core.bundle.manifest import ClassificationPost, Manifest
 from edgefleet.core.errors import BadRequest
 from edgefleet.core.http import json_response
-from edgefleet.core.processing import classification
+from edgefleet.core.processing import classification, detection
 from edgefleet.core.processing.image import ImageTransform, preprocess
+from edgefleet.core.processing.scoring import scorable
 
 routes = web.RouteTableDef()
 
@@ -27,7 +34,7 @@ async def _image_bytes(request: web.Request) -> bytes:
         except ValueError as exc:
             raise BadRequest(f"malformed multipart body: {exc}") from exc
         field = form.get("image")
-        if field is None or isinstance(field, str):
+        if not isinstance(field, web.FileField):
             raise BadRequest("multipart body needs a file field named 'image'")
         return field.file.read()
     return await request.read()
@@ -46,105 +53,6 @@ def _int_query(request: web.Request, key: str, default: int, lo: int, hi: int) -
     return value
 
 
-def postprocess(
-    manifest: Manifest,
-    outputs: dict[str, np.ndarray],
-    transform: ImageTransform,
-    top_k: int | None,
-) -> dict[str, Any]:
-    """Interpret the model's raw outputs for one image (runs in a worker thread)."""
-    post = manifest.postprocessing
-    if isinstance(post, ClassificationPost):
-        probs = classification.probabilities(outputs, post)[0]
-        preds = classification.top_k(probs, manifest.labels, top_k or post.top_k)
-        return {
-            "predictions": [{"label": p.label, "confidence": p.confidence} for p in preds],
-            "confidence": classification.confidence(probs, manifest.confidence.rule),
-        }
-    if isinstance(post, DetectionPost):
-        from edgefleet.core.processing.detection import decode_ssd
-
-        found = decode_ssd(outputs, post)[0]
-        if top_k is not None:
-            found = found[:top_k]
-        detections = []
-        for d in found:
-            det: dict[str, Any] = {
-                "label": manifest.labels[d.class_id]
-                if d.class_id < len(manifest.labels)
-                else str(d.class_id),
-                "confidence": round(float(d.score), 5),
-                "box": transform.box_to_pixels(d.box),
-            }
-            if d.keypoints:
-                det["keypoints"] = [list(transform.point_to_pixels(x, y)) for x, y in d.keypoints]
-            detections.append(det)
-        scores = [d["confidence"] for d in detections]
-        if manifest.confidence.rule == "min_box":
-            conf = min(scores) if scores else 1.0
-        else:
-            conf = float(np.mean(scores)) if scores else 1.0
-        return {
-            "detections": detections,
-            "confidence": conf,
-            "image": {"width": transform.orig_width, "height": transform.orig_height},
-        }
-    raise BadRequest(f"model {manifest.name} has no postprocessing for images")
-
-
-@routes.post("/v1/predict/{model}")
-@routes.post("/v1/predict/{model}/versions/{version}")
-async def predict_image(request: web.Request) -> web.Response:
-    received = time.perf_counter()
-    svc = services(request)
-    version = request.match_info.get("version") or request.query.get("version")
-    # An unknown model, version or label fails here: no version to count it against.
-    lv = svc.registry.resolve(request.match_info["model"], version)
-    m = lv.manifest
-    # Fleet inference aggregates (agent/telemetry_stats.py); None without a fleet.
-    stats = inference(request).stats
-    try:
-        spec = m.preprocessing
-        if spec is None or m.postprocessing.type == "raw":
-            raise BadRequest(
-                f"model {m.name} takes tensors, not images: use POST /v2/models/{m.name}/infer"
-            )
-        top_k = _int_query(request, "top_k", 0, 0, 1000) or None
-        data = await _image_bytes(request)
-        loop = asyncio.get_running_loop()
-        pool = svc.inference_executor
-        allow_cloud = _bool_query(request, "cloud", True)
-        tensor, transform = await loop.run_in_executor(pool, preprocess, data, spec)
-        # The image goes along so a hard example keeps the original, not just the tensor.
-        result = await inference(request).run(
-            lv, {spec.input: tensor}, image=data, allow_cloud=allow_cloud, received=received
-        )
-        answer = await loop.run_in_executor(pool, postprocess, m, result.outputs, transform, top_k)
-    except Exception:
-        # Bad image or query, a full queue, a runtime failure: an error of this version.
-        # (A client that hangs up is a CancelledError: not counted.)
-        if stats is not None:
-            stats.record_error(m.name, m.version, time.perf_counter() - received)
-        raise
-    latency_ms = (time.perf_counter() - received) * 1000
-    svc.metrics.request_duration.observe(m.name, m.version, value=latency_ms / 1000)
-    if stats is not None:
-        # The confidence the caller sees, already computed by postprocess (worker thread).
-        stats.record_answer(
-            m.name, m.version, latency_ms / 1000, result.provenance, answer.get("confidence")
-        )
-    return json_response(
-        {
-            "model": m.name,
-            "version": m.version,
-            **result.provenance.image_fields(m.labels),
-            "provider": lv.backend.info.provider,
-            "latency_ms": round(latency_ms, 3),
-            **answer,
-        }
-    )
-
-
 def _bool_query(request: web.Request, key: str, default: bool) -> bool:
     raw = request.query.get(key)
     if raw is None:
@@ -154,3 +62,135 @@ def _bool_query(request: web.Request, key: str, default: bool) -> bool:
     if raw.lower() in ("0", "false", "no"):
         return False
     raise BadRequest(f"query parameter {key} must be true or false")
+
+
+@dataclass(frozen=True)
+class ImageQuery:
+    """What the answer needs from the request: where the boxes go back to, and top_k."""
+
+    transform: ImageTransform
+    top_k: int | None
+
+
+@routes.post("/v1/predict/{model}")
+@routes.post("/v1/predict/{model}/versions/{version}")
+async def predict_image(request: web.Request) -> web.Response:
+    """Decode the image → the data plane → labels or boxes."""
+    version = request.match_info.get("version") or request.query.get("version")
+
+    async def decode(m: Manifest) -> ModelInput[ImageQuery]:
+        spec = m.preprocessing
+        if spec is None or not scorable(m):
+            raise BadRequest(
+                f"model {m.name} takes tensors, not images: use POST /v2/models/{m.name}/infer"
+            )
+        top_k = _int_query(request, "top_k", 0, 0, 1000) or None
+        data = await _image_bytes(request)
+        allow_cloud = _bool_query(request, "cloud", True)
+        loop = asyncio.get_running_loop()
+        pool = services(request).inference_executor
+        tensor, transform = await loop.run_in_executor(pool, preprocess, data, spec)
+        # The image goes along so a hard example keeps the original, not just the tensor.
+        return ModelInput(
+            {spec.input: tensor}, ImageQuery(transform, top_k), allow_cloud=allow_cloud, image=data
+        )
+
+    answer = await data_plane(request).infer(
+        InferenceRequest(request.match_info["model"], version, decode, scores=True)
+    )
+    m = answer.manifest
+    return json_response(
+        {
+            "model": m.name,
+            "version": m.version,
+            **provenance_fields(answer.provenance, m.labels),
+            "provider": answer.provider,
+            "latency_ms": round(answer.latency_ms, 3),
+            **prediction_fields(answer),
+        }
+    )
+
+
+def prediction_fields(answer: InferenceResponse[ImageQuery]) -> dict[str, Any]:
+    """The scored answer for the one image: labels (top-k) or boxes in image pixels."""
+    m = answer.manifest
+    scored = answer.scored
+    query = answer.context
+    assert scored is not None  # asked for (scores=True), and the model is scorable
+    if scored.probabilities is not None:
+        post = m.postprocessing
+        assert isinstance(post, ClassificationPost)
+        preds = classification.top_k(scored.probabilities[0], m.labels, query.top_k or post.top_k)
+        return {
+            "predictions": [{"label": p.label, "confidence": p.confidence} for p in preds],
+            "confidence": float(scored.confidence[0]),
+        }
+    assert scored.detections is not None
+    found = scored.detections[0]
+    shown = found[: query.top_k] if query.top_k is not None else found
+    transform = query.transform
+    detections = []
+    for d in shown:
+        det: dict[str, Any] = {
+            "label": m.labels[d.class_id] if d.class_id < len(m.labels) else str(d.class_id),
+            "confidence": detection.reported_score(d),
+            "box": transform.box_to_pixels(d.box),
+        }
+        if d.keypoints:
+            det["keypoints"] = [list(transform.point_to_pixels(x, y)) for x, y in d.keypoints]
+        detections.append(det)
+    # The confidence of what is shown: the boxes top_k left.
+    if len(shown) == len(found):
+        conf = float(scored.confidence[0])
+    else:
+        conf = detection.confidence(shown, scored.rule)
+    return {
+        "detections": detections,
+        "confidence": conf,
+        "image": {"width": transform.orig_width, "height": transform.orig_height},
+    }
+
+
+def provenance_fields(prov: Provenance, labels: list[str]) -> dict[str, Any]:
+    """Where the answer came from, nested (one image: one item)."""
+
+    def side(
+        model: str | None,
+        version: str | None,
+        ms: float,
+        conf: list[float] | None,
+        cls: list[int] | None,
+    ) -> dict[str, Any]:
+        """One model's part of the answer (edge or cloud)."""
+        part: dict[str, Any] = {"model": model, "version": version, "latency_ms": round(ms, 3)}
+        if conf:
+            part["confidence"] = round(conf[0], 5)
+        if cls:
+            part["label"] = labels[cls[0]] if cls[0] < len(labels) else str(cls[0])
+        return part
+
+    doc: dict[str, Any] = {
+        "source": prov.source,
+        "fallback": prov.fallback,
+        "edge": side(
+            prov.edge_model, prov.edge_version, prov.edge_ms, prov.edge_confidence, prov.edge_class
+        ),
+    }
+    if prov.cloud_model is not None and prov.cloud_ms is not None:
+        cloud = side(
+            prov.cloud_model,
+            prov.cloud_version,
+            prov.cloud_ms,
+            prov.cloud_confidence,
+            prov.cloud_class,
+        )
+        if prov.fallback:
+            cloud["error"] = prov.fallback_detail or prov.fallback
+        doc["cloud"] = cloud
+    if prov.fallback_detail and "cloud" not in doc:
+        doc["fallback_detail"] = prov.fallback_detail
+    if prov.escalated:
+        doc["escalated"] = True
+    if prov.audited:
+        doc["audited"] = True
+    return doc

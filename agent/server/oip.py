@@ -1,18 +1,28 @@
 """Open Inference Protocol (KServe v2) REST endpoints, with the binary tensor and
-model repository extensions, so standard clients (tritonclient, KServe's) work."""
+model repository extensions, so standard clients (tritonclient, KServe's) work.
+
+``infer`` is a protocol adapter: it decodes the request (``tensors.py``), hands it
+to the data plane (``agent/dataplane.py``: resolution, the model, scoring, the cloud,
+metrics and fleet statistics) and encodes the answer."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from aiohttp import web
 
-from edgefleet.agent.inference import inference
-from edgefleet.agent.server.context import services
-from edgefleet.agent.server.tensors import HEADER_LENGTH, decode_request, encode_response
+from edgefleet.agent.dataplane import InferenceRequest, ModelInput
+from edgefleet.agent.provenance import Provenance
+from edgefleet.agent.server.context import data_plane, services
+from edgefleet.agent.server.tensors import (
+    HEADER_LENGTH,
+    InferRequest,
+    decode_request,
+    encode_response,
+)
 from edgefleet.agent.serving_registry import LoadedVersion
 from edgefleet.core import __version__
+from edgefleet.core.bundle.manifest import Manifest
 from edgefleet.core.errors import BadRequest, NotFound, Unavailable
 from edgefleet.core.http import error_response, json_response, read_json_object
 
@@ -75,7 +85,7 @@ def model_metadata(lv: LoadedVersion, request: web.Request) -> dict[str, Any]:
             "confidence_rule": m.confidence.rule,
             "fallback": m.fallback.model_dump(),
             # The bundle's defaults with this agent's config laid over them.
-            "fallback_effective": inference(request).policy(m).describe(m.labels),
+            "fallback_effective": data_plane(request).router.policy(m).describe(m.labels),
             "metrics": m.metrics,
         },
     }
@@ -102,41 +112,28 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.post("/v2/models/{model}/infer")
 @routes.post("/v2/models/{model}/versions/{version}/infer")
 async def infer(request: web.Request) -> web.Response:
-    received = time.perf_counter()
-    svc = services(request)
-    # An unknown model, version or label fails here: no version to count it against.
-    lv = svc.registry.resolve(request.match_info["model"], _version_param(request))
-    m = lv.manifest
-    # Fleet inference aggregates (agent/telemetry_stats.py); None without a fleet.
-    stats = inference(request).stats
-    try:
+    """Decode (JSON or binary tensors) → the data plane → encode, the same way."""
+
+    async def decode(manifest: Manifest) -> ModelInput[InferRequest]:
         body = await request.read()
-        req = decode_request(body, request.headers.get(HEADER_LENGTH), lv.manifest)
-        # The cloud's timeout counts from here: the caller's wait is bounded, not the call's.
-        result = await inference(request).run(
-            lv, req.inputs, allow_cloud=_allow_cloud(req.parameters), received=received
-        )
-        latency_ms = (time.perf_counter() - received) * 1000
-        head = {
-            "model_name": m.name,
-            "model_version": m.version,
-            "parameters": {
-                # source, fallback, both versions and confidences, edge_ms, cloud_ms.
-                **result.provenance.oip_parameters(),
-                "provider": lv.backend.info.provider,
-                "latency_ms": round(latency_ms, 3),
-            },
-        }
-        svc.metrics.request_duration.observe(m.name, m.version, value=latency_ms / 1000)
-        payload, header_len = encode_response(req, result.outputs, head)
-    except Exception:
-        # Bad input, a full queue, a runtime failure: an error of this version. (A client
-        # that hangs up is a CancelledError: not an answer, not an error, not counted.)
-        if stats is not None:
-            stats.record_error(m.name, m.version, time.perf_counter() - received)
-        raise
-    if stats is not None:
-        stats.record_answer(m.name, m.version, latency_ms / 1000, result.provenance)
+        req = decode_request(body, request.headers.get(HEADER_LENGTH), manifest)
+        return ModelInput(req.inputs, req, allow_cloud=_allow_cloud(req.parameters))
+
+    answer = await data_plane(request).infer(
+        InferenceRequest(request.match_info["model"], _version_param(request), decode)
+    )
+    m = answer.manifest
+    head = {
+        "model_name": m.name,
+        "model_version": m.version,
+        "parameters": {
+            # source, fallback, both versions and confidences, edge_ms, cloud_ms.
+            **provenance_parameters(answer.provenance),
+            "provider": answer.provider,
+            "latency_ms": round(answer.latency_ms, 3),
+        },
+    }
+    payload, header_len = encode_response(answer.context, answer.outputs, head)
     if header_len is None:
         return web.Response(body=payload, content_type="application/json")
     return web.Response(
@@ -144,6 +141,44 @@ async def infer(request: web.Request) -> web.Response:
         content_type="application/octet-stream",
         headers={HEADER_LENGTH: str(header_len)},
     )
+
+
+def provenance_parameters(prov: Provenance) -> dict[str, Any]:
+    """Where the answer came from, as flat scalars (all OIP allows in ``parameters``).
+
+    Per-item values (confidences, cloud rows) are numbers for a batch of one and
+    comma-separated strings, in batch order, for larger batches.
+    """
+    p: dict[str, Any] = {"source": prov.source}
+    if prov.fallback:
+        p["fallback"] = prov.fallback
+        if prov.fallback_detail:
+            p["fallback_detail"] = prov.fallback_detail
+    p["edge_model_version"] = prov.edge_version
+    p["edge_ms"] = round(prov.edge_ms, 3)
+    if prov.edge_confidence is not None:
+        p["edge_confidence"] = _scalar_or_csv(prov.edge_confidence)
+    if prov.cloud_model is not None:
+        p["cloud_model"] = prov.cloud_model
+    if prov.cloud_version is not None:
+        p["cloud_model_version"] = prov.cloud_version
+    if prov.cloud_ms is not None:
+        p["cloud_ms"] = round(prov.cloud_ms, 3)
+    if prov.cloud_confidence is not None:
+        p["cloud_confidence"] = _scalar_or_csv(prov.cloud_confidence)
+    if prov.source == "mixed":
+        p["cloud_items"] = ",".join(str(i) for i in prov.cloud_items)
+    if prov.escalated:
+        p["escalated"] = True
+    if prov.audited:
+        p["audited"] = True
+    return p
+
+
+def _scalar_or_csv(values: list[float]) -> float | str:
+    if len(values) == 1:
+        return round(values[0], 6)
+    return ",".join(f"{v:.6g}" for v in values)
 
 
 def _allow_cloud(parameters: dict[str, Any]) -> bool:

@@ -1,4 +1,6 @@
-"""Scores → labelled predictions and a confidence for the fallback policy."""
+"""A classifier's scores → probabilities, labelled top-k predictions, and the confidence
+rules ``top1``, ``margin`` and ``entropy`` (the only place they are spelled; callers go
+through ``edgefleet.core.processing.scoring.score`` or ``confidences``)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ class Prediction:
 def softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return out
 
 
 def probabilities(outputs: dict[str, np.ndarray], post: ClassificationPost) -> np.ndarray:
@@ -54,3 +57,12 @@ def confidence(probs: np.ndarray, rule: str) -> float:
         h = -float(np.sum(q[q > 0] * np.log(q[q > 0])))
         return 1.0 - h / math.log(p.shape[0])
     return float(p.max())
+
+
+def confidences(probs: np.ndarray, rule: str) -> np.ndarray:
+    """``confidence`` of each row of (batch, classes) ``probs``: (batch,) float64.
+
+    Row by row on purpose: each value is exactly what ``confidence`` gives for that
+    item alone, so a batch and its items one by one never disagree in the last digit.
+    """
+    return np.array([confidence(p, rule) for p in probs], dtype=np.float64)

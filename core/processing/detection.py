@@ -21,7 +21,7 @@ TensorsToDetectionsCalculator, i.e. raw boxes are ``x_center, y_center, w, h``
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,8 @@ import numpy as np
 from edgefleet.core.bundle.manifest import DetectionPost, SsdAnchors
 
 Box = tuple[float, float, float, float]
+# Box scores are reported (and judged, see ``confidence``) to this many decimals.
+SCORE_DECIMALS = 5
 
 
 @dataclass(frozen=True)
@@ -289,3 +291,26 @@ def decode_ssd(outputs: Mapping[str, np.ndarray], post: DetectionPost) -> list[l
             ]
         )
     return results
+
+
+# --------------------------------------------------------------------------- confidence
+
+
+def reported_score(d: Detection) -> float:
+    """A detection's score as answers report it (``SCORE_DECIMALS`` decimals)."""
+    return round(d.score, SCORE_DECIMALS)
+
+
+def confidence(found: Sequence[Detection], rule: str) -> float:
+    """One number in [0, 1] for one image's detections: ``min_box`` the least sure box,
+    ``mean_box`` (any other rule) their mean; nothing found is a confident answer (1.0).
+
+    Computed from the scores as reported, so a caller can recompute it from the boxes
+    it got.
+    """
+    scores = [reported_score(d) for d in found]
+    if not scores:
+        return 1.0
+    if rule == "min_box":
+        return min(scores)
+    return float(np.mean(scores))

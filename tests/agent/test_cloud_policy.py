@@ -13,7 +13,7 @@ from edgefleet.agent.cloud.breaker import CircuitBreaker, State
 from edgefleet.agent.cloud.budget import CallBudget
 from edgefleet.agent.cloud.config import FallbackConfig
 from edgefleet.agent.cloud.fallback import check_answer, expectation
-from edgefleet.agent.cloud.policy import ItemScores, Route, item_scores, resolve_policy, route_items
+from edgefleet.agent.cloud.policy import Route, resolve_policy, route_items
 from edgefleet.core.bundle.manifest import Manifest
 from edgefleet.core.errors import ConfigError
 from edgefleet.core.oip_client import (
@@ -22,6 +22,7 @@ from edgefleet.core.oip_client import (
     decode_response,
     encode_request,
 )
+from edgefleet.core.processing.scoring import Scored, score
 from tests.support.tiny import TINY_MANIFEST, agent_config
 
 
@@ -215,19 +216,19 @@ def test_policy_says_why_it_stays_local(fields, configured, why):
 def test_confidence_rules_and_routes():
     m = manifest()
     probs = np.array([[0.5, 0.3, 0.2], [0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3]], np.float32)
-    top1 = item_scores(m, {"probs": probs}, "top1")
+    top1 = score(m, {"probs": probs}, "top1")
     np.testing.assert_allclose(top1.confidence, [0.5, 0.98, 1 / 3], rtol=1e-6)
     assert top1.top_class.tolist() == [0, 0, 0]
-    margin = item_scores(m, {"probs": probs}, "margin")
+    margin = score(m, {"probs": probs}, "margin")
     np.testing.assert_allclose(margin.confidence, [0.2, 0.97, 0.0], atol=1e-6)
-    entropy = item_scores(m, {"probs": probs}, "entropy")
+    entropy = score(m, {"probs": probs}, "entropy")
     assert entropy.confidence[2] == pytest.approx(0.0, abs=1e-6)  # uniform: no idea
     assert entropy.confidence[1] > 0.8 > entropy.confidence[0]
     cfg = fallback_config(
         models={"tiny": {"threshold": 0.6, "class_thresholds": {"b": 0.99}, "cloud_model": "big"}}
     )
     policy = resolve_policy(m, cfg, cloud_configured=True)
-    scores = ItemScores(np.array([0.5, 0.9, 0.9]), np.array([0, 0, 1]))
+    scores = Scored("top1", np.array([0.5, 0.9, 0.9]), np.array([0, 0, 1]))
     assert route_items(policy, scores, random.Random(0)) == [
         Route.UNSURE,
         Route.CONFIDENT,

@@ -55,8 +55,8 @@ async def test_edge_first_escalate_answers_at_once_and_keeps_both_answers(
     assert (p["source"], p["escalated"]) == ("edge", True)
     assert "fallback" not in p and "cloud_ms" not in p
     np.testing.assert_allclose(probs_of(doc), tiny_reference(TEST_X[:2]), rtol=1e-5)
-    await edge.inference.idle()
-    store = edge.inference.hard_examples
+    await edge.router.idle()
+    store = edge.router.hard_examples
     await wait_for(lambda: _count(store, "answered", 2))
     rows = await store.list(status="answered")
     assert {r["kind"] for r in rows} == {"escalated"}
@@ -89,7 +89,7 @@ async def test_audits_sample_confident_answers(
     status, doc, _ = await infer(session, edge.base, TEST_X)
     assert status == 200
     assert doc["parameters"]["source"] == "edge" and doc["parameters"]["audited"] is True
-    await edge.inference.idle()
+    await edge.router.idle()
     async with session.get(f"{edge.base}/metrics") as r:
         text = await r.text()
     edge_cls = tiny_reference(TEST_X).argmax(axis=1)
@@ -98,7 +98,7 @@ async def test_audits_sample_confident_answers(
     assert disagree > 0  # the two tiny models differ: otherwise this test proves little
     assert f'kind="audited",agree="false"}} {disagree}' in text
     # sample_rate 0 keeps no agreement, but every disagreement: confidently wrong cases.
-    store = edge.inference.hard_examples
+    store = edge.router.hard_examples
     await wait_for(lambda: _count(store, "answered", disagree))
     rows = await store.list()
     assert all(r["kind"] == "audit" and r["agree"] is False for r in rows)
@@ -124,7 +124,7 @@ async def test_failed_cases_are_retried_and_their_late_answers_recorded(
     for i in range(3):
         status, doc, _ = await infer(session, edge.base, TEST_X[i : i + 1])
         assert status == 200 and doc["parameters"]["fallback"] == "offline"
-    store = edge.inference.hard_examples
+    store = edge.router.hard_examples
     await wait_for(lambda: _count(store, "pending", 3))
     pending = await store.list(status="pending")
     assert {r["reason"] for r in pending} == {"offline"}
@@ -157,7 +157,7 @@ async def test_failed_cases_expire_after_retention(servers, session, cloud_bundl
         )
     )
     await infer(session, edge.base, X1)
-    store = edge.inference.hard_examples
+    store = edge.router.hard_examples
     await wait_for(lambda: _count(store, "expired", 1), within_s=5)
     async with session.get(f"{edge.base}/v1/hard-examples?status=expired") as r:
         doc = await r.json()
@@ -212,7 +212,7 @@ async def test_image_endpoint_says_who_answered(
     assert r.status == 200
     assert (doc["source"], doc["fallback"]) == ("edge", "offline")
     assert doc["predictions"][0]["label"] == doc["edge"]["label"]
-    store = edge.inference.hard_examples
+    store = edge.router.hard_examples
     await wait_for(lambda: _count(store, "pending", 1))
     (row,) = await store.list(status="pending")
     assert row["has_image"] is True
@@ -267,9 +267,9 @@ async def test_shutdown_cancels_background_work(servers, session, cloud_bundles,
     )
     status, _, ms = await infer(session, edge.base, X1)
     assert status == 200 and ms < 1000  # not the 5 s cloud timeout
-    assert any(t.get_name().startswith("escalation") for t in edge.inference._tasks)
+    assert any(t.get_name().startswith("escalation") for t in edge.router._tasks)
     await asyncio.wait_for(servers.stop(edge), 5)  # does not wait out the 5 s timeout
-    assert not edge.inference._tasks
+    assert not edge.router._tasks
 
 
 async def test_fallback_counts_go_to_telemetry(
@@ -281,10 +281,11 @@ async def test_fallback_counts_go_to_telemetry(
     async def sink(kind, data):  # what the fleet link's outbox.add_one receives
         sent.append((kind, data))
 
-    edge.inference.telemetry_sink = sink
-    assert await edge.inference.report_telemetry() is None  # nothing happened yet
+    assert edge.router.telemetry is not None
+    edge.router.telemetry.sink = sink
+    assert await edge.router.telemetry.report() is None  # nothing happened yet
     await infer(session, edge.base, TEST_X[:3])
-    doc = await edge.inference.report_telemetry()
+    doc = await edge.router.telemetry.report()
     assert sent == [("fallback_stats", doc)]
     assert doc["items"] == [
         {"model": "tiny", "version": "1", "source": "cloud", "reason": "unsure", "n": 3}
@@ -295,7 +296,7 @@ async def test_fallback_counts_go_to_telemetry(
     assert doc["breakers"] == {"tiny": "closed"} and doc["offline"] is False
     # Deltas: the next report carries only what happened since.
     await infer(session, edge.base, X1, cloud=False)
-    doc = await edge.inference.report_telemetry()
+    doc = await edge.router.telemetry.report()
     assert doc["items"] == [
         {"model": "tiny", "version": "1", "source": "edge", "reason": "edge_only", "n": 1}
     ]

@@ -20,9 +20,8 @@ import pytest
 from edgefleet.agent import telemetry_stats
 from edgefleet.agent.config import parse_config
 from edgefleet.agent.fleet_link import FLEET
-from edgefleet.agent.inference import Provenance
 from edgefleet.agent.outbox import Outbox, Priority
-from edgefleet.agent.telemetry_stats import InferenceStats, answer_confidence
+from edgefleet.agent.telemetry_stats import InferenceStats
 from edgefleet.fleet import telemetry_math
 from edgefleet.fleet.telemetry_math import (
     histogram_percentile,
@@ -40,10 +39,6 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "fleet.md"
 
 async def _never(records: Any) -> None:
     raise AssertionError("this test takes the windows itself; nothing may be written")
-
-
-def prov(source: str = "edge", **kw: Any) -> Provenance:
-    return Provenance(source=source, edge_model="m", edge_version="1", edge_ms=1.0, **kw)
 
 
 # ---- the aggregator -------------------------------------------------------------------------
@@ -77,21 +72,19 @@ def test_buckets_are_inclusive_upper_bounds_with_an_overflow() -> None:
 
 def test_a_window_counts_answers_errors_sources_and_fallbacks() -> None:
     stats = InferenceStats(_never, 60)
-    stats.record_answer("m", "1", 0.004, prov(), confidence=0.97)
-    stats.record_answer(
-        "m", "1", 0.3, prov("cloud", cloud_items=[0], edge_confidence=[0.2], cloud_confidence=[0.9])
-    )
-    stats.record_answer("m", "1", 0.25, prov(fallback="cloud_timeout", edge_confidence=[0.3]))
+    stats.record("m", "1", 0.004, "edge", confidence=0.97)
+    stats.record("m", "1", 0.3, "cloud", confidence=0.9)
+    stats.record("m", "1", 0.25, "edge", "cloud_timeout", confidence=0.3)
     stats.record_error("m", "1", 0.0001)
     stats.record_error("m", "2", 0.0001)
-    stats.record_answer("other", "7", 0.001, prov("mixed"))
+    stats.record("other", "7", 0.001, "mixed")
     docs = {(d["model"], d["version"]): d for d in stats.take()}
     assert set(docs) == {("m", "1"), ("m", "2"), ("other", "7")}
     d = docs[("m", "1")]
     assert (d["count"], d["errors"]) == (4, 1)
     assert d["sources"] == {"edge": 2, "cloud": 1}
     assert d["fallback"] == {"cloud_timeout": 1}
-    # 0.97 given; the cloud's 0.9 replaced the edge's 0.2; the fallback kept the edge's 0.3
+    # 0.97 and 0.9 answered; the fallback's edge answer 0.3
     assert d["confidence"]["counts"] == [0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 0]
     assert sum(d["latency_ms"]["counts"]) == 4
     assert docs[("m", "2")]["sources"] == {} and docs[("m", "2")]["errors"] == 1
@@ -100,17 +93,6 @@ def test_a_window_counts_answers_errors_sources_and_fallbacks() -> None:
         assert validate_inference_stats(doc) == doc  # what the agent writes, the fleet takes
         assert doc["window_s"] >= 0 and doc["window_start"] > 1.7e9
     assert stats.take() == []  # swapped: the next window starts empty
-
-
-def test_answer_confidence_is_the_least_sure_item_of_the_answer_given() -> None:
-    assert answer_confidence(prov()) is None
-    assert answer_confidence(prov(edge_confidence=[0.8])) == 0.8
-    assert answer_confidence(prov(edge_confidence=[0.8, 0.4, 0.9])) == 0.4
-    # rows 1 and 2 answered by the cloud: the edge's 0.3 and 0.1 were replaced
-    mixed = prov(
-        "mixed", edge_confidence=[0.8, 0.3, 0.1], cloud_items=[1, 2], cloud_confidence=[0.95, 0.7]
-    )
-    assert answer_confidence(mixed) == 0.7
 
 
 async def test_flush_writes_one_low_record_per_busy_version_into_the_outbox(tmp_path: Path) -> None:
@@ -425,8 +407,9 @@ async def test_agent_traffic_adds_up_exactly_in_the_outbox(
         assert sum(summary["latency_ms"]["counts"]) == answered + errors
         assert summary["sources"] == {"edge": answered}
         assert summary["fallback"] == {}
-        # no cloud configured: only the image endpoint's answers carry a confidence
-        assert sum(summary["confidence"]["counts"]) == s["img_ok"]
+        # no cloud configured: every answer of a classifier carries its confidence, on
+        # both endpoints (the data plane scores it, whichever protocol brought it)
+        assert sum(summary["confidence"]["counts"]) == answered
         assert summary["p95_ms"] is not None
         assert all(r["count"] > 0 for r in mine)  # quiet windows wrote nothing
     # the task is gone with the agent; the fixture also fails on lingering tasks

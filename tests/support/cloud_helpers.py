@@ -32,9 +32,10 @@ import yaml
 from aiohttp import web
 from onnx import TensorProto, helper
 
+from edgefleet.agent.cloud.router import CloudRouter
 from edgefleet.agent.config import parse_config
-from edgefleet.agent.inference import INFERENCE, InferenceService
 from edgefleet.agent.server.app import create_app
+from edgefleet.agent.server.context import DATA_PLANE
 from tests.support.tiny import agent_config, tiny_reference
 from tests.support.tls import TlsFiles, make_tls  # noqa: F401 (re-exported)
 
@@ -154,8 +155,9 @@ class Running:
     app: web.Application
 
     @property
-    def inference(self) -> InferenceService:
-        return self.app[INFERENCE]
+    def router(self) -> CloudRouter:
+        """The agent's cloud router (background work, hard examples, telemetry)."""
+        return self.app[DATA_PLANE].router
 
 
 class Servers:
