@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import secrets
 import sqlite3
 import time
@@ -424,9 +423,3 @@ class _OutboxWriter(SqliteWriter):
     def on_commit_failed(self, conn: sqlite3.Connection | None) -> None:
         # A rolled-back group may have changed the cached size counters: read them again.
         self._outbox._recount(conn)
-
-
-def outbox_file_size(path: Path | str) -> int:
-    """Bytes on disk: the database plus its WAL (diagnostics)."""
-    p = Path(path)
-    return sum(os.path.getsize(f) for f in (p, Path(f"{p}-wal")) if f.exists())

@@ -54,7 +54,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.quiet = False
         self.setFormatter(_Elapsed())
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

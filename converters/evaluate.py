@@ -169,7 +169,8 @@ def _pad(value: np.ndarray, size: int) -> np.ndarray:
 def class_ids(output: np.ndarray) -> np.ndarray:
     """Scores (N, classes) → argmax; an output that already is class ids passes through."""
     if output.ndim >= 2 and output.shape[-1] > 1:
-        return output.reshape(output.shape[0], -1).argmax(axis=-1)
+        ids: np.ndarray = output.reshape(output.shape[0], -1).argmax(axis=-1)
+        return ids
     return output.reshape(output.shape[0]).astype(np.int64)
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["static", "dynamic"]
 Format = Literal["qdq", "qoperator", "auto"]
+ModelFormat = Literal["qdq", "qoperator"]  # what "auto" chooses between
 IntType = Literal["uint8", "int8"]
 CalibrateMethod = Literal["minmax", "entropy", "percentile"]
 
@@ -87,7 +88,7 @@ def _calibration_reader(data: Mapping[str, np.ndarray], model_path: Path) -> Cal
     fixed = dims.pop() if len(dims) == 1 and min(dims) > 0 else None
     batch = fixed or CALIBRATION_BATCH
 
-    class NpzReader(CalibrationDataReader):
+    class NpzReader(CalibrationDataReader):  # type: ignore[misc]  # ORT has no types
         """Feeds calibration samples in batches the model accepts."""
 
         def __init__(self) -> None:
@@ -243,14 +244,14 @@ def quantize_model(
         tmp = Path(tmp_dir)
         log.info("pre-processing %s", model.name)
         source = preprocess(model, tmp / "pre.onnx")
-        formats: list[Literal["qdq", "qoperator"]]
+        formats: list[ModelFormat]
         if mode == "dynamic":
             formats = ["qoperator"]
         elif fmt == "auto":
             formats = ["qdq", "qoperator"]
         else:
             formats = [fmt]
-        candidates: dict[str, Path] = {}
+        candidates: dict[ModelFormat, Path] = {}
         for f in formats:
             log.info(
                 "quantizing %s: %s %s, activations %s, weights %s%s",

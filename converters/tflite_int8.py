@@ -151,7 +151,8 @@ def check_layers(layers: Sequence[Dense]) -> None:
 
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    p: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return p
 
 
 def mlp_activations(layers: Sequence[Dense], x: np.ndarray) -> list[np.ndarray]:
@@ -191,7 +192,8 @@ def quantize(x: np.ndarray, q: TensorQuant) -> np.ndarray:
     """Float to int8 as TFLite's QUANTIZE op does (round half away from zero)."""
     v = np.asarray(x, dtype=np.float64) / q.scale
     r = np.sign(v) * np.floor(np.abs(v) + 0.5)
-    return np.clip(r + q.zero_point, INT8_MIN, INT8_MAX).astype(np.int8)
+    clipped: np.ndarray = np.clip(r + q.zero_point, INT8_MIN, INT8_MAX)
+    return clipped.astype(np.int8)
 
 
 def dequantize(x: np.ndarray, q: TensorQuant) -> np.ndarray:

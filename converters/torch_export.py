@@ -52,7 +52,8 @@ def load_factory(spec: str) -> Callable[[], Any]:
             raise TorchExportError(f"{module_name} has no attribute {attr!r}") from None
     if not callable(target):
         raise TorchExportError(f"{spec} is not callable")
-    return target
+    factory: Callable[[], Any] = target
+    return factory
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

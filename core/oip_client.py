@@ -149,7 +149,7 @@ class OipClient:
             connector = aiohttp.TCPConnector(
                 limit=self.max_connections,
                 keepalive_timeout=self.keepalive_s,
-                ssl=self._ssl if self.tls else False,
+                ssl=self._ssl if self.tls and self._ssl is not None else False,
             )
             headers = {"User-Agent": f"edgefleet-agent/{__version__}"}
             if self._token:
@@ -172,9 +172,6 @@ class OipClient:
         self._extensions = None
 
     # ---- calls -------------------------------------------------------------------
-
-    async def server_extensions(self, timeout_s: float) -> frozenset[str]:
-        return await self._guard(self._extensions_now, timeout_s, CallTrace())
 
     async def _extensions_now(self, state: CallTrace) -> frozenset[str]:
         if self._extensions is not None:

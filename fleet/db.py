@@ -28,12 +28,12 @@ T = TypeVar("T")
 
 
 def _m1_initial(db: sqlite_utils.Database) -> None:
-    db["meta"].create({"key": str, "value": int}, pk="key")
+    db.table("meta").create({"key": str, "value": int}, pk="key")
     # One fleet-wide sequence for desired-state revisions: it only grows, for every
     # device, across restarts and across workers (see next_revision).
-    db["meta"].insert({"key": "revision", "value": 0})
+    db.table("meta").insert({"key": "revision", "value": 0})
 
-    db["model_versions"].create(
+    db.table("model_versions").create(
         {
             "name": str,
             "version": str,
@@ -47,12 +47,12 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk=("name", "version"),
     )
-    db["model_labels"].create(
+    db.table("model_labels").create(
         {"name": str, "label": str, "version": str, "updated_at": float},
         pk=("name", "label"),
     )
 
-    db["devices"].create(
+    db.table("devices").create(
         {
             "id": str,
             "created_at": float,
@@ -76,9 +76,9 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         not_null={"created_at"},
         defaults={"online": 0, "reported_revision": 0, "desired_revision": 0},
     )
-    db["device_groups"].create({"device_id": str, "grp": str}, pk=("device_id", "grp"))
-    db["device_groups"].create_index(["grp"])
-    db["device_models"].create(
+    db.table("device_groups").create({"device_id": str, "grp": str}, pk=("device_id", "grp"))
+    db.table("device_groups").create_index(["grp"])
+    db.table("device_models").create(
         {
             "device_id": str,
             "model": str,
@@ -94,7 +94,7 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         pk=("device_id", "model"),
     )
 
-    db["enrolment_tokens"].create(
+    db.table("enrolment_tokens").create(
         {
             "token_hash": str,  # sha256 of the token: a database leak spends no token
             "device_id": str,
@@ -107,7 +107,7 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         pk="token_hash",
     )
 
-    db["assignments"].create(
+    db.table("assignments").create(
         {
             "id": int,
             "model": str,
@@ -119,9 +119,9 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["assignments"].create_index(["model", "target_kind", "target"])
+    db.table("assignments").create_index(["model", "target_kind", "target"])
 
-    db["rollouts"].create(
+    db.table("rollouts").create(
         {
             "id": str,
             "model": str,
@@ -140,7 +140,7 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["rollout_devices"].create(
+    db.table("rollout_devices").create(
         {
             "rollout_id": str,
             "device_id": str,
@@ -153,9 +153,9 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk=("rollout_id", "device_id"),
     )
-    db["rollout_devices"].create_index(["device_id"])
+    db.table("rollout_devices").create_index(["device_id"])
 
-    db["events"].create(
+    db.table("events").create(
         {
             "id": str,
             "device_id": str,
@@ -171,10 +171,10 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["events"].create_index(["device_id", "received_at"])
-    db["events"].create_index(["rollout"])
+    db.table("events").create_index(["device_id", "received_at"])
+    db.table("events").create_index(["rollout"])
 
-    db["telemetry"].create(
+    db.table("telemetry").create(
         {
             "id": str,
             "device_id": str,
@@ -187,9 +187,9 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["telemetry"].create_index(["device_id", "seq"])
+    db.table("telemetry").create_index(["device_id", "seq"])
     # inference_stats records, unpacked for the views (per device, model, version).
-    db["inference_stats"].create(
+    db.table("inference_stats").create(
         {
             "id": str,
             "device_id": str,
@@ -203,8 +203,8 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["inference_stats"].create_index(["model", "version"])
-    db["inference_stats"].create_index(["device_id", "model"])
+    db.table("inference_stats").create_index(["model", "version"])
+    db.table("inference_stats").create_index(["device_id", "model"])
 
 
 def _m2_revocation(db: sqlite_utils.Database) -> None:

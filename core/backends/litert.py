@@ -65,7 +65,7 @@ try:
 
     RUNTIME_PACKAGE = "ai-edge-litert"
 except ImportError:  # pragma: no cover - only on images without LiteRT wheels
-    from tflite_runtime import interpreter as _tfl  # type: ignore[no-redef]
+    from tflite_runtime import interpreter as _tfl
 
     RUNTIME_PACKAGE = "tflite-runtime"
 log.info("LiteRT backend runs on %s", RUNTIME_PACKAGE)
@@ -132,7 +132,7 @@ def quantize_input(x: np.ndarray, dtype: np.dtype, scale: float, zero_point: int
     In-place ufuncs: numpy's per-pass costs are the whole cost here, next to an
     invoke of well under a microsecond for a small model.
     """
-    v = np.multiply(x, np.float32(1.0 / scale), dtype=np.float32)
+    v: np.ndarray = np.multiply(x, np.float32(1.0 / scale), dtype=np.float32)
     v += np.float32(zero_point)
     np.rint(v, out=v)
     lo, hi = _int_range(dtype)
@@ -364,7 +364,8 @@ class LiteRTBackend(Backend):
             return quantize_input(x, b.model_dtype, b.scale, b.zero_point)
         if b.model_dtype.kind in ("i", "u") and x.dtype.kind == "f":
             lo, hi = _int_range(b.model_dtype)
-            return np.clip(np.rint(x), lo, hi).astype(b.model_dtype)
+            clipped: np.ndarray = np.clip(np.rint(x), lo, hi)
+            return clipped.astype(b.model_dtype)
         return x.astype(b.model_dtype)
 
     def _chunk_batch(self, feed: dict[str, np.ndarray]) -> int | None:
