@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "serving": "bench.serving",
     "joint": "bench.joint",
     "fleet": "bench.fleet",
+    "mqtt": "bench.mqtt",
 }
 
 

@@ -516,7 +516,7 @@ def render(res: dict[str, Any]) -> str:
         " stores them in one transaction (INSERT OR IGNORE by id) and publishes the ack."
         " The next step is the one DESIGN.md plans: several ingest workers sharing"
         " `$share/fleet/...` subscriptions (`ingest.shared_group`; tested in"
-        " tests/test_fleet_bus.py), then PostgreSQL instead of one SQLite file.",
+        " tests/fleet/test_fleet_bus.py), then PostgreSQL instead of one SQLite file.",
         "",
         f"Enrolling the devices over the API took {res.get('enrol_s')} s. Peak fleet RSS "
         f"{res['fleet_memory_mb'].get('VmHWM')} MiB.",
