@@ -1,14 +1,15 @@
 """Typed agent configuration, loaded from YAML.
 
-Every section forbids unknown keys (a typo is an error, not a silent default), and
-errors name the key path and the YAML line it came from.
+Every section forbids unknown keys (a typo is an error, not a silent default),
+errors name the key path and the YAML line it came from, a key given twice is an
+error, and every path field is a ``ConfigPath``: relative to the config file.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -19,8 +20,9 @@ from edgefleet.core.backends.config import (  # noqa: F401 (the agent's runtime 
     LiteRTConfig,
     OnnxConfig,
 )
-from edgefleet.core.config import Section, TrustConfig, parse_yaml_model
+from edgefleet.core.config import ConfigPath, Section, TrustConfig, parse_yaml_model
 from edgefleet.core.errors import ConfigError
+from edgefleet.core.mqtt.config import MqttConnectionConfig
 
 CLOUD_PORT = 8490  # the cloud profile's default port (DESIGN.md)
 
@@ -35,11 +37,13 @@ class ServerConfig(Section):
     # Requests waiting for one model version beyond this get 503 + Retry-After.
     max_queue_per_model: int = Field(256, gt=0)
     auth_token: str | None = Field(None, description="bearer token required on every call")
-    auth_token_file: Path | None = Field(None, description="file holding auth_token (preferred)")
+    auth_token_file: ConfigPath | None = Field(
+        None, description="file holding auth_token (preferred)"
+    )
     cors_origins: list[str] = Field(default_factory=list)
     # HTTPS when both are set (the cloud profile on a routable address needs it).
-    tls_cert_file: Path | None = Field(None, description="PEM certificate chain")
-    tls_key_file: Path | None = Field(None, description="PEM private key")
+    tls_cert_file: ConfigPath | None = Field(None, description="PEM certificate chain")
+    tls_key_file: ConfigPath | None = Field(None, description="PEM private key")
 
     @model_validator(mode="after")
     def _pairs(self) -> ServerConfig:
@@ -62,7 +66,7 @@ class ServerConfig(Section):
 
 
 class StoreConfig(Section):
-    path: Path = Path("/var/lib/edgefleet/models")
+    path: ConfigPath = Path("/var/lib/edgefleet/models")
     keep_versions: int = Field(3, ge=1, description="installed versions kept per model")
     max_member_bytes: int = Field(512 * 1024 * 1024, gt=0)
 
@@ -147,7 +151,7 @@ class RuntimeConfig(BackendConfig):
 class ModelEntry(Section):
     """A bundle the agent installs at start when its store does not have it yet."""
 
-    bundle: Path
+    bundle: ConfigPath
     labels: list[str] = Field(default_factory=list, description="e.g. [stable]")
     activate: bool = True
 
@@ -156,18 +160,8 @@ class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-class FleetTLSConfig(Section):
-    """TLS to the broker. Present (even empty) means TLS on, with the system trust store."""
-
-    ca_file: Path | None = Field(None, description="PEM CA bundle; None: the system's")
-    cert_file: Path | None = Field(None, description="client certificate for mutual TLS")
-    key_file: Path | None = None
-    # Off only for a lab broker with a self-made certificate: never on a store PC.
-    verify_hostname: bool = True
-
-
 class FleetOutboxConfig(Section):
-    path: Path = Path("/var/lib/edgefleet/outbox.sqlite")
+    path: ConfigPath = Path("/var/lib/edgefleet/outbox.sqlite")
     # Cap on what waits for the fleet (payload bytes + per-record overhead); past it the
     # oldest low-priority records go first (see agent/outbox.py).
     max_bytes: int = Field(64 * 1024 * 1024, gt=0)
@@ -189,9 +183,9 @@ class FleetSyncConfig(Section):
 
     # None: <store.path>/.downloads (the store skips dot-directories). Partial downloads
     # (``*.part``) live here across restarts, so a download resumes where it stopped.
-    download_dir: Path | None = Field(None, description="None: <store.path>/.downloads")
+    download_dir: ConfigPath | None = Field(None, description="None: <store.path>/.downloads")
     # None: <store.path>/.sync-state.json: the last processed revision, per-model results.
-    state_file: Path | None = Field(None, description="None: <store.path>/.sync-state.json")
+    state_file: ConfigPath | None = Field(None, description="None: <store.path>/.sync-state.json")
     max_bundle_bytes: int = Field(1024 * 1024 * 1024, gt=0, description="larger are refused")
     # Per request: connecting, and the longest wait for the next bytes (not the whole
     # transfer: a slow store line may take minutes for a big bundle).
@@ -203,7 +197,7 @@ class FleetSyncConfig(Section):
     download_attempts: int = Field(8, ge=1, description="attempts without progress, then failed")
     # An https fleet whose certificate comes from the operator's own CA (written by
     # `edge-agent enroll --ca-file`); None: the system's trust store.
-    ca_file: Path | None = Field(None, description="PEM CA bundle for https bundle URLs")
+    ca_file: ConfigPath | None = Field(None, description="PEM CA bundle for https bundle URLs")
     # The fleet this device enrolled with (written by `edge-agent enroll`): the only
     # origin bundle downloads send the device credentials to (agent/download.py,
     # CredentialScope). None (configs from before): the broker's host, https only.
@@ -227,62 +221,17 @@ class FleetSyncConfig(Section):
         return self
 
 
-class FleetConfig(Section):
-    """The MQTT link to the fleet. Absent: the agent runs standalone (offline first)."""
+class FleetConfig(MqttConnectionConfig):
+    """The device's MQTT link to the fleet. Absent: the agent runs standalone (offline first).
 
-    host: str
-    port: int | None = Field(None, ge=1, le=65535, description="None: 1883, or 8883 with tls")
-    tls: FleetTLSConfig | None = None
-    username: str | None = Field(None, description="None: the client id")
-    password: str | None = None
-    password_file: Path | None = Field(None, description="first line is the password")
-    client_id: str | None = Field(None, description="None: device_id (stable: persistent session)")
-    keepalive_s: int = Field(30, ge=1, le=65535)
-    # 3.1.1 is the baseline every broker speaks; "5" is tried first and falls back to
-    # 3.1.1 when the broker does not negotiate it.
-    protocol: Literal["3.1.1", "5"] = "3.1.1"
-    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="MQTT 5 only")
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(60.0, gt=0)
-    connect_timeout_s: float = Field(10.0, gt=0)
-    publish_timeout_s: float = Field(30.0, gt=0, description="wait for a broker PUBACK")
-    max_payload_bytes: int = Field(1024 * 1024, gt=0, description="larger incoming are dropped")
+    The broker connection (host, port, tls, login, timers) is the core's
+    ``MqttConnectionConfig``; ``client_id`` defaults to the ``device_id``. Added here: the
+    outbox, the telemetry sender and the desired-state sync.
+    """
+
     outbox: FleetOutboxConfig = Field(default_factory=FleetOutboxConfig)
     telemetry: FleetTelemetryConfig = Field(default_factory=FleetTelemetryConfig)
     sync: FleetSyncConfig = Field(default_factory=FleetSyncConfig)
-
-    def secret(self) -> str | None:
-        """The device secret: ``password``, or the first line of ``password_file``.
-
-        One rule for both places that present it: the MQTT login and the HTTP Basic
-        auth of bundle downloads (the fleet checks the same secret). Reads a file:
-        call it off the event loop.
-        """
-        if self.password_file is not None:
-            lines = Path(self.password_file).read_text(encoding="utf-8").splitlines()
-            return lines[0].strip() if lines else ""
-        return self.password
-
-    @field_validator("protocol", mode="before")
-    @classmethod
-    def _protocol(cls, v: Any) -> Any:
-        # YAML reads `protocol: 5` as an int and `3.1.1` as a string.
-        return str(v) if isinstance(v, int | float) else v
-
-    @field_validator("client_id")
-    @classmethod
-    def _client_id(cls, v: str | None) -> str | None:
-        if v is not None and (not v or "+" in v or "#" in v or "/" in v):
-            raise ValueError("client_id may not be empty or contain '/', '+' or '#'")
-        return v
-
-    @model_validator(mode="after")
-    def _one_password(self) -> FleetConfig:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
-        return self
 
 
 class AgentConfig(Section):
@@ -334,63 +283,10 @@ class AgentConfig(Section):
         return self
 
 
-def _resolve_paths(raw: Any, base: Path) -> None:
-    """Relative paths in a config file are relative to that file, not to the cwd."""
-    if not isinstance(raw, dict):
-        return
-    store = raw.get("store")
-    if isinstance(store, dict) and isinstance(store.get("path"), str):
-        store["path"] = str(base / store["path"])
-    server = raw.get("server")
-    if isinstance(server, dict):
-        for k in ("auth_token_file", "tls_cert_file", "tls_key_file"):
-            if isinstance(server.get(k), str):
-                server[k] = str(base / server[k])
-    fallback = raw.get("fallback")
-    if isinstance(fallback, dict):
-        for sub, keys in (("cloud", ("token_file", "ca_file")), ("hard_examples", ("path",))):
-            section = fallback.get(sub)
-            if isinstance(section, dict):
-                for k in keys:
-                    if isinstance(section.get(k), str):
-                        section[k] = str(base / section[k])
-    trust = raw.get("trust")
-    if isinstance(trust, dict) and isinstance(trust.get("public_keys"), list):
-        trust["public_keys"] = [
-            str(base / k) if isinstance(k, str) else k for k in trust["public_keys"]
-        ]
-    for m in raw.get("models") or []:
-        if isinstance(m, dict) and isinstance(m.get("bundle"), str):
-            m["bundle"] = str(base / m["bundle"])
-    fleet = raw.get("fleet")
-    if isinstance(fleet, dict):
-        if isinstance(fleet.get("password_file"), str):
-            fleet["password_file"] = str(base / fleet["password_file"])
-        for sub, keys in (
-            ("tls", ("ca_file", "cert_file", "key_file")),
-            ("outbox", ("path",)),
-            ("sync", ("download_dir", "state_file", "ca_file")),
-        ):
-            section = fleet.get(sub)
-            if isinstance(section, dict):
-                for k in keys:
-                    if isinstance(section.get(k), str):
-                        section[k] = str(base / section[k])
-    runtime = raw.get("runtime")
-    litert = runtime.get("litert") if isinstance(runtime, dict) else None
-    if isinstance(litert, dict):
-        for d in litert.get("delegates") or []:
-            # A bare name (libedgetpu.so.1) is for the dynamic loader to find.
-            if isinstance(d, dict) and isinstance(d.get("library"), str) and "/" in d["library"]:
-                d["library"] = str(base / d["library"])
-
-
 def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> AgentConfig:
-    def prepare(raw: dict[str, Any]) -> None:
-        if base is not None:
-            _resolve_paths(raw, base)
-
-    return parse_yaml_model(AgentConfig, text, source, prepare)
+    """Validate config ``text``; relative paths are made absolute against ``base``
+    (the config file's directory), or kept as written without one."""
+    return parse_yaml_model(AgentConfig, text, source, base)
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -41,7 +41,6 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgefleet.agent import topics
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.download import (
     BundleDownloader,
@@ -50,13 +49,16 @@ from edgefleet.agent.download import (
     DownloadIntegrityError,
     basic_auth,
 )
-from edgefleet.agent.mqtt_link import LinkError, Message, MqttLink, Subscription
+from edgefleet.agent.mqtt_link import MqttLink
 from edgefleet.agent.outbox import Outbox, OutboxClosed, Priority, new_record_id
 from edgefleet.agent.serving_registry import ModelRegistry
 from edgefleet.core.bundle.archive import parse_manifest, peek_manifest
 from edgefleet.core.bundle.manifest import check_name
 from edgefleet.core.durable import atomic_write
 from edgefleet.core.errors import BundleError, EdgeError, NotFound
+from edgefleet.core.mqtt import topics
+from edgefleet.core.mqtt.errors import LinkError
+from edgefleet.core.mqtt.messages import Message, Subscription
 
 log = logging.getLogger(__name__)
 

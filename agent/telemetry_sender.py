@@ -24,10 +24,12 @@ from typing import Any
 
 import orjson
 
-from edgefleet.agent import topics
 from edgefleet.agent.config import FleetTelemetryConfig
-from edgefleet.agent.mqtt_link import LinkError, Message, MqttLink, Subscription
+from edgefleet.agent.mqtt_link import MqttLink
 from edgefleet.agent.outbox import Batch, Outbox
+from edgefleet.core.mqtt import topics
+from edgefleet.core.mqtt.errors import LinkError
+from edgefleet.core.mqtt.messages import Message, Subscription
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from typing import Any
 
 from aiohttp import web
 
-from edgefleet.agent.mqtt_link import LinkClosed, PublishTimeout
 from edgefleet.core import __version__
 from edgefleet.core.errors import BadRequest, EdgeError, NotFound
 from edgefleet.core.http import error_response, json_response, read_json_object
+from edgefleet.core.mqtt.errors import LinkClosed, PublishTimeout
 from edgefleet.fleet.bundle_registry import BundleFile, Registry
 from edgefleet.fleet.devices import Devices, Unauthorized
 

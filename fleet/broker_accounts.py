@@ -41,10 +41,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgefleet.agent import topics
-from edgefleet.agent.config import FleetConfig
-from edgefleet.agent.mqtt_link import LinkClosed, LinkError, LinkRefused, Message, MqttLink
 from edgefleet.core.errors import EdgeError
+from edgefleet.core.mqtt import topics
+from edgefleet.core.mqtt.config import MqttConnectionConfig
+from edgefleet.core.mqtt.connection import MqttConnection
+from edgefleet.core.mqtt.errors import LinkClosed, LinkError, LinkRefused
+from edgefleet.core.mqtt.messages import Message
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ _PBKDF2_ITERATIONS = 101
 _SALT_BYTES = 12
 
 # A device publishes these leaves of its own subtree and receives the others
-# (agent/topics.py; the contract is docs/mqtt.md). Direction matters: a device must not
+# (core/mqtt/topics.py; the contract is docs/mqtt.md). Direction matters: a device must not
 # be able to overwrite its own retained `desired` or fake the fleet's `acks`.
 DEVICE_PUBLISHES = (topics.STATUS, topics.REPORTED, topics.TELEMETRY, topics.EVENTS)
 DEVICE_RECEIVES = (topics.DESIRED, topics.COMMANDS, topics.ACKS)
@@ -232,9 +234,9 @@ class NoBrokerAccounts:
 class DynsecAccounts:
     """Device accounts through Mosquitto's dynamic-security plugin, over MQTT.
 
-    One connection of its own (the agent's ``MqttLink``, ``announce_status=False``)
-    with the admin account, separate from the fleet's data connection: the ingest
-    workers' credentials cannot create accounts, and this one cannot read telemetry.
+    One connection of its own (a plain core ``MqttConnection``) with the admin
+    account, separate from the fleet's data connection: the ingest workers'
+    credentials cannot create accounts, and this one cannot read telemetry.
     Each request carries a random ``correlationData`` the plugin echoes, so several
     fleet workers sharing the response topic each pick out their own answers.
     """
@@ -243,7 +245,7 @@ class DynsecAccounts:
 
     def __init__(
         self,
-        broker: FleetConfig,
+        broker: MqttConnectionConfig,
         *,
         username: str,
         password: str,
@@ -256,13 +258,12 @@ class DynsecAccounts:
                 "username": username,
                 "password": password,
                 "password_file": None,
-                "client_id": client_id,
             }
         )
         self.username = username
         self.timeout_s = timeout_s
         self.reserved_usernames = reserved_usernames | {username}
-        self.link = MqttLink(config, client_id, announce_status=False)
+        self.link = MqttConnection(config, client_id=client_id)
         self._waiting: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._started = False
 

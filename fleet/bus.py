@@ -1,8 +1,8 @@
 """The fleet's MQTT side: one connection to the broker and the parts that use it.
 
-``FleetBus`` owns an ``agent.mqtt_link.MqttLink`` (the agent's link: asyncio-driven
-paho, persistent session, jittered reconnect) with ``announce_status=False``, since
-the fleet is no device and has no ``status`` or Last Will. On it:
+``FleetBus`` owns a plain ``edgefleet.core.mqtt.connection.MqttConnection``
+(asyncio-driven paho, persistent session, jittered reconnect) under its own client id:
+the fleet is no device, so it has no ``status``, birth message or Last Will. On it:
 
 - the ingest (``fleet/ingest.py``) subscribes to ``status``, ``reported``, ``events``
   and ``telemetry`` of every device and publishes telemetry ``acks``;
@@ -42,9 +42,10 @@ from typing import Any
 
 import orjson
 
-from edgefleet.agent import topics
-from edgefleet.agent.config import FleetConfig
-from edgefleet.agent.mqtt_link import LinkClosed, LinkRefused, MqttLink, PublishTimeout
+from edgefleet.core.mqtt import topics
+from edgefleet.core.mqtt.config import MqttConnectionConfig
+from edgefleet.core.mqtt.connection import MqttConnection
+from edgefleet.core.mqtt.errors import LinkClosed, LinkRefused, PublishTimeout
 from edgefleet.fleet.db import FleetDB
 from edgefleet.fleet.desired import DesiredStates
 from edgefleet.fleet.ingest import Ingest, IngestStats
@@ -72,7 +73,7 @@ class FleetBus:
     def __init__(
         self,
         db: FleetDB,
-        broker: FleetConfig,
+        broker: MqttConnectionConfig,
         *,
         client_id: str = "edgefleet-fleet",
         bundle_url: Callable[[str, str], str],
@@ -85,12 +86,9 @@ class FleetBus:
         # The fleet's own client id (each worker its own: a persistent session each);
         # the username stays the configured one (the broker ACL's `fleet` user).
         config = broker.model_copy(
-            update={
-                "client_id": client_id,
-                "max_payload_bytes": max(broker.max_payload_bytes, _LINK_MAX_PAYLOAD),
-            }
+            update={"max_payload_bytes": max(broker.max_payload_bytes, _LINK_MAX_PAYLOAD)}
         )
-        self.link = MqttLink(config, client_id, announce_status=False)
+        self.link = MqttConnection(config, client_id=client_id)
         self.desired = DesiredStates(db, self._publish_retained, bundle_url)
         self.rollouts = Rollouts(db, self.desired)
         self.telemetry = TelemetryViews(db)
@@ -114,7 +112,7 @@ class FleetBus:
             raise RuntimeError("FleetBus already started (make a new one to restart)")
         self._started = True
         for leaf in (topics.STATUS, topics.REPORTED, topics.EVENTS, topics.TELEMETRY):
-            topic_filter = topics.all_devices(leaf)  # type: ignore[arg-type]
+            topic_filter = topics.all_devices(leaf)
             if self.shared_group and leaf in (topics.EVENTS, topics.TELEMETRY):
                 topic_filter = topics.shared(self.shared_group, topic_filter)
             await self.link.subscribe(

@@ -1,10 +1,11 @@
 """Typed fleet-service configuration (``edge-fleet serve --config FILE``), from YAML.
 
-Same rules as the agent's config (agent/config.py): every section forbids unknown
-keys, errors name the key path and the YAML line, and relative paths are relative
-to the config file. The broker connection reuses the agent's ``FleetConfig`` (host,
-port, tls, username, password_file...): the fleet is one more MQTT client of the
-same broker.
+Same rules as the agent's config (the core's config primitives): every section
+forbids unknown keys, errors name the key path and the YAML line, a key given twice
+is an error, and every path field is a ``ConfigPath`` (relative to the config file).
+The ``broker`` section is the core's plain ``MqttConnectionConfig`` (host, port, tls,
+username, password_file...): the fleet is one more MQTT client of the same broker,
+and a device's settings (``outbox``, ``telemetry``, ``sync``) are errors here.
 
 ```yaml
 data_dir: /var/lib/edgefleet/fleet      # fleet.sqlite + bundles/
@@ -33,18 +34,16 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edgefleet.agent.config import FleetConfig
-from edgefleet.core.config import TrustConfig, parse_yaml_model
+from edgefleet.core.config import ConfigPath, TrustConfig, parse_yaml_model
 from edgefleet.core.errors import ConfigError
+from edgefleet.core.mqtt.config import MQTT_PORT, MqttConnectionConfig
 
 HTTP_PORT = 8480  # DESIGN.md: fleet HTTP (API, dashboard, bundle downloads)
-MQTT_PORT = 1883
-MQTT_TLS_PORT = 8883
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
 
 
@@ -65,8 +64,10 @@ class HttpConfig(_Section):
     max_member_bytes: int = Field(
         512 * 1024 * 1024, gt=0, description="largest file inside an uploaded bundle"
     )
-    tls_cert_file: Path | None = Field(None, description="PEM chain: HTTPS when set with the key")
-    tls_key_file: Path | None = None
+    tls_cert_file: ConfigPath | None = Field(
+        None, description="PEM chain: HTTPS when set with the key"
+    )
+    tls_key_file: ConfigPath | None = None
 
     @field_validator("public_url")
     @classmethod
@@ -115,7 +116,7 @@ class ApiToken(_Section):
     name: str = Field(min_length=1, max_length=64)
     role: Role
     token: str | None = Field(None, min_length=16, description="prefer token_file")
-    token_file: Path | None = None
+    token_file: ConfigPath | None = None
 
     @model_validator(mode="after")
     def _one(self) -> ApiToken:
@@ -134,7 +135,7 @@ class AuthConfig(_Section):
     """
 
     token: str | None = Field(None, description="prefer token_file: configs leak")
-    token_file: Path | None = Field(
+    token_file: ConfigPath | None = Field(
         None, description="None (and no token): <data_dir>/admin.token, created at first start"
     )
     tokens: list[ApiToken] = Field(default_factory=list)
@@ -168,7 +169,7 @@ class EnrolmentConfig(_Section):
     mqtt_tls: bool | None = Field(
         None, description="None: true with ca_file, else whether the fleet uses TLS itself"
     )
-    ca_file: Path | None = Field(
+    ca_file: ConfigPath | None = Field(
         None, description="PEM CA of the broker's certificate, handed to enrolling devices"
     )
     token_ttl_s: int = Field(24 * 3600, gt=0, description="default lifetime of a token")
@@ -213,7 +214,7 @@ class BrokerAccountsConfig(_Section):
     mode: Literal["none", "dynsec"] = "none"
     username: str = Field("edgefleet-admin", min_length=1)
     password: str | None = Field(None, description="prefer password_file")
-    password_file: Path | None = None
+    password_file: ConfigPath | None = None
     client_id: str | None = Field(None, description="None: <the fleet's client id>-accounts")
     timeout_s: float = Field(10.0, gt=0, description="wait for the broker to confirm a change")
 
@@ -231,11 +232,11 @@ class LoggingConfig(_Section):
 
 
 class FleetServiceConfig(_Section):
-    data_dir: Path = Path("/var/lib/edgefleet/fleet")
+    data_dir: ConfigPath = Path("/var/lib/edgefleet/fleet")
     http: HttpConfig = Field(default_factory=HttpConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     trust: TrustConfig = Field(default_factory=TrustConfig)
-    broker: FleetConfig | None = Field(None, description="external broker; None: embedded")
+    broker: MqttConnectionConfig | None = Field(None, description="external broker; None: embedded")
     embedded_broker: EmbeddedBrokerConfig = Field(default_factory=EmbeddedBrokerConfig)
     enrolment: EnrolmentConfig = Field(default_factory=EnrolmentConfig)
     rollouts: RolloutDefaults = Field(default_factory=RolloutDefaults)
@@ -268,41 +269,12 @@ class FleetServiceConfig(_Section):
 # ----------------------------------------------------------------------- loading
 
 
-def _rebase(section: Any, keys: tuple[str, ...], base: Path) -> None:
-    if isinstance(section, dict):
-        for k in keys:
-            if isinstance(section.get(k), str):
-                section[k] = str(base / section[k])
-
-
-def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
-    """Relative paths in a config file are relative to that file, not to the cwd."""
-    if isinstance(raw.get("data_dir"), str):
-        raw["data_dir"] = str(base / raw["data_dir"])
-    _rebase(raw.get("http"), ("tls_cert_file", "tls_key_file"), base)
-    auth = raw.get("auth")
-    _rebase(auth, ("token_file",), base)
-    if isinstance(auth, dict) and isinstance(auth.get("tokens"), list):
-        for entry in auth["tokens"]:
-            _rebase(entry, ("token_file",), base)
-    _rebase(raw.get("enrolment"), ("ca_file",), base)
-    _rebase(raw.get("broker_accounts"), ("password_file",), base)
-    trust = raw.get("trust")
-    if isinstance(trust, dict) and isinstance(trust.get("public_keys"), list):
-        trust["public_keys"] = [
-            str(base / k) if isinstance(k, str) else k for k in trust["public_keys"]
-        ]
-    broker = raw.get("broker")
-    if isinstance(broker, dict):
-        _rebase(broker, ("password_file",), base)
-        _rebase(broker.get("tls"), ("ca_file", "cert_file", "key_file"), base)
-
-
 def parse_fleet_config(
     text: str, source: str = "<config>", base: Path | None = None
 ) -> FleetServiceConfig:
-    prepare = (lambda raw: _resolve_paths(raw, base)) if base is not None else None
-    return parse_yaml_model(FleetServiceConfig, text, source, prepare)
+    """Validate config ``text``; relative paths are made absolute against ``base``
+    (the config file's directory), or kept as written without one."""
+    return parse_yaml_model(FleetServiceConfig, text, source, base)
 
 
 def load_fleet_config(path: Path) -> FleetServiceConfig:
@@ -311,10 +283,3 @@ def load_fleet_config(path: Path) -> FleetServiceConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     return parse_fleet_config(text, str(path), base=path.resolve().parent)
-
-
-def broker_port(cfg: FleetConfig) -> int:
-    """The port a ``FleetConfig`` connects to (its default depends on TLS)."""
-    if cfg.port is not None:
-        return cfg.port
-    return MQTT_TLS_PORT if cfg.tls is not None else MQTT_PORT

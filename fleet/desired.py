@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edgefleet.agent import topics
 from edgefleet.core.errors import BadRequest, NotFound
+from edgefleet.core.mqtt import topics
 from edgefleet.fleet.db import FleetDB, dumps, loads, next_revision, now
 
 log = logging.getLogger(__name__)

@@ -54,8 +54,8 @@ from typing import Any
 
 import orjson
 
-from edgefleet.agent import topics
-from edgefleet.agent.mqtt_link import Handler, Message
+from edgefleet.core.mqtt import topics
+from edgefleet.core.mqtt.messages import Handler, Message
 from edgefleet.fleet.db import FleetDB, dumps, now
 from edgefleet.fleet.rollouts import Rollouts
 from edgefleet.fleet.telemetry_math import validate_inference_stats

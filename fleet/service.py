@@ -33,13 +33,13 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from cryptography import x509
 
-from edgefleet.agent.config import FleetConfig
 from edgefleet.core.bundle.signing import TrustStore
 from edgefleet.core.errors import ConfigError
+from edgefleet.core.mqtt.config import MqttConnectionConfig
 from edgefleet.fleet.api import Authenticator, FleetApi, create_app
 from edgefleet.fleet.broker_accounts import BrokerAccounts, DynsecAccounts, NoBrokerAccounts
 from edgefleet.fleet.bundle_registry import Registry
-from edgefleet.fleet.config import FleetServiceConfig, broker_port
+from edgefleet.fleet.config import FleetServiceConfig
 from edgefleet.fleet.db import FleetDB
 from edgefleet.fleet.devices import Devices, EnrolmentInfo
 
@@ -81,7 +81,7 @@ def resolve_token(cfg: FleetServiceConfig) -> str:
 
 def resolve_role_tokens(cfg: FleetServiceConfig) -> list[tuple[str, str, str]]:
     """``(name, role, token)`` for every ``auth.tokens`` entry; files must exist."""
-    out = []
+    out: list[tuple[str, str, str]] = []
     for entry in cfg.auth.tokens:
         token = entry.token
         if entry.token_file is not None:
@@ -259,7 +259,7 @@ class FleetService:
             cfg.data_dir,
         )
 
-    async def _start_broker(self) -> FleetConfig:
+    async def _start_broker(self) -> MqttConnectionConfig:
         """Start the embedded broker when none is configured; the fleet's connection."""
         cfg = self.cfg
         enrol = cfg.enrolment
@@ -268,7 +268,7 @@ class FleetService:
             if external.username is None:
                 external = external.model_copy(update={"username": FLEET_MQTT_USER})
             self.mqtt_host = enrol.mqtt_host or external.host
-            self.mqtt_port = enrol.mqtt_port or broker_port(external)
+            self.mqtt_port = enrol.mqtt_port or external.effective_port
             return external
         from edgefleet.fleet.embedded_broker import EmbeddedBroker
 
@@ -289,14 +289,14 @@ class FleetService:
             else eb.host
         )
         self.mqtt_port = enrol.mqtt_port or self.broker.port
-        return FleetConfig(
+        return MqttConnectionConfig(
             host=connect_host,
             port=self.broker.port,
             username=FLEET_MQTT_USER,
             client_id=FLEET_MQTT_USER,
         )
 
-    def _make_accounts(self, broker_cfg: FleetConfig) -> BrokerAccounts:
+    def _make_accounts(self, broker_cfg: MqttConnectionConfig) -> BrokerAccounts:
         """Device broker logins: made by this fleet (dynsec) or by nobody here (none)."""
         settings = self.cfg.broker_accounts
         # Never a device id: the fleet's own broker accounts (see Devices).

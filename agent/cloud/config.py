@@ -9,13 +9,12 @@ the weaker layer said. The fleet will push the same structure later.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from edgefleet.core.config import Section
+from edgefleet.core.config import ConfigPath, Section
 
 Mode = Literal["edge_only", "cloud_when_unsure", "edge_first_escalate"]
 Rule = Literal["top1", "margin", "entropy", "mean_box", "min_box"]
@@ -28,8 +27,8 @@ class CloudEndpointConfig(Section):
         None, description="http(s)://host:port[/prefix]; unset: no cloud, every model edge_only"
     )
     token: str | None = Field(None, description="bearer token sent as Authorization")
-    token_file: Path | None = Field(None, description="file holding the token (preferred)")
-    ca_file: Path | None = Field(None, description="PEM CA bundle for a private cloud CA")
+    token_file: ConfigPath | None = Field(None, description="file holding the token (preferred)")
+    ca_file: ConfigPath | None = Field(None, description="PEM CA bundle for a private cloud CA")
     timeout_ms: int = Field(300, gt=0, le=600_000, description="per call, connect included")
     max_connections: int = Field(8, ge=1, description="pooled keep-alive connections")
     keepalive_s: float = Field(30.0, gt=0)
@@ -87,7 +86,9 @@ class HardExamplesConfig(Section):
     """Cases that went, or should have gone, to the cloud, kept for retraining."""
 
     enabled: bool = True
-    path: Path | None = Field(None, description="default: hard-examples.sqlite beside the store")
+    path: ConfigPath | None = Field(
+        None, description="default: hard-examples.sqlite beside the store"
+    )
     sample_rate: float = Field(
         1.0, ge=0.0, le=1.0, description="share of answered cases kept (disagreements always)"
     )

@@ -7,11 +7,9 @@ the agent will run it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
-from edgefleet.core.config import Section
+from edgefleet.core.config import LibraryPath, Section
 
 
 class OnnxConfig(Section):
@@ -28,7 +26,7 @@ class OnnxConfig(Section):
 
 
 class ExternalDelegate(Section):
-    library: Path
+    library: LibraryPath  # a bare name (no '/') is for the dynamic loader to find
     options: dict[str, str] = Field(default_factory=dict)
 
 

@@ -17,11 +17,11 @@ import aiohttp
 import numpy as np
 import pytest
 
-from edgefleet.agent import topics
 from edgefleet.agent.config import parse_config
 from edgefleet.agent.fleet_link import FLEET
 from edgefleet.agent.outbox import NewRecord
 from edgefleet.core.errors import ConfigError
+from edgefleet.core.mqtt import topics
 from tests.support.brokers import Mosquitto, Peer, agent_fleet_section, eventually
 from tests.support.tiny import TEST_X, agent_config
 

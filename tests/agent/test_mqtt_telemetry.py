@@ -20,11 +20,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.agent import topics
 from edgefleet.agent.config import FleetConfig
 from edgefleet.agent.mqtt_link import MqttLink
 from edgefleet.agent.outbox import NewRecord, Outbox, Priority
 from edgefleet.agent.telemetry_sender import TelemetrySender, parse_ack
+from edgefleet.core.mqtt import topics
 from tests.support.brokers import (
     Mosquitto,
     Peer,

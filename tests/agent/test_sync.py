@@ -21,10 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edgefleet.agent import topics
 from edgefleet.agent.download import BundleSpec
 from edgefleet.agent.fleet_link import FLEET, FleetConnection
 from edgefleet.agent.sync import DesiredStateSync, parse_command, parse_desired
+from edgefleet.core.mqtt import topics
 from tests.support.agent_process import AgentProcess
 from tests.support.brokers import Mosquitto, Peer, eventually, free_port
 from tests.support.bundle_server import BundleServer, Fault

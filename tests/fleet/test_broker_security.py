@@ -37,8 +37,11 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.agent import topics
-from edgefleet.agent.mqtt_link import LinkRefused, LinkState, Message, MqttLink
+from edgefleet.agent.mqtt_link import MqttLink
+from edgefleet.core.mqtt import topics
+from edgefleet.core.mqtt.connection import LinkState
+from edgefleet.core.mqtt.errors import LinkRefused
+from edgefleet.core.mqtt.messages import Message
 from edgefleet.fleet.broker_accounts import main as broker_accounts_main
 from edgefleet.fleet.config import FleetServiceConfig, load_fleet_config
 from edgefleet.fleet.service import FleetService

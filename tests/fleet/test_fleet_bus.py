@@ -15,11 +15,11 @@ from typing import Any
 import orjson
 import pytest
 
-from edgefleet.agent import topics
 from edgefleet.agent.mqtt_link import MqttLink
 from edgefleet.agent.outbox import NewRecord, Outbox
 from edgefleet.agent.telemetry_sender import TelemetrySender
 from edgefleet.core.errors import BadRequest
+from edgefleet.core.mqtt import topics
 from edgefleet.fleet.bus import FleetBus
 from edgefleet.fleet.db import FleetDB, dumps
 from edgefleet.fleet.desired import UnknownModelVersion

@@ -3,22 +3,30 @@
 ``Mosquitto`` runs ``mosquitto -c CONF`` with deploy/mosquitto/edgefleet.conf on a
 free loopback port in its own directory, and can be stopped (cleanly or SIGKILL)
 and started again on the same port with the same persistence file, for outage
-tests. The fixtures are in tests/broker_fixtures.py (load them with
-``pytest_plugins = ("tests.broker_fixtures",)``).
+tests. ``TlsTerminator`` puts TLS in front of a plain broker the way a load balancer
+does. The fixtures are in tests/support/broker_fixtures.py (loaded by tests/conftest.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgefleet.agent.config import FleetConfig
+    from edgefleet.core.mqtt.config import MqttConnectionConfig
+    from edgefleet.core.mqtt.messages import Message
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "mosquitto"
@@ -249,10 +257,7 @@ async def eventually(
             await asyncio.sleep(every)
 
 
-def link_config(port: int, **overrides: Any) -> Any:
-    """An MQTT link config for tests: loopback, short keepalive and backoff."""
-    from edgefleet.agent.config import FleetConfig
-
+def _test_link_settings(port: int, overrides: dict[str, Any]) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": port,
@@ -263,7 +268,114 @@ def link_config(port: int, **overrides: Any) -> Any:
         "publish_timeout_s": 5,
     }
     doc.update(overrides)
-    return FleetConfig.model_validate(doc)
+    return doc
+
+
+def connection_config(port: int, **overrides: Any) -> MqttConnectionConfig:
+    """A core MQTT connection config for tests: loopback, short keepalive and backoff."""
+    from edgefleet.core.mqtt.config import MqttConnectionConfig
+
+    return MqttConnectionConfig.model_validate(_test_link_settings(port, overrides))
+
+
+def link_config(port: int, **overrides: Any) -> FleetConfig:
+    """A device link config (the agent's ``fleet:`` section) with the same test timers."""
+    from edgefleet.agent.config import FleetConfig
+
+    return FleetConfig.model_validate(_test_link_settings(port, overrides))
+
+
+class Inbox:
+    """An MQTT message handler that records what it got (loop thread)."""
+
+    def __init__(self) -> None:
+        self.got: list[Message] = []
+        self.event = asyncio.Event()
+
+    async def __call__(self, msg: Message) -> None:
+        self.got.append(msg)
+        self.event.set()
+
+    async def wait_for(self, n: int, within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            while len(self.got) < n:
+                self.event.clear()
+                await self.event.wait()
+
+
+class TlsTerminator:
+    """TLS in front of a plain-TCP broker, as HAProxy, nginx or a cloud load balancer
+    terminate it: real TLS on ``port``, bytes relayed to and from ``upstream_port``.
+
+    Like those proxies it relays whatever has arrived in one write, so one TLS record
+    may carry several MQTT packets (Mosquitto's own TLS listener writes one record
+    per packet). Runs its own event loop on a thread of its own, so it behaves the
+    same whatever the test's loop does; ``close()`` ends it.
+    """
+
+    def __init__(self, context: ssl.SSLContext, upstream_port: int) -> None:
+        self.context = context
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tls-terminator", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise TimeoutError("TLS terminator did not start")
+
+    def _run(self) -> None:
+        # Its own thread and loop: everything below runs here.
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._listen())
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, ssl=self.context
+        )
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            client_w.close()
+            return
+        self._conns |= {client_w, up_w}
+        await asyncio.gather(self._pump(client_r, up_w), self._pump(up_r, client_w))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            self._conns.discard(writer)
+            writer.close()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._conns):
+            w.close()  # the relays see EOF and end by themselves
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=5)
+            for t in late:
+                t.cancel()
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
 
 
 def agent_fleet_section(port: int, tmp: Path) -> dict[str, Any]:

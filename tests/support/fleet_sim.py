@@ -1,8 +1,8 @@
 """Helpers for the fleet MQTT tests: a real FleetDB, real FleetBus, simulated devices.
 
-A simulated device is the agent's real MQTT link (``agent.mqtt_link.MqttLink``: birth
-message, Last Will, persistent session) plus a minimal stand-in for the agent's sync:
-it answers every ``desired`` document with a ``reported`` one, succeeding, failing or
+A simulated device is the agent's real MQTT link (``edgefleet.agent.mqtt_link``:
+birth message, Last Will, persistent session) plus a minimal stand-in for the agent's
+sync: it answers every ``desired`` document with a ``reported`` one, succeeding, failing or
 holding per model version as the test decides. No mocks: everything goes through a
 real broker.
 """
@@ -15,11 +15,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from edgefleet.agent import topics
-from edgefleet.agent.config import FleetConfig
-from edgefleet.agent.mqtt_link import Message, MqttLink
+from edgefleet.agent.mqtt_link import MqttLink
+from edgefleet.core.mqtt import topics
+from edgefleet.core.mqtt.config import MqttConnectionConfig
+from edgefleet.core.mqtt.messages import Message
 from edgefleet.fleet.db import FleetDB, dumps, now
-from tests.support.brokers import link_config
+from tests.support.brokers import connection_config, link_config
 
 BUNDLE_BASE = "http://fleet.test:8480/v1/bundles"
 
@@ -28,8 +29,9 @@ def bundle_url(name: str, version: str) -> str:
     return f"{BUNDLE_BASE}/{name}/{version}"
 
 
-def fleet_config(port: int) -> FleetConfig:
-    return link_config(port, username="fleet")
+def fleet_config(port: int) -> MqttConnectionConfig:
+    """The fleet's broker connection (a plain MQTT connection, no device settings)."""
+    return connection_config(port, username="fleet")
 
 
 def new_id() -> str:
