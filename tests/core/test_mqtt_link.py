@@ -427,7 +427,9 @@ async def test_device_acl_confines_a_device_to_its_subtree(
     assert [m.json() for m in inbox.got] == [{"ours": True}]
 
 
-async def test_pipelined_publishes_and_deliveries_all_complete(mosquitto: Mosquitto, links: Any, peers: Any) -> None:
+async def test_pipelined_publishes_and_deliveries_all_complete(
+    mosquitto: Mosquitto, links: Any, peers: Any
+) -> None:
     """Pipelined QoS 1 publishes all get their PUBACK, and a burst from a peer all reaches
     the handler, through a real Mosquitto on loopback. Speed: ``python -m bench mqtt``."""
     link = await links(fleet_config(mosquitto.port), start=False)
