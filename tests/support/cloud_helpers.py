@@ -2,9 +2,9 @@
 small real servers for the faults a real agent cannot produce (the fixtures that
 use them are in tests/support/cloud_fixtures.py).
 
-* ``Servers`` (the ``servers`` fixture): starts real agents (edge or cloud profile, optionally HTTPS) and plain
-  aiohttp apps on loopback ports in the test's loop; all stopped at the end, and
-  the test fails on tasks anyone left running.
+* ``Servers`` (the ``servers`` fixture): starts real agents (edge or cloud profile,
+  optionally HTTPS) and plain aiohttp apps on loopback ports in the test's loop; all
+  stopped at the end (what anyone left running fails the test: tests/support/leaks.py).
 * ``FaultProxy``: a TCP proxy in front of a real cloud agent that passes traffic,
   hangs (accepts and never answers), delays the answer, or drops the connection
   part-way through the answer: a broken network, with the real server behind it.

@@ -1,8 +1,8 @@
 """Session fixtures for the converter and digits-recipe tests: one real digits build.
 
-Loaded with ``pytest_plugins = ["_digits_fixtures"]`` from the test modules that
-need it (tests/conftest.py belongs to the lead), so the build runs once per session
-however many modules use it. Tests that alter a bundle copy it first.
+A pytest plugin loaded by tests/conftest.py's ``pytest_plugins``; the build runs once
+per session, and only when a test asks for it. Tests that alter a bundle copy it
+first.
 """
 
 from __future__ import annotations
