@@ -258,7 +258,7 @@ def calibrate(
     probs = class_probabilities(edge, data)
     m = edge.manifest
     rule = rule or m.confidence.rule
-    if rule not in ("top1", "margin", "entropy"):
+    if rule not in classification.RULES:
         raise CalibrationError(f"confidence rule {rule} is not a classifier's")
     conf = confidences(probs, rule)
     edge_pred = probs.argmax(axis=1)

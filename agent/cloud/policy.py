@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 
 from edgefleet.agent.cloud.config import FallbackConfig, Mode, ModelFallback, Rule
 from edgefleet.core.bundle.manifest import ClassificationPost, DetectionPost, Manifest
+from edgefleet.core.processing import classification, detection
 from edgefleet.core.processing.scoring import Scored
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_RULES = ("top1", "margin", "entropy")
-DETECTOR_RULES = ("mean_box", "min_box")
 DEFAULT_CALLS_PER_MINUTE = 600
 DEFAULT_MAX_IN_FLIGHT = 4
 
@@ -141,10 +140,10 @@ def _why_inactive(
     if not values["cloud_model"]:
         return "no cloud model named (bundle fallback.cloud_model or config)"
     if isinstance(post, ClassificationPost):
-        if rule not in CLASSIFIER_RULES:
+        if rule not in classification.RULES:
             return f"confidence rule {rule} does not apply to a classifier"
     elif isinstance(post, DetectionPost):
-        if rule not in DETECTOR_RULES:
+        if rule not in detection.RULES:
             return f"confidence rule {rule} does not apply to a detector"
     else:
         return "raw outputs: no confidence to judge by"

@@ -29,14 +29,9 @@ routes = web.RouteTableDef()
 
 async def _image_bytes(request: web.Request) -> bytes:
     if request.content_type == "multipart/form-data":
-        try:
-            form = await request.post()
-        except ValueError as exc:
-            raise BadRequest(f"malformed multipart body: {exc}") from exc
-        field = form.get("image")
-        if not isinstance(field, web.FileField):
-            raise BadRequest("multipart body needs a file field named 'image'")
-        return field.file.read()
+        from edgefleet.agent.server.bodies import read_form_file  # precise 400s
+
+        return await read_form_file(request, "image")
     return await request.read()
 
 
@@ -126,8 +121,9 @@ def prediction_fields(answer: InferenceResponse[ImageQuery]) -> dict[str, Any]:
             "confidence": float(scored.confidence[0]),
         }
     assert scored.detections is not None
-    found = scored.detections[0]
-    shown = found[: query.top_k] if query.top_k is not None else found
+    shown = scored.detections[0]
+    if query.top_k is not None:
+        shown = shown[: query.top_k]
     transform = query.transform
     detections = []
     for d in shown:
@@ -139,14 +135,12 @@ def prediction_fields(answer: InferenceResponse[ImageQuery]) -> dict[str, Any]:
         if d.keypoints:
             det["keypoints"] = [list(transform.point_to_pixels(x, y)) for x, y in d.keypoints]
         detections.append(det)
-    # The confidence of what is shown: the boxes top_k left.
-    if len(shown) == len(found):
-        conf = float(scored.confidence[0])
-    else:
-        conf = detection.confidence(shown, scored.rule)
     return {
         "detections": detections,
-        "confidence": conf,
+        # The rule on what is shown (the boxes top_k left, their scores as shown), so
+        # the caller can recompute it; the fleet's statistics count the model's own
+        # (``scored.confidence``: every box, full precision).
+        "confidence": detection.confidence(shown, scored.rule, as_reported=True),
         "image": {"width": transform.orig_width, "height": transform.orig_height},
     }
 

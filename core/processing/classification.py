@@ -11,6 +11,9 @@ import numpy as np
 
 from edgefleet.core.bundle.manifest import ClassificationPost
 
+# The confidence rules of a classifier (``confidence``).
+RULES = ("top1", "margin", "entropy")
+
 
 @dataclass(frozen=True)
 class Prediction:

@@ -30,7 +30,9 @@ import numpy as np
 from edgefleet.core.bundle.manifest import DetectionPost, SsdAnchors
 
 Box = tuple[float, float, float, float]
-# Box scores are reported (and judged, see ``confidence``) to this many decimals.
+# The confidence rules of a detector (``confidence``).
+RULES = ("mean_box", "min_box")
+# Answers report box scores to this many decimals.
 SCORE_DECIMALS = 5
 
 
@@ -301,14 +303,15 @@ def reported_score(d: Detection) -> float:
     return round(d.score, SCORE_DECIMALS)
 
 
-def confidence(found: Sequence[Detection], rule: str) -> float:
+def confidence(found: Sequence[Detection], rule: str, *, as_reported: bool = False) -> float:
     """One number in [0, 1] for one image's detections: ``min_box`` the least sure box,
     ``mean_box`` (any other rule) their mean; nothing found is a confident answer (1.0).
 
-    Computed from the scores as reported, so a caller can recompute it from the boxes
-    it got.
+    ``as_reported``: from the scores as an answer shows them (``SCORE_DECIMALS``
+    decimals), so that a caller can recompute the answer's confidence from its boxes;
+    otherwise (the fallback policy, the fleet's statistics) at full precision.
     """
-    scores = [reported_score(d) for d in found]
+    scores = [reported_score(d) if as_reported else d.score for d in found]
     if not scores:
         return 1.0
     if rule == "min_box":

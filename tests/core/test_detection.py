@@ -344,3 +344,42 @@ def test_yxhw_layout_decodes_like_xywh(interpreter, astronaut: np.ndarray) -> No
     got = decode_ssd({**outputs, POSTPROCESSING.boxes_output: swapped}, yxhw)[0]
     assert len(got) == len(want) == 1
     np.testing.assert_allclose(got[0].box, want[0].box, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------- scoring
+
+
+def test_scoring_a_detector_decodes_once_and_judges_by_either_rule(
+    interpreter, astronaut: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``score``: what the agent's answers, fallback policy and statistics all read."""
+    from edgefleet.core.bundle.manifest import Manifest
+    from edgefleet.core.processing import detection
+    from edgefleet.core.processing.scoring import score
+    from models.face_detect import manifest_fields
+
+    fields = manifest_fields("1", {})
+    m = Manifest.model_validate(
+        {**fields, "model_file": "m.tflite", "files": {"m.tflite": {"sha256": "0" * 64, "size": 1}}}
+    )
+    photo = run(interpreter, to_input(astronaut))
+    want = decode_ssd(photo, POSTPROCESSING)[0]
+    calls: list[int] = []
+    real = detection.decode_ssd
+
+    def counting(outputs, post):
+        calls.append(1)
+        return real(outputs, post)
+
+    monkeypatch.setattr(detection, "decode_ssd", counting)
+    scored = score(m, photo)
+    assert scored.detections == (want,) and scored.rule == "mean_box"
+    # The model's confidence at full precision; an answer's from the scores it shows.
+    assert scored.confidence.tolist() == [want[0].score]
+    assert detection.confidence(want, "mean_box", as_reported=True) == round(want[0].score, 5)
+    strict = scored.under("min_box")  # another rule: nothing decoded again
+    assert strict.confidence.tolist() == [want[0].score] and calls == [1]
+    # Nothing found is a confident answer.
+    blank = run(interpreter, to_input(np.zeros((128, 128, 3), np.uint8)))
+    assert score(m, blank).confidence.tolist() == [1.0]
+    assert score(m, blank).detections == ([],)
