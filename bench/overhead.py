@@ -860,7 +860,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "  ONNX Runtime's threads compete for the same cores: part of the overhead is that",
         "  contention, which a box with more cores (or a client on another core) would not see.",
         "- The in-process reference is `backend.infer` on the same extracted, verified model",
-        "  with the same input, created with `agent.backends.create_backend`.",
+        "  with the same input, created with `edgefleet.core.backends.create_backend`.",
         "- The client is a minimal HTTP/1.1 keep-alive client (one `sendall` per request,",
         "  `bench/common.py`), so the figure is what the agent adds, not what a client",
         "  library adds; the stdlib http.client row shows the cost of a common client.",

@@ -758,8 +758,8 @@ def peer_onnx_options(runtime: RuntimeConfig) -> dict[str, Any]:
     """The session options every peer gets: the agent's, with its thread count resolved.
 
     The agent turns ``intra_op_threads: 0`` into its own count for one run at a time
-    (``agent.backends.threads``, when present); the peers get that same number, so a
-    difference in the table is the serving layer's, not a thread setting's.
+    (``edgefleet.core.backends.threads``, when present); the peers get that same
+    number, so a difference in the table is the serving layer's, not a thread setting's.
     """
     threads = runtime.onnx.intra_op_threads
     if threads == 0:

@@ -1,6 +1,6 @@
 """Measure a model the way the agent will run it: accuracy, size, latency.
 
-Models are run through the agent's own backend (``agent.backends.create_backend``)
+Models are run through the agent's own backend (``edgefleet.core.backends.create_backend``)
 with the default runtime configuration, so the figures a converter writes into a
 manifest are the figures a store PC with the same CPU would see, not those of some
 differently tuned session.

@@ -3,7 +3,7 @@
 Everything the fleet knows lives here, never only in a process's memory (DESIGN.md,
 Scale): a restarted fleet, or a second fleet worker on the same database, computes
 the same desired states and rollout decisions. Writes go through one writer thread
-(``agent.sqlite_writer``); reads for the API and views run on read-only connections
+(``edgefleet.core.sqlite_writer``); reads for the API and views run on read-only connections
 in a thread pool, so a dashboard never waits behind telemetry ingest.
 
 Migrations: ``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``

@@ -25,7 +25,7 @@ An interpreter is not thread-safe, so the backend keeps a pool of
 ``interpreters`` of them, each used by one call at a time (``max_concurrency`` is
 the pool size). ``invoke`` releases the GIL, so the pool gives real parallelism;
 ``num_threads: 0`` sizes each interpreter to ``physical cores // interpreters``
-(``agent.backends.threads``). The pool size is ``interpreters``, or the
+(``edgefleet.core.backends.threads``). The pool size is ``interpreters``, or the
 ``instances`` the dynamic batcher asks for.
 
 Quantization is invisible to callers: for a full-integer model (int8/uint8 input

@@ -12,7 +12,7 @@ at fault and the model stays on the CPU from then on (logged once, recorded in
 ``info.runtime_fallback`` for the fleet); if the CPU fails too, the input was at
 fault and the caller gets the CPU's error while the model stays on its accelerator.
 
-Threads: ``intra_op_threads: 0`` means ``agent.backends.threads.auto_threads``
+Threads: ``intra_op_threads: 0`` means ``edgefleet.core.backends.threads.auto_threads``
 (physical cores divided by the concurrent runs of this model), not ONNX Runtime's
 own default, which would give every concurrent run a pool as wide as the box.
 """
