@@ -42,26 +42,15 @@ def _load(args: argparse.Namespace) -> AgentConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from edgefleet.agent.server.app import create_app
-    from edgefleet.agent.server.tls import server_ssl_context
+    # Not aiohttp's run_app: its plain site has no header/body timeouts or connection
+    # cap (agent/server/serve.py, agent/server/connections.py).
+    from edgefleet.agent.server.serve import run
 
     config = _load(args)
     _setup_logging(config.logging.level)
     loop = event_loop_factory(config.server.event_loop)()
     log.info("event loop: %s", type(loop).__module__.split(".")[0])
-    app = create_app(config)
-    web.run_app(
-        app,
-        loop=loop,
-        host=config.server.host,
-        port=config.server.port,
-        ssl_context=server_ssl_context(config),  # HTTPS when server.tls_* are set
-        access_log=None,
-        print=lambda msg: log.info("listening on %s:%s", config.server.host, config.server.port),
-        shutdown_timeout=10.0,
-    )
+    run(config, loop)
     return 0
 
 

@@ -40,10 +40,39 @@ class ServerConfig(Section):
     auth_token_file: ConfigPath | None = Field(
         None, description="file holding auth_token (preferred)"
     )
+    # Browser pages on these origins may call the API (CORS), including requests that
+    # change state; a request from any other page's Origin is refused unless it only
+    # reads (GET/HEAD). "*": any page (never on a store PC). docs/threat-model.md.
     cors_origins: list[str] = Field(default_factory=list)
+    # Host header names served besides localhost, IP literals and server.host: a DNS
+    # name the box is reached by. Other names are refused (DNS rebinding), except on an
+    # agent with a bearer token and no list here (a page cannot attach the token).
+    allowed_hosts: list[str] = Field(default_factory=list, description='"*": any Host')
+    # Slow or stalled clients (docs/threat-model.md): both timeouts count silence, not
+    # the whole transfer, so a slow link still uploads a big bundle.
+    header_timeout_s: float = Field(10.0, gt=0, description="longest a request head may take")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest silence inside a body")
+    # At the cap, a new connection evicts the one idle longest on an unfinished request;
+    # a few more slots above it serve only /v2/health/* (see agent/server/connections.py).
+    max_connections: int = Field(512, ge=1, description="open client connections at most")
+    # Decoding an image takes 2-12 bytes per pixel (format and colour dependent); an
+    # image whose header announces more than the budget's share of one decode is refused
+    # with 413 before a pixel is decoded. The default fits a 1 GiB MemoryMax unit.
+    image_decode_memory_mb: int = Field(256, ge=8, description="memory of all image decodes")
+    image_decode_concurrency: int = Field(2, ge=1, description="images decoded at once")
     # HTTPS when both are set (the cloud profile on a routable address needs it).
     tls_cert_file: ConfigPath | None = Field(None, description="PEM certificate chain")
     tls_key_file: ConfigPath | None = Field(None, description="PEM private key")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, v: list[str]) -> list[str]:
+        # Host headers compare case-insensitively, without a trailing dot or brackets.
+        names = [h.strip().lower().rstrip(".").strip("[]") for h in v]
+        bad = [h for h in names if not h or "/" in h or " " in h]
+        if bad:
+            raise ValueError(f"allowed_hosts entries must be host names, got {bad}")
+        return names
 
     @model_validator(mode="after")
     def _pairs(self) -> ServerConfig:

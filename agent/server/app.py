@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from edgefleet.agent.config import AgentConfig, default_threads
 from edgefleet.agent.dataplane import DataPlane
@@ -138,7 +139,7 @@ def create_app(config: AgentConfig) -> web.Application:
     # browser page forged never reaches the auth check or a handler. The token is fixed
     # at start: without one, the auth layer is not installed at all (one coroutine frame
     # less on every request of the hot path).
-    middlewares = [
+    middlewares: list[Middleware] = [
         error_middleware,
         request_guard.middleware(request_guard.RequestGuard(server), connections),
     ]

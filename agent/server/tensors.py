@@ -47,6 +47,13 @@ def _check_shape(spec: TensorSpec, name: str, shape: Any) -> tuple[int, ...]:
         raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
     if not spec.matches(tuple(shape)):
         raise BadRequest(f"input {name!r}: shape {shape} does not fit the model's {spec.shape}")
+    if 0 in shape:
+        # An empty tensor reaches the runtime as nothing to compute: ONNX Runtime and the
+        # batcher split rows, and a batch of no rows has none to split or answer.
+        what = "no rows" if shape and shape[0] == 0 else "no values"
+        raise BadRequest(
+            f"input {name!r}: shape {shape} holds {what}; every dimension must be at least 1"
+        )
     return tuple(shape)
 
 

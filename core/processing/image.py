@@ -2,23 +2,36 @@
 
 Runs in a worker thread (decoding a JPEG takes about a millisecond); never on the
 event loop.
+
+Memory: decoding is the one step whose memory an outsider chooses. A 190 KiB PNG of
+one colour decodes to 64 megapixels, 192 MiB in BGR and twice that while OpenCV
+decodes it. So the dimensions are read from the PNG/JPEG header first
+(:func:`read_header`, a few dozen bytes parsed in Python), the memory the decode will
+take is estimated from them (:meth:`ImageHeader.decode_bytes`), and an image over its
+share of the process's decode budget is refused (413) before a pixel is decoded; the
+decodes themselves run at most :attr:`DecodeLimits.concurrency` at a time
+(:func:`set_decode_limits`, set by the agent from its config).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import struct
+import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from edgefleet.core.bundle.manifest import ImagePreprocessing
-from edgefleet.core.errors import BadRequest
+from edgefleet.core.errors import BadRequest, PayloadTooLarge
 
 Box = tuple[float, float, float, float]
-_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
+_PNG = b"\x89PNG\r\n\x1a\n"
+_JPEG = b"\xff\xd8\xff"
+_MIB = 1024 * 1024
 
 
 @functools.cache
@@ -26,14 +39,190 @@ def cv2_module() -> ModuleType:
     """OpenCV, imported on first use.
 
     OpenCV holds ~15 MB of resident memory; a box whose apps only send tensors never
-    pays for it. The pixel cap must be set before the import: it makes OpenCV refuse
-    decompression bombs (a tiny PNG claiming 100k x 100k pixels) instead of
-    allocating gigabytes.
+    pays for it. OpenCV's own pixel cap (64 megapixels, read at import) stays as a
+    last line behind :func:`decode_image`'s budget check, which is what bounds the
+    memory (with the default budget, far below that cap).
     """
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64 * 1024 * 1024))
     import cv2
 
     return cv2
+
+
+# ---- header dimensions and the decode budget -----------------------------------------
+
+# JPEG start-of-frame markers (C4 is DHT, C8 is reserved, CC is DAC): baseline,
+# extended, progressive, lossless; differential and arithmetic variants.
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header announces, before anything is decoded."""
+
+    format: Literal["PNG", "JPEG"]
+    width: int
+    height: int
+    # JPEG only: the coefficients of every component are buffered for the whole image
+    # (progressive or multi-scan files), in 2-byte units per pixel; 0 when streamed.
+    coefficient_bytes_per_pixel: float = 0.0
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def decode_bytes(self, color: str) -> int:
+        """Peak memory of decoding this image with OpenCV into ``color``.
+
+        Measured (OpenCV 4, RSS high-water mark): OpenCV's decoders take twice the
+        output (an internal buffer, then the result), so 6 bytes per pixel to BGR/RGB
+        and 2 to grey, whatever the file's bit depth or alpha; a progressive JPEG adds
+        its coefficient buffer (3 bytes per pixel at 4:2:0, 6 at 4:4:4), needed even
+        for a grey result. Kept slightly above what was measured.
+        """
+        channels = 1 if color == "GRAY" else 3
+        per_pixel = 2.1 * channels + self.coefficient_bytes_per_pixel
+        return int(self.pixels * per_pixel) + _MIB
+
+
+def _png_header(data: bytes) -> ImageHeader:
+    # Signature, then the IHDR chunk first (the PNG spec requires it): length 13,
+    # "IHDR", width and height as big-endian uint32.
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise BadRequest("image is corrupt or truncated: PNG without an IHDR header")
+    width, height = struct.unpack(">II", data[16:24])
+    return ImageHeader("PNG", width, height)
+
+
+def _jpeg_header(data: bytes) -> ImageHeader:
+    """Walk the JPEG segments to the frame header (SOFn); a few reads per segment."""
+    i, n = 2, len(data)
+    frame: tuple[int, int, int, list[tuple[int, int]]] | None = None  # marker, w, h, comps
+    while i < n:
+        if data[i] != 0xFF:
+            if frame is not None:
+                break  # the size is known: the decoder will say what is wrong after it
+            raise BadRequest(f"image is corrupt or truncated: JPEG marker expected at {i}")
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # TEM, RSTn, SOI: no length
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if i + 2 > n:
+            break
+        (length,) = struct.unpack(">H", data[i : i + 2])
+        if length < 2:
+            if frame is not None:
+                break
+            raise BadRequest(f"image is corrupt or truncated: JPEG segment length {length}")
+        segment = data[i + 2 : i + length]
+        if marker in _SOF:
+            if len(segment) < 6:
+                break
+            _precision, height, width, count = struct.unpack(">BHHB", segment[:6])
+            sampling = [
+                (segment[7 + 3 * c] >> 4, segment[7 + 3 * c] & 0x0F)
+                for c in range(count)
+                if 8 + 3 * c < len(segment)
+            ]
+            if height == 0:  # the height comes later, in a DNL segment: not supported
+                raise BadRequest("JPEG without its height in the frame header is not supported")
+            frame = (marker, width, height, sampling)
+        elif marker == 0xDA:  # start of scan: the frame header must have come before
+            if frame is None:
+                break
+            scan_components = segment[0] if segment else 0
+            marker, width, height, sampling = frame
+            buffered = marker in _PROGRESSIVE or scan_components < len(sampling)
+            return ImageHeader("JPEG", width, height, _coefficients(sampling) if buffered else 0.0)
+        i += length
+    if frame is not None:  # no readable scan after it: assume the costlier (buffered) decode
+        return ImageHeader("JPEG", frame[1], frame[2], _coefficients(frame[3]))
+    raise BadRequest("image is corrupt or truncated: JPEG without a frame header")
+
+
+def _coefficients(sampling: list[tuple[int, int]]) -> float:
+    """Bytes per pixel of a whole-image coefficient buffer: 2 per sample of each component."""
+    if not sampling:
+        return 6.0
+    h_max = max(h for h, _ in sampling) or 1
+    v_max = max(v for _, v in sampling) or 1
+    return 2.0 * sum(h * v for h, v in sampling) / (h_max * v_max)
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """Format and dimensions from a PNG or JPEG header; 400 for anything else."""
+    if not data:
+        raise BadRequest("empty image body")
+    if data.startswith(_PNG):
+        header = _png_header(data)
+    elif data.startswith(_JPEG):
+        header = _jpeg_header(data)
+    else:
+        raise BadRequest("body is not a JPEG or PNG image")
+    if header.width == 0 or header.height == 0:
+        raise BadRequest(f"{header.format} header announces {header.width}x{header.height} pixels")
+    return header
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """The memory every image decode of this process may use together.
+
+    Each decode may take ``memory_bytes / concurrency``; at most ``concurrency`` run
+    at once (the others wait in their worker thread). ``setting`` names where the
+    budget comes from, for the refusal message.
+    """
+
+    memory_bytes: int = 256 * _MIB
+    concurrency: int = 2
+    setting: str = "the image decode memory budget"
+
+    @property
+    def per_image_bytes(self) -> int:
+        return self.memory_bytes // self.concurrency
+
+
+class _Budget:
+    def __init__(self, limits: DecodeLimits) -> None:
+        self.limits = limits
+        self.slots = threading.BoundedSemaphore(limits.concurrency)
+
+
+_budget = _Budget(DecodeLimits())
+
+
+def set_decode_limits(limits: DecodeLimits) -> None:
+    """Set this process's decode budget (the agent does, from its config, at start).
+
+    Process-wide on purpose: memory limits (a unit's MemoryMax) are per process. Decodes
+    already running finish under the budget they started with.
+    """
+    global _budget
+    _budget = _Budget(limits)
+
+
+def decode_limits() -> DecodeLimits:
+    return _budget.limits
+
+
+def check_decode_budget(header: ImageHeader, color: str, limits: DecodeLimits) -> None:
+    """413 when decoding ``header``'s image would take more than one decode's share."""
+    need = header.decode_bytes(color)
+    share = limits.per_image_bytes
+    if need > share:
+        raise PayloadTooLarge(
+            f"image is {header.width}x{header.height} pixels ({header.format}): decoding it"
+            f" takes about {need / _MIB:.0f} MiB, over the {share / _MIB:.0f} MiB one image"
+            f" may use ({limits.setting}: {limits.memory_bytes / _MIB:.0f} MiB for"
+            f" {limits.concurrency} decodes at once)"
+        )
 
 
 def _interpolation(name: str) -> Any:
@@ -158,18 +347,22 @@ def letterbox(
 
 
 def decode_image(data: bytes, color: str) -> np.ndarray:
-    """Decode JPEG/PNG bytes to an HxWxC uint8 array in ``color`` order (GRAY: HxWx1)."""
-    if not data:
-        raise BadRequest("empty image body")
-    if not any(data.startswith(m) for m in _MAGIC):
-        raise BadRequest("body is not a JPEG or PNG image")
+    """Decode JPEG/PNG bytes to an HxWxC uint8 array in ``color`` order (GRAY: HxWx1).
+
+    Blocking (a worker thread): waits for one of the process's decode slots. 400 for
+    what is not a readable PNG/JPEG, 413 for an image over the decode budget.
+    """
+    budget = _budget  # one budget for the whole call, even if it is replaced meanwhile
+    header = read_header(data)
+    check_decode_budget(header, color, budget.limits)
     buf = np.frombuffer(data, dtype=np.uint8)
     cv2 = cv2_module()
     flag = cv2.IMREAD_GRAYSCALE if color == "GRAY" else cv2.IMREAD_COLOR
-    try:
-        img = cv2.imdecode(buf, flag)
-    except cv2.error as exc:
-        raise BadRequest(f"image could not be decoded: {exc.msg.strip()}") from exc
+    with budget.slots:
+        try:
+            img: np.ndarray | None = cv2.imdecode(buf, flag)
+        except cv2.error as exc:
+            raise BadRequest(f"image could not be decoded: {exc.msg.strip()}") from exc
     if img is None or img.size == 0:
         raise BadRequest("image is corrupt or truncated and could not be decoded")
     if color == "GRAY":
@@ -192,7 +385,7 @@ def resize(img: np.ndarray, spec: ImagePreprocessing) -> tuple[np.ndarray, Image
 
 def to_tensor(img: np.ndarray, spec: ImagePreprocessing) -> np.ndarray:
     """HxWxC uint8 → float32 tensor with a batch dimension of 1, in the model's layout."""
-    x = img.astype(np.float32)
+    x: np.ndarray = img.astype(np.float32)
     if spec.invert:
         x = 255.0 - x
     x *= spec.scale
@@ -205,6 +398,15 @@ def to_tensor(img: np.ndarray, spec: ImagePreprocessing) -> np.ndarray:
 
 
 def preprocess(data: bytes, spec: ImagePreprocessing) -> tuple[np.ndarray, ImageTransform]:
-    img = decode_image(data, spec.color)
+    """Image bytes → (the model's input tensor, how to map coordinates back).
+
+    Blocking (a worker thread). An RGB model's image is resized while still BGR and
+    converted afterwards: the same pixels, without a second full-size copy.
+    """
+    img = decode_image(data, "BGR" if spec.color == "RGB" else spec.color)
     resized, transform = resize(img, spec)
+    if spec.color == "RGB":
+        cv2 = cv2_module()
+        shape = resized.shape
+        resized = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB).reshape(shape)
     return to_tensor(resized, spec), transform

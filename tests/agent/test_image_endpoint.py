@@ -93,11 +93,13 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 async def test_decompression_bomb_is_refused_without_allocating(session, agent):
+    # Refused from the PNG header, before OpenCV allocates (issue 9, finding 5; memory
+    # bounds against a real agent process: tests/agent/test_http_hardening.py).
     async with session.post(
         f"{agent.base}/v1/predict/tiny", data=png_claiming(100_000, 100_000)
     ) as r:
-        assert r.status == 400
-        assert "could not be decoded" in (await r.json())["error"]
+        assert r.status == 413
+        assert "100000x100000 pixels" in (await r.json())["error"]
     async with session.post(f"{agent.base}/v1/predict/tiny", data=png(BIG)) as r:
         assert r.status == 200
 
