@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from edgefleet.core.bundle.manifest import ImagePreprocessing
-from edgefleet.core.processing.image import preprocess
+from edgefleet.core.errors import BadRequest
+from edgefleet.core.processing.image import letterbox, preprocess, read_header, to_tensor
 from tests.support.images import BIG, IMAGE_PRE, IMG, png
 from tests.support.tiny import agent_config, tiny_reference
 
@@ -136,3 +137,71 @@ def test_letterbox_keeps_aspect_and_maps_boxes_back():
     # The box covering the whole content maps back to the whole image.
     box = (0.0, 37 / 100, 1.0, 62 / 100)
     assert transform.box_to_pixels(box) == [0.0, 0.0, 200.0, 50.0]
+
+
+def _encoded(kind: str, img: np.ndarray) -> bytes:
+    params = {
+        "png": (".png", []),
+        "jpeg": (".jpg", []),
+        "progressive": (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+        "progressive 4:4:4": (
+            ".jpg",
+            [
+                cv2.IMWRITE_JPEG_PROGRESSIVE,
+                1,
+                cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+            ],
+        ),
+    }
+    ext, flags = params[kind]
+    ok, buf = cv2.imencode(ext, img, flags)
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg", "progressive", "progressive 4:4:4"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_header_dimensions_match_what_opencv_decodes(kind, channels):
+    """The sizes the budget check reads from the header are the decoded ones."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (37, 123, channels), dtype=np.uint8).squeeze()
+    data = _encoded(kind, img)
+    header = read_header(data)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert (header.height, header.width) == decoded.shape[:2]
+    assert header.format == ("PNG" if kind == "png" else "JPEG")
+    # Progressive files buffer every coefficient: a decode costs more than baseline's.
+    buffered = kind.startswith("progressive")
+    assert (header.coefficient_bytes_per_pixel > 0) == buffered
+    assert header.decode_bytes("BGR") > header.decode_bytes("GRAY")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\0\0\0\0\x10", "0x16 pixels"),
+        (b"\x89PNG\r\n\x1a\n\0\0\0\x0dXXXX", "without an IHDR"),
+        (b"\xff\xd8\xff\xda\0\x08\x01\x01\0\0\x3f\0", "without a frame header"),
+    ],
+)
+def test_headers_that_lie_or_lack_are_400(data, message):
+    with pytest.raises(BadRequest, match=message):
+        read_header(data)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_rgb_is_converted_after_resizing_with_the_same_result(resize):
+    """Resizing before the BGR->RGB swap (no full-size copy) changes no value."""
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 255, (90, 160, 3), dtype=np.uint8)
+    spec = ImagePreprocessing(
+        input="x", width=32, height=24, color="RGB", resize=resize, interpolation="area"
+    )
+    rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if resize == "letterbox":
+        want, _ = letterbox(rgb, 32, 24, cv2.INTER_AREA)
+    else:
+        want = cv2.resize(rgb, (32, 24), interpolation=cv2.INTER_AREA)
+    tensor, _ = preprocess(png(img), spec)
+    np.testing.assert_array_equal(tensor, to_tensor(want, spec))
