@@ -20,6 +20,15 @@ up. Permanent ones (other 4xx, a size or sha256 mismatch, an oversized bundle) r
 at once. Every failure is a :class:`DownloadError` whose ``reason`` is one line for
 ``reported`` and events (``download: HTTP 404 from http://...``).
 
+**Credentials.** The device's HTTP Basic credentials (its device id and secret, the
+same secret as its MQTT login) go only to the fleet it enrolled with
+(:class:`CredentialScope`): the origin ``edge-agent enroll`` recorded in
+``fleet.sync.fleet_url``, and only over HTTPS unless that origin is on loopback. A
+``desired`` document naming any other URL is still downloaded, *without* credentials
+(a server that needs none can answer it; what arrives is checked against the promised
+sha256 and then the bundle's signature, like any other download). Requests that
+carry credentials never follow redirects.
+
 Nothing here blocks the event loop: file writes and hashing run in a worker thread,
 one hop per received chunk (hashlib releases the GIL on large buffers).
 """
@@ -30,13 +39,15 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import random
 import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -64,8 +75,8 @@ class DownloadError(Exception):
 class DownloadHTTPError(DownloadError):
     """The server answered with an HTTP error status."""
 
-    def __init__(self, status: int, url: str) -> None:
-        super().__init__(f"download: HTTP {status} from {url}")
+    def __init__(self, status: int, url: str, note: str = "") -> None:
+        super().__init__(f"download: HTTP {status} from {url}{note}")
         self.status = status
         self.transient = status >= 500 or status in (408, 429)
 
@@ -103,6 +114,78 @@ class BundleSpec:
         return f"{self.name}-{self.version}-{self.sha256[:12]}"
 
 
+Origin = tuple[str, str, int]  # scheme, lowercase host, port
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_origin(url: str) -> Origin | None:
+    """``(scheme, host, port)`` of an absolute http(s) URL; None for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``: traffic that never leaves the machine."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class CredentialScope:
+    """Where the device's credentials may be sent: the fleet it enrolled with.
+
+    ``fleet_origin`` is the origin of ``fleet.sync.fleet_url`` (written by ``edge-agent
+    enroll``). A config from before that key existed has none; it then falls back to
+    ``broker_host``: the host that already gets this very secret as the MQTT login (any
+    port on it). Either way the scheme must be https, unless the host is loopback.
+    """
+
+    fleet_origin: Origin | None
+    broker_host: str | None = None
+
+    @classmethod
+    def for_fleet(cls, fleet_url: str | None, broker_host: str | None) -> CredentialScope:
+        origin = url_origin(fleet_url) if fleet_url else None
+        if fleet_url and origin is None:
+            raise ValueError(f"fleet_url {fleet_url!r} is not an absolute http(s) URL")
+        return cls(origin, None if origin else (broker_host or "").lower() or None)
+
+    def refusal(self, url: str) -> str | None:
+        """None when ``url`` may get the credentials, else why not (one line)."""
+        origin = url_origin(url)
+        if origin is None:
+            return "not an absolute http(s) URL"
+        scheme, host, port = origin
+        if self.fleet_origin is not None:
+            if origin != self.fleet_origin:
+                want = "{}://{}:{}".format(*self.fleet_origin)
+                return f"{scheme}://{host}:{port} is not the enrolled fleet {want}"
+        elif self.broker_host is None or host != self.broker_host:
+            return f"host {host} is not the broker's ({self.broker_host}; no fleet.sync.fleet_url)"
+        if scheme != "https" and not is_loopback(host):
+            return "plain http outside loopback"
+        return None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An ``Authorization`` header value (see :func:`basic_auth`) and where it may go."""
+
+    header: str = field(repr=False)
+    scope: CredentialScope
+
+
 @dataclass
 class DownloadStats:
     requests: int = 0
@@ -111,6 +194,7 @@ class DownloadStats:
     retries: int = 0
     bytes: int = 0
     completed: int = 0
+    without_credentials: int = 0  # requests to a URL outside the credentials' scope
 
 
 def _hash_part(path: Path, size: int) -> tuple[int, Any]:
@@ -156,7 +240,7 @@ class BundleDownloader:
         self,
         directory: Path,
         *,
-        auth: str | None = None,
+        credentials: Credentials | None = None,
         timeout_s: float = 30.0,
         max_bytes: int = 1024 * 1024 * 1024,
         retry_min_s: float = 2.0,
@@ -168,7 +252,9 @@ class BundleDownloader:
     ) -> None:
         self.directory = directory
         self.ca_file = ca_file
-        self.auth = auth  # an Authorization header value: see basic_auth()
+        # None: no request carries credentials. Settable before the first fetch.
+        self.credentials = credentials
+        self._warned: set[Origin | None] = set()
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.retry_min_s = retry_min_s
@@ -251,6 +337,21 @@ class BundleDownloader:
                 log.info("%s; retrying %s in %.1f s", exc.reason, spec.stem, delay)
                 await asyncio.sleep(delay)
 
+    def _auth_for(self, url: str) -> str | None:
+        """The Authorization header for ``url``, or None outside the credentials' scope."""
+        creds = self.credentials
+        if creds is None:
+            return None
+        why = creds.scope.refusal(url)
+        if why is None:
+            return creds.header
+        self.stats.without_credentials += 1
+        origin = url_origin(url)
+        if origin not in self._warned:  # once per origin: a resume retries often
+            self._warned.add(origin)
+            log.warning("downloading %s without the device credentials: %s", url, why)
+        return None
+
     def _backoff(self, failures: int) -> float:
         # Jittered ("equal jitter", like the MQTT link): stores that lost the same
         # fleet server must not all come back in the same second.
@@ -266,12 +367,17 @@ class BundleDownloader:
         if have == spec.size:
             return await self._verify(spec, part, final, digest, resumed=True)
         headers = {"Range": f"bytes={have}-"} if have else {}
-        if self.auth is not None:
-            headers["Authorization"] = self.auth
+        auth = self._auth_for(spec.url)
+        if auth is not None:
+            headers["Authorization"] = auth
         self.stats.requests += 1
         f: IO[bytes] | None = None
         try:
-            async with self._session.get(spec.url, headers=headers) as resp:
+            # A request with the secret follows no redirect: the secret must reach the
+            # enrolled origin and nothing else, whatever that origin answers.
+            async with self._session.get(
+                spec.url, headers=headers, allow_redirects=auth is None
+            ) as resp:
                 if resp.status == 206 and have:
                     start, total = _content_range(resp.headers.get("Content-Range"))
                     if total is not None and total != spec.size:
@@ -301,7 +407,11 @@ class BundleDownloader:
                     self.stats.restarted += 1
                     raise DownloadInterrupted(f"download: HTTP 416 from {spec.url}; starting over")
                 else:
-                    raise DownloadHTTPError(resp.status, spec.url)
+                    note = ""
+                    if resp.status == 401 and auth is None and self.credentials is not None:
+                        why = self.credentials.scope.refusal(spec.url)
+                        note = f" (sent without the device credentials: {why})"
+                    raise DownloadHTTPError(resp.status, spec.url, note)
                 f = await asyncio.to_thread(open, part, "ab" if have else "wb")
                 async for chunk in resp.content.iter_chunked(self.chunk_bytes):
                     if have + len(chunk) > spec.size:
@@ -355,7 +465,7 @@ class BundleDownloader:
         return await asyncio.to_thread(self._cleanup, keep)
 
     def _cleanup(self, keep: set[str]) -> list[str]:
-        removed = []
+        removed: list[str] = []
         if not self.directory.is_dir():
             return removed
         for p in self.directory.iterdir():
@@ -397,7 +507,6 @@ def basic_auth(user: str, password: str) -> str:
     """An HTTP Basic ``Authorization`` value (RFC 7617, UTF-8).
 
     Built here rather than with ``aiohttp.BasicAuth``, deprecated in aiohttp 3.14.
-    aiohttp drops an ``Authorization`` header on a redirect to another origin, so
-    the secret never follows a redirect to a CDN.
+    Where it may be sent is :class:`CredentialScope`'s decision.
     """
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")

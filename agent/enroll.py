@@ -16,7 +16,8 @@ systemd unit expect them, next to the config file:
 | ``<config dir>/agent.yaml`` | 0640, group of the service user | the config |
 
 Only the keys enrolment owns change in an existing config (``device_id``; ``fleet``
-host, port, tls, username, password_file; the fleet's keys in ``trust.public_keys``;
+host, port, tls, username, password_file, ``sync.fleet_url``; the fleet's keys in
+``trust.public_keys``;
 the store and outbox paths when missing or when ``--data-dir`` is given); everything
 else (models, runtime, fallback, server, the rest of ``fleet`` and ``trust``) and the
 comments outside the touched sections are kept. Enrolling again rotates the secret.
@@ -26,6 +27,11 @@ one and the directory fsynced, so a power cut leaves the old or the new file, ne
 half of one. The config is written last: it is the commit point. Everything that can
 be checked locally (the config loads, the directories are writable) is checked
 *before* the token is sent, because the fleet spends the token on the first answer.
+
+``fleet.sync.fleet_url`` records the fleet this device enrolled with: the URL the
+fleet names in its answer (the base of its bundle URLs), else ``--fleet``. Bundle
+downloads send the device secret to that origin only, and only over HTTPS unless it
+is on loopback (agent/download.py, ``CredentialScope``).
 
 The secret is never printed or logged; error messages never quote the fleet's answer.
 """
@@ -373,8 +379,13 @@ def merge_config(
     ca_file: Path | None,
     set_data_paths: bool,
     http_ca_file: Path | None = None,
+    fleet_url: str | None = None,
 ) -> str:
-    """The config text with the enrolment-owned keys set and everything else kept."""
+    """The config text with the enrolment-owned keys set and everything else kept.
+
+    ``fleet_url`` is the URL enrolment went to; the fleet's own ``fleet_url`` in its
+    answer wins (its bundle URLs are built on it).
+    """
     raw: dict[str, Any] = {}
     if text is not None:
         loaded = yaml.safe_load(text)
@@ -421,9 +432,15 @@ def merge_config(
         fleet["tls"] = tls
     else:
         fleet.pop("tls", None)
+    sync = dict(fleet.get("sync") or {})
     if http_ca_file is not None:
         # Bundle URLs point at the same https fleet: downloads must trust its CA too.
-        fleet["sync"] = {**dict(fleet.get("sync") or {}), "ca_file": str(http_ca_file)}
+        sync["ca_file"] = str(http_ca_file)
+    enrolled_url = recorded_fleet_url(enrolment.fleet_url, fleet_url)
+    if enrolled_url is not None:
+        sync["fleet_url"] = enrolled_url
+    if sync:
+        fleet["sync"] = sync
     outbox = dict(fleet.get("outbox") or {})
     if set_data_paths or "path" not in outbox:
         outbox["path"] = str(layout.data_dir / "outbox.sqlite")
@@ -439,6 +456,17 @@ def merge_config(
         )
         return header + _dump(updates)
     return replace_top_level(text, updates)
+
+
+def recorded_fleet_url(answered: str | None, given: str | None) -> str | None:
+    """The fleet URL to record: the fleet's own (``answered``) when it is an absolute
+    http(s) URL, else the one enrolment went to (``given``)."""
+    for url in (answered, given):
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme in ("http", "https") and parts.hostname:
+                return url.rstrip("/")
+    return None
 
 
 def _has_data_paths(raw: Any) -> bool:
@@ -618,6 +646,7 @@ def enroll(
             key_files=[],
             ca_file=None,
             set_data_paths=data_dir_given,
+            fleet_url=fleet_url,
         ),
         layout,
         "the config is invalid (nothing was sent, the token is still good)",
@@ -638,6 +667,7 @@ def enroll(
         ca_file=ca_path,
         set_data_paths=data_dir_given,
         http_ca_file=layout.http_ca_file if https_ca is not None else None,
+        fleet_url=fleet_url,
     )
     # The result must load as the agent will load it, before anything is written.
     _check_config(
@@ -667,6 +697,17 @@ def enroll(
         atomic_write(layout.config, new_text.encode("utf-8"), 0o640, *root_gid)
         if ca_path is None and layout.ca_file.exists() and str(layout.ca_file) not in new_text:
             layout.ca_file.unlink()  # an earlier enrolment's CA, no longer used
+    recorded = recorded_fleet_url(enrolment.fleet_url, fleet_url)
+    if recorded is not None:
+        from edgefleet.agent.download import is_loopback
+
+        parts = urlsplit(recorded)
+        if parts.scheme != "https" and not is_loopback(parts.hostname or ""):
+            warnings.append(
+                f"the fleet's URL {recorded} is plain http: bundle downloads never send the"
+                " device secret over plain http outside loopback, so the fleet will refuse"
+                " them; serve the fleet over https (http.tls_cert_file or a TLS proxy)"
+            )
     if not enrolment.trusted_keys:
         warnings.append(
             "the fleet sent no bundle-signing keys: the agent refuses every bundle it pushes"

@@ -10,7 +10,12 @@ section, started and stopped by :class:`agent.fleet.FleetConnection`.
   newer one that arrives meanwhile waits; only the newest waiting one is kept (an
   intermediate state nobody wants any more is never applied).
 - **Revisions.** A desired state is applied only if its revision is greater than
-  the last one processed (or by a ``resync`` command). The processed revision and
+  the last one processed (or by a ``resync`` command). Revisions are at most
+  ``MAX_REVISION`` (2^53 - 1: exact in every JSON reader). A ``resync`` carries the
+  fleet's current revision for this device; a processed revision *ahead* of it
+  (a ``desired`` the fleet never sent, or a fleet restored from an older backup)
+  is rewound to just below it, so the fleet's document applies again instead of
+  every later one being ignored for good. The processed revision and
   the per-model results are written to a small JSON state file *after* the revision
   is processed, atomically. A crash or SIGKILL mid-download or mid-activation leaves
   the old revision there, so after a restart the retained ``desired`` (delivered
@@ -45,6 +50,8 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.download import (
     BundleDownloader,
     BundleSpec,
+    Credentials,
+    CredentialScope,
     DownloadError,
     DownloadIntegrityError,
     basic_auth,
@@ -67,6 +74,10 @@ MAX_DESIRED_BYTES = 256 * 1024  # a desired for a few dozen models is a few KiB
 MAX_COMMAND_BYTES = 16 * 1024
 MAX_MODELS = 256
 MAX_REASON_CHARS = 500  # reasons travel in every reported: keep them one line, short
+# The fleet's revisions count up by one per published document (fleet/db.py); 2^53 - 1
+# is beyond any fleet's lifetime and still exact as a JSON number everywhere.
+MAX_REVISION = 2**53 - 1
+_RECENT_DESIRED = 8  # received documents kept by revision, for a resync to find
 
 SyncState = Literal["active", "downloading", "verifying", "activating", "failed"]
 
@@ -135,7 +146,7 @@ class DesiredModel(_Wire):
 
 class Desired(_Document):
     device_id: str = Field(max_length=256)
-    revision: int = Field(ge=0, le=2**63 - 1)
+    revision: int = Field(ge=0, le=MAX_REVISION)
     issued_at: float | None = None
     models: dict[str, DesiredModel] = Field(max_length=MAX_MODELS)
 
@@ -151,6 +162,8 @@ class Command(_Document):
     id: str = Field(min_length=1, max_length=128)
     command: str = Field(min_length=1, max_length=64)
     model: str | None = Field(None, max_length=64)
+    # resync: the revision of the fleet's current desired document for this device.
+    revision: int | None = Field(None, ge=0, le=MAX_REVISION)
 
 
 def _one_line(exc: ValidationError) -> str:
@@ -211,12 +224,16 @@ class SyncStats:
     commands_bad: int = 0
     reported_published: int = 0
     events: int = 0
+    rewinds: int = 0  # resyncs that found the processed revision ahead of the fleet's
 
 
 @dataclass
 class _Job:
-    desired: Desired
+    desired: Desired | None
     force: bool = False  # a resync: apply even if the revision was processed
+    # A resync naming the fleet's current revision: first rewind a processed revision
+    # ahead of it, then apply that revision's document if it was received.
+    rewind_to: int | None = None
 
 
 def _load_state(path: Path) -> tuple[int, dict[str, ModelSync]]:
@@ -231,7 +248,10 @@ def _load_state(path: Path) -> tuple[int, dict[str, ModelSync]]:
         return 0, {}
     try:
         models = {n: ModelSync(**m) for n, m in raw.get("models", {}).items()}
-        return int(raw["revision"]), models
+        revision = raw["revision"]
+        if type(revision) is not int or not 0 <= revision <= MAX_REVISION:
+            raise ValueError(f"revision {revision!r} is not an integer in 0..{MAX_REVISION}")
+        return revision, models
     except (KeyError, TypeError, ValueError) as exc:
         log.error("sync state %s malformed (%s); starting from revision 0", path, exc)
         return 0, {}
@@ -317,6 +337,7 @@ class DesiredStateSync:
         self.revision = 0  # last processed
         self.models: dict[str, ModelSync] = {}
         self.last_desired: Desired | None = None  # newest valid one received
+        self._received: dict[int, Desired] = {}  # the last few, by revision
         self.applying: int | None = None  # revision the worker is on
         self._pending: _Job | None = None
         self._wake = asyncio.Event()
@@ -336,9 +357,20 @@ class DesiredStateSync:
         self.revision, self.models = await asyncio.to_thread(_load_state, self.state_file)
         cfg = self.fleet_config
         password = await asyncio.to_thread(cfg.secret)
-        # HTTP Basic device_id:secret, the same secret as the MQTT login (docs/fleet.md).
-        self.downloader.auth = (
-            basic_auth(self.device_id, password) if password is not None else None
+        # HTTP Basic device_id:secret, the same secret as the MQTT login (docs/fleet.md),
+        # for the enrolled fleet's origin only (agent/download.py, CredentialScope).
+        scope = CredentialScope.for_fleet(cfg.sync.fleet_url, cfg.host)
+        if cfg.sync.fleet_url is None and password is not None:
+            log.warning(
+                "fleet.sync.fleet_url is not set (a config from before edge-agent enroll"
+                " recorded it): bundle downloads send the device credentials only to"
+                " https://%s (any port); run edge-agent enroll again or set it",
+                cfg.host,
+            )
+        self.downloader.credentials = (
+            Credentials(basic_auth(self.device_id, password), scope)
+            if password is not None
+            else None
         )
         await self.downloader.open()
         self._subs.append(await self.link.subscribe(self.desired_topic, self._on_desired))
@@ -380,7 +412,9 @@ class DesiredStateSync:
         return {
             "revision": self.revision,
             "applying": self.applying,
-            "pending": self._pending.desired.revision if self._pending else None,
+            "pending": self._pending.desired.revision
+            if self._pending is not None and self._pending.desired is not None
+            else None,
             "models": {n: asdict(m) for n, m in self.models.items()},
             "state_file": str(self.state_file),
             "download_dir": str(self.download_dir),
@@ -403,10 +437,15 @@ class DesiredStateSync:
         if self.last_desired is None or desired.revision >= self.last_desired.revision:
             # Kept even when already processed: a resync re-applies it.
             self.last_desired = desired
+        self._received.pop(desired.revision, None)
+        self._received[desired.revision] = desired
+        while len(self._received) > _RECENT_DESIRED:
+            del self._received[next(iter(self._received))]
+        pending = self._pending.desired if self._pending is not None else None
         newest_seen = max(
             self.revision,
             self.applying or 0,
-            self._pending.desired.revision if self._pending else 0,
+            pending.revision if pending is not None else 0,
         )
         if desired.revision <= newest_seen:
             # The retained desired comes back on every (re)connect: that is this case.
@@ -418,8 +457,13 @@ class DesiredStateSync:
     def _queue(self, job: _Job) -> None:
         if self._pending is not None:
             self.stats.desired_superseded += 1
-            # A resync of an older document must not lose its force flag to a newer one.
+            # A resync of an older document must not lose its force flag (or its
+            # rewind) to a newer one.
             job.force = job.force or self._pending.force
+            if job.rewind_to is None:
+                job.rewind_to = self._pending.rewind_to
+            if job.desired is None:
+                job.desired = self._pending.desired
         self._pending = job
         self._idle.clear()
         self._wake.set()
@@ -435,7 +479,11 @@ class DesiredStateSync:
         log.info("command %s: %s %s", cmd.id, cmd.command, cmd.model or "")
         if cmd.command == "resync":
             self._publish_reported()
-            if self.last_desired is not None:
+            if cmd.revision is not None:
+                # The worker rewinds (in order with any apply in progress), then applies
+                # the fleet's document: received already, or republished by the fleet.
+                self._queue(_Job(None, force=True, rewind_to=cmd.revision))
+            elif self.last_desired is not None:  # a fleet that sends no revision
                 self._queue(_Job(self.last_desired, force=True))
             await self._event("command_done", command_id=cmd.id, reason=None)
         elif cmd.command == "rollback":
@@ -478,21 +526,43 @@ class DesiredStateSync:
             self._wake.clear()
             while self._pending is not None:
                 job, self._pending = self._pending, None
-                if job.desired.revision <= self.revision and not job.force:
+                if job.rewind_to is not None:
+                    await self._rewind(job.rewind_to)
+                    if job.desired is None or job.desired.revision < job.rewind_to:
+                        job.desired = self._received.get(job.rewind_to)
+                desired = job.desired
+                if desired is None:
+                    continue  # the fleet's document arrives later as a newer revision
+                if desired.revision <= self.revision and not job.force:
                     self.stats.desired_stale += 1
                     continue
-                self.applying = job.desired.revision
+                self.applying = desired.revision
                 try:
-                    await self._apply(job.desired)
+                    await self._apply(desired)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     # A bug, not a refusal: the revision stays unprocessed, so the next
                     # start (or a resync) tries again. The worker itself must go on.
-                    log.exception("applying desired revision %d failed", job.desired.revision)
+                    log.exception("applying desired revision %d failed", desired.revision)
                 finally:
                     self.applying = None
             self._idle.set()
+
+    async def _rewind(self, fleet_revision: int) -> None:
+        """Worker task: a processed revision ahead of the fleet's current one came from
+        no fleet (or from a fleet restored from a backup): go back to just below it."""
+        if self.revision <= fleet_revision:
+            return
+        log.warning(
+            "processed desired revision %d is ahead of the fleet's current %d:"
+            " rewinding so that the fleet's document applies again",
+            self.revision,
+            fleet_revision,
+        )
+        self.revision = max(0, fleet_revision - 1)
+        self.stats.rewinds += 1
+        await self._persist()
 
     async def _apply(self, desired: Desired) -> None:
         log.info(

@@ -24,6 +24,7 @@ import binascii
 import dataclasses
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -316,34 +317,45 @@ async def set_label(request: web.Request) -> web.Response:
     result = await api.registry.set_label(
         request.match_info["name"], request.match_info["label"], _str_field(doc, "version")
     )
-    if api.bus is not None:
+    bus = api.bus
+    if bus is not None:
         # Labels travel in the desired documents of devices that run this model.
-        await _bus_call(lambda: api.bus.desired.refresh())
+        await _bus_call(lambda: bus.desired.refresh())
     return json_response(result)
 
 
 # bundles
 
 
+# A byte position has at most this many digits: 10^18 bytes is beyond any bundle, and
+# int() of an unbounded digit string is CPU time an anonymous caller should not get
+# (Python refuses over 4300 digits with a ValueError: that was a 500).
+MAX_RANGE_DIGITS = 18
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)", re.ASCII)
+
+
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
     """``(first, last)`` (inclusive) of a single ``bytes=`` range, or None for "all".
 
-    A malformed or multi-range header is ignored (RFC 9110 §14.2 allows serving the
-    whole file); one that cannot be satisfied raises ``RangeNotSatisfiable``.
+    A multi-range header, another unit or an invalid (``5-1``) range is ignored
+    (RFC 9110 §14.2 allows serving the whole file). A ``bytes=`` range that is not
+    digits-dash-digits, or has a position of more than ``MAX_RANGE_DIGITS`` digits, is
+    a ``BadRequest`` (400); one that cannot be satisfied raises ``RangeNotSatisfiable``.
     """
     unit, _, spec = header.partition("=")
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
-    first_s, dash, last_s = spec.strip().partition("-")
-    if not dash or not (first_s.isdigit() or last_s.isdigit()):
-        return None
+    m = _RANGE_SPEC.fullmatch(spec.strip())
+    if m is None or not (m.group(1) or m.group(2)):
+        raise BadRequest(f"Range: {header[:64]!r} is not bytes=FIRST-LAST")
+    first_s, last_s = m.groups()
+    if len(first_s) > MAX_RANGE_DIGITS or len(last_s) > MAX_RANGE_DIGITS:
+        raise BadRequest(f"Range: a byte position has more than {MAX_RANGE_DIGITS} digits")
     if not first_s:  # suffix: the last N bytes
         n = int(last_s)
         if n == 0:
             raise RangeNotSatisfiable("an empty suffix range selects nothing", size)
         return (max(0, size - n), size - 1) if size else None
-    if not first_s.isdigit() or (last_s and not last_s.isdigit()):
-        return None
     first = int(first_s)
     last = int(last_s) if last_s else size - 1
     if last_s and last < first:
@@ -356,9 +368,16 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 @routes.get("/v1/bundles/{name}/{version}")
 @requires(DOWNLOAD)
 async def download_bundle(request: web.Request) -> web.StreamResponse:
-    bundle = await _api(request).registry.bundle_file(
-        request.match_info["name"], request.match_info["version"]
-    )
+    """A bundle for an operator token, or for a device whose desired state names it
+    (now or before: ``Devices.may_download``); 403 for any other device."""
+    api = _api(request)
+    name, version = request.match_info["name"], request.match_info["version"]
+    bundle = await api.registry.bundle_file(name, version)  # 404 first: nothing to hide
+    principal = request[PRINCIPAL]
+    if principal.device_id is not None and not await api.devices.may_download(
+        principal.device_id, name, version
+    ):
+        raise Forbidden(f"{name}:{version} is not assigned to device {principal.device_id}")
     return await send_bundle(request, bundle)
 
 
@@ -500,9 +519,15 @@ async def send_command(request: web.Request) -> web.Response:
     command = _str_field(doc, "command")
     if command not in _COMMANDS:
         raise BadRequest(f"unknown command {command!r}; known: {sorted(_COMMANDS)}")
-    fields = {k: _str_field(doc, k) for k in _COMMANDS[command]}
-    await api.devices.get(device_id)  # 404 for an unknown device
+    fields: dict[str, Any] = {k: _str_field(doc, k) for k in _COMMANDS[command]}
+    device = await api.devices.get(device_id)  # 404 for an unknown device
     bus = api.need_bus()
+    if command == "resync":
+        # The device's current document goes out again (same revision), and the
+        # command names that revision: a device whose processed revision is ahead of
+        # it (a desired the fleet never sent) rewinds and applies this one (agent/sync.py).
+        fields["revision"] = int(device.get("desired_revision") or 0)
+        await _bus_call(lambda: bus.desired.republish([device_id]))
     try:
         command_id = await _bus_call(lambda: bus.send_command(device_id, command, **fields))
     except PublishTimeout as exc:

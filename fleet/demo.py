@@ -148,6 +148,9 @@ async def run_demo(build: Path, workdir: Path) -> int:
                         "reconnect_max_s": 2,
                         "outbox": {"path": str(workdir / "agent" / "outbox.sqlite")},
                         "telemetry": {"flush_interval_s": 1, "stats_interval_s": 2},
+                        # What `edge-agent enroll` records: downloads send the device
+                        # credentials to this origin only.
+                        "sync": {"fleet_url": enrolled["fleet_url"]},
                     },
                 }
             )

@@ -21,6 +21,14 @@ race). If the broker does not confirm, that transaction is undone (token usable
 again, the device as it was) and the caller gets a 503 to retry. Revocation clears the
 secret (downloads refused), cancels unused tokens naming the device, and deletes its
 broker account, which Mosquitto also disconnects.
+
+Bundle downloads (``may_download``). A device's credentials fetch only the versions
+its desired state names or named: the current ``desired`` document, and every
+assignment that reaches the device as it is now (to it, to one of its groups, or to
+all; one made by a staged rollout only once the rollout reached the device or
+completed). So a download that was under way when the assignment moved on still
+resumes, a rolled-back version stays fetchable for the devices it was sent to, and
+nothing else in the registry is.
 """
 
 from __future__ import annotations
@@ -127,6 +135,27 @@ async def create_device(db: FleetDB, device_id: str, groups: Iterable[str] = ())
     check_device_id(device_id)
     group_list = check_groups(list(groups))
     return await db.write(lambda conn: _store_device(conn, device_id, group_list))
+
+
+async def check_device_secret(db: FleetDB, device_id: str, secret: str) -> bool:
+    """True when ``secret`` is enrolled ``device_id``'s (constant-time in the secret).
+
+    The one check for both places a device presents its secret: bundle downloads
+    (HTTP Basic) and the embedded broker's logins (fleet/embedded_broker.py). A
+    revoked device has no secret any more.
+    """
+    if not _ID_RE.match(device_id):
+        return False
+
+    def q(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute("SELECT secret_hash FROM devices WHERE id = ?", (device_id,))
+        found = row.fetchone()
+        return None if found is None else found[0]
+
+    stored = await db.read(q)
+    given = secret_hash(secret)
+    # An unknown device still costs one comparison, against a dummy.
+    return hmac.compare_digest(given, stored or "0" * 64) and stored is not None
 
 
 class Devices:
@@ -318,18 +347,40 @@ class Devices:
 
     async def check_secret(self, device_id: str, secret: str) -> bool:
         """True when ``secret`` is ``device_id``'s (constant-time in the secret)."""
-        if not _ID_RE.match(device_id):
-            return False
+        return await check_device_secret(self.db, device_id, secret)
 
-        def q(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute("SELECT secret_hash FROM devices WHERE id = ?", (device_id,))
-            found = row.fetchone()
-            return None if found is None else found[0]
+    async def may_download(self, device_id: str, model: str, version: str) -> bool:
+        """Whether ``device_id``'s desired state names or named ``model:version``.
 
-        stored = await self.db.read(q)
-        given = secret_hash(secret)
-        # An unknown device still costs one comparison, against a dummy.
-        return hmac.compare_digest(given, stored or "0" * 64) and stored is not None
+        Read-only query (reader thread pool); see the module doc for the rule.
+        """
+
+        def q(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT json_extract(desired, '$.models.' || json_quote(?) || '.version')"
+                " FROM devices WHERE id = ? AND revoked_at IS NULL",
+                (model, device_id),
+            ).fetchone()
+            if row is None:
+                return False
+            if row[0] == version:
+                return True
+            found = conn.execute(
+                "SELECT 1 FROM assignments a LEFT JOIN rollouts r ON r.id = a.rollout_id"
+                " WHERE a.model = ? AND a.version = ? AND ("
+                "   a.target_kind = 'all'"
+                "   OR (a.target_kind = 'device' AND a.target = ?)"
+                "   OR (a.target_kind = 'group' AND a.target IN"
+                "       (SELECT grp FROM device_groups WHERE device_id = ?)))"
+                " AND (a.rollout_id IS NULL OR r.state = 'completed' OR EXISTS ("
+                "   SELECT 1 FROM rollout_devices rd WHERE rd.rollout_id = a.rollout_id"
+                "   AND rd.device_id = ? AND rd.state != 'waiting'))"
+                " LIMIT 1",
+                (model, version, device_id, device_id, device_id),
+            ).fetchone()
+            return found is not None
+
+        return bool(await self.db.read(q))
 
     # ------------------------------------------------------------------ views
 

@@ -33,6 +33,18 @@ load the jobs grow instead of multiplying (ingest is meant to reach >= 5,000
 records/s), a slow ``reported`` storm never delays telemetry acks, and each
 device's messages of one leaf are applied in the order they arrived.
 
+**Per-device rate limit.** Every device has a token bucket (``device_rate_per_s``
+messages per second, bursts up to ``device_burst``), checked in ``handle`` before the
+payload is even parsed. A message over it is dropped and counted as
+``rate_limited``: a telemetry batch is not acked (so it stays in the device's outbox
+and is resent after the agent's ack timeout: nothing is lost, it only arrives later),
+an event also travels as an outbox record, and ``status``/``reported`` are retained and
+sent again on change. So one device flooding the broker costs the fleet a dictionary
+lookup per message, not a parse and a database write, and every other device's
+batches are stored and acked as promptly as before. An agent never comes near the
+limit: it sends a batch per ``flush_interval_s`` and at most ``max_in_flight`` batches
+per ack round trip; the burst covers a catch-up after an outage.
+
 Nothing the ingest holds in memory is precious: a message dropped at a stop (or
 past a full queue) is a telemetry batch the device resends (no ack), an event that
 also travels through the outbox, or a retained ``status``/``reported`` that the
@@ -77,6 +89,9 @@ MAX_RECORD_BYTES = 64 * 1024  # docs/mqtt.md: a single record is at most 64 KiB
 MAX_MODELS = 200
 MAX_NAME = 200
 MAX_TEXT = 2000  # reasons, errors: longer ones are cut, not refused
+DEVICE_RATE_PER_S = 20.0  # messages per second and device, sustained (module doc)
+DEVICE_BURST = 200  # messages a device may send at once (catching up after an outage)
+MAX_BUCKETS = 100_000  # devices tracked at once; past it the fullest buckets are forgotten
 REPORTED_STATES = frozenset(
     {"active", "downloading", "verifying", "activating", "failed", "unmanaged"}
 )
@@ -115,6 +130,41 @@ class IngestStats:
     @property
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
+
+
+class DeviceRateLimit:
+    """A token bucket per device id: ``rate_per_s`` tokens a second, ``burst`` at most.
+
+    Event loop only (no locking). Past ``max_devices`` buckets, the fullest tenth are
+    forgotten at once (a full bucket carries no information; forgetting an empty one
+    would hand a flooding device a fresh burst), so the cost is amortised.
+    """
+
+    def __init__(self, rate_per_s: float, burst: int, *, max_devices: int = MAX_BUCKETS) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("the rate must be positive and the burst at least 1")
+        self.rate_per_s = float(rate_per_s)
+        self.burst = float(burst)
+        self.max_devices = max_devices
+        self._buckets: dict[str, tuple[float, float]] = {}  # device → (tokens, at)
+
+    def allow(self, device_id: str, t: float) -> bool:
+        """Take one token for ``device_id`` at monotonic time ``t``; False when empty."""
+        tokens, at = self._buckets.get(device_id, (self.burst, t))
+        tokens = min(self.burst, tokens + (t - at) * self.rate_per_s)
+        ok = tokens >= 1.0
+        self._buckets[device_id] = (tokens - 1.0 if ok else tokens, t)
+        if len(self._buckets) > self.max_devices:
+            self._forget_fullest(t)
+        return ok
+
+    def _forget_fullest(self, t: float) -> None:
+        keep = max(1, self.max_devices * 9 // 10)
+        by_tokens = sorted(
+            self._buckets.items(),
+            key=lambda item: item[1][0] + (t - item[1][1]) * self.rate_per_s,
+        )
+        self._buckets = dict(by_tokens[:keep])
 
 
 class _Complaints:
@@ -430,8 +480,11 @@ class Ingest:
         *,
         queue_size: int = 20_000,
         log_interval_s: float = 10.0,
+        device_rate_per_s: float = DEVICE_RATE_PER_S,
+        device_burst: int = DEVICE_BURST,
     ) -> None:
         self.db = db
+        self.rate_limit = DeviceRateLimit(device_rate_per_s, device_burst)
         self.publish_ack = publish_ack
         self.rollouts = rollouts
         self.stats = IngestStats()
@@ -497,6 +550,11 @@ class Ingest:
             self._reject(leaf, msg.topic, Reject("topic", "not a device topic of this leaf"))
             return
         device_id = parsed[0]
+        if not self.rate_limit.allow(device_id, time.monotonic()):
+            self._reject(
+                leaf, msg.topic, Reject("rate_limited", f"device {device_id} over its rate")
+            )
+            return
         try:
             doc = _load(msg, leaf, device_id)
             item: Any

@@ -270,16 +270,27 @@ class FleetService:
             self.mqtt_host = enrol.mqtt_host or external.host
             self.mqtt_port = enrol.mqtt_port or external.effective_port
             return external
+        from edgefleet.fleet.devices import check_device_secret
         from edgefleet.fleet.embedded_broker import EmbeddedBroker
 
         eb = cfg.embedded_broker
         if not eb.host.startswith(_LOOPBACK):
             log.warning(
-                "the embedded broker on %s checks no passwords: any client can act as any"
-                " device. Use Mosquitto with deploy/mosquitto's ACL on untrusted networks.",
+                "the embedded broker on %s has no TLS: device secrets travel in clear."
+                " Use Mosquitto (deploy/mosquitto) with TLS on untrusted networks.",
                 eb.host,
             )
-        self.broker = EmbeddedBroker(eb.host, eb.port)
+        db = self.db
+        assert db is not None  # opened before the broker starts
+
+        async def check(device_id: str, secret: str) -> bool:
+            return await check_device_secret(db, device_id, secret)
+
+        # Devices log in with their enrolment secret, the fleet with a password made
+        # now; each device may touch only its own topics (fleet/embedded_broker.py).
+        self.broker = EmbeddedBroker(
+            eb.host, eb.port, authenticate=check, fleet_user=FLEET_MQTT_USER
+        )
         await self.broker.start()
         connect_host = "127.0.0.1" if eb.host in ("0.0.0.0", "") else eb.host
         connect_host = "::1" if eb.host == "::" else connect_host
@@ -293,6 +304,7 @@ class FleetService:
             host=connect_host,
             port=self.broker.port,
             username=FLEET_MQTT_USER,
+            password=self.broker.fleet_password,
             client_id=FLEET_MQTT_USER,
         )
 

@@ -81,13 +81,13 @@ class Connection(asyncio.Protocol):
         self.guard = guard
         self.inner = inner
         self.transport: asyncio.Transport | None = None
-        now = guard.loop.time()
+        self._now = guard.loop.time  # bound once: data_received runs for every packet
+        now = self._now()
         self.last_data = now
         self.head_since: float | None = now  # the first request's head is due from the start
         self.request: web.BaseRequest | None = None
         self.write_paused_since: float | None = None
         self.health_only = False
-        self.dropped = False
 
     # -- asyncio.Protocol, forwarded ---------------------------------------------------
 
@@ -98,7 +98,7 @@ class Connection(asyncio.Protocol):
         self.guard.admit(self)
 
     def data_received(self, data: bytes) -> None:
-        now = self.guard.loop.time()
+        now = self._now()
         self.last_data = now
         if self.request is None and self.head_since is None:
             self.head_since = now
@@ -112,7 +112,7 @@ class Connection(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.write_paused_since = self.guard.loop.time()
+        self.write_paused_since = self._now()
         self.inner.pause_writing()
 
     def resume_writing(self) -> None:
@@ -130,7 +130,7 @@ class Connection(asyncio.Protocol):
         """The handler returned: until the next byte, the connection is idle."""
         self.request = None
         self.head_since = None
-        self.last_data = self.guard.loop.time()
+        self.last_data = self._now()
 
     # -- the guard's view --------------------------------------------------------------
 
@@ -144,7 +144,6 @@ class Connection(asyncio.Protocol):
         ``close()`` would wait for buffered data to reach a client that may never read
         it: a connection with unsent bytes is aborted instead.
         """
-        self.dropped = True
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -359,6 +358,9 @@ class GuardedSite(web.BaseSite):
         guard = self._guard
         guard.max_connections = fit_open_files(guard.limits.max_connections)
         guard.start()
+        # A TLS handshake comes before the guard sees the connection: it gets the head's
+        # time limit from the loop instead (asyncio's default is 60 s; None without TLS).
+        tls = self._ssl_context is not None
         self._server = await asyncio.get_running_loop().create_server(
             guard.protocol_factory(server),
             self._host,
@@ -366,6 +368,7 @@ class GuardedSite(web.BaseSite):
             ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_address=True,
+            ssl_handshake_timeout=guard.limits.header_timeout_s if tls else None,
         )
 
     async def stop(self) -> None:

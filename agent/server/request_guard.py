@@ -32,6 +32,7 @@ dictionary lookups.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
@@ -41,6 +42,8 @@ from yarl import URL
 from edgefleet.agent.config import ServerConfig
 from edgefleet.agent.server.connections import HEALTH_PATHS, ConnectionGuard
 from edgefleet.core.http import error_response
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,6 +61,7 @@ BODY_TYPES: dict[tuple[str, str], str] = {
     ("POST", "/v2/repository/models/{model}/unload"): _JSON,
 }
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_LOOPBACK = ("127.", "localhost", "::1")
 _ACCEPTED_CACHE = 256  # distinct Host values remembered as accepted
 
 
@@ -105,6 +109,12 @@ class RequestGuard:
         self._cors = frozenset(server.cors_origins)
         self._cors_any = "*" in self._cors
         self._accepted: set[str] = set()
+        if not self._any_host and not allowed and not server.host.startswith(_LOOPBACK):
+            log.info(
+                "listening on %s without a token: clients reach the agent by IP address or"
+                " localhost; list the DNS names they use in server.allowed_hosts",
+                server.host,
+            )
 
     def refusal(self, request: web.Request) -> web.Response | None:
         """The error answer for a request the rules refuse, or None to serve it."""

@@ -19,7 +19,10 @@ import json
 import re
 import resource
 import socket
+import ssl
 import struct
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +38,7 @@ from tests.support.agent_process import AgentProcess
 from tests.support.brokers import free_port
 from tests.support.images import BIG, IMAGE_PRE, png
 from tests.support.tiny import TEST_X, agent_config
+from tests.support.tls import make_tls
 
 EVIL = "http://evil.example"
 
@@ -564,3 +568,67 @@ async def test_connection_cap_keeps_room_for_health_checks(tmp_path, keys, make_
         for s in stalled:
             s.close()
         agent.stop()
+
+
+def test_https_agent_times_out_stalled_heads_and_handshakes(tmp_path, keys, make_tiny_bundle):
+    """The same guard behind TLS (the cloud profile's HTTPS): a stalled head inside TLS
+    gets its 408, a client that never finishes the handshake is closed too."""
+    tls = make_tls(tmp_path / "tls")
+    config = {
+        "store": {"path": str(tmp_path / "store")},
+        "trust": {"public_keys": [str(keys[1])]},
+        "models": [{"bundle": str(make_tiny_bundle("1"))}],
+        "server": {
+            "header_timeout_s": 1.0,
+            "tls_cert_file": str(tls.cert),
+            "tls_key_file": str(tls.key),
+        },
+    }
+    log = (tmp_path / "agent.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgefleet.agent",
+            "serve",
+            "--config",
+            str(_write(tmp_path, config)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    try:
+        base = f"https://127.0.0.1:{config['server']['port']}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/v2/health/ready", context=context) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
+                time.sleep(0.1)
+        port = config["server"]["port"]
+        raw = socket.create_connection(("127.0.0.1", port))  # no handshake at all
+        wrapped = context.wrap_socket(
+            socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1"
+        )
+        wrapped.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a head
+        wrapped.settimeout(10)
+        answer = wrapped.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        raw.settimeout(10)
+        assert raw.recv(100) == b""  # closed by the server after the handshake timeout
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def _write(tmp_path: Path, config: dict[str, Any]) -> Path:
+    config["server"]["port"] = free_port()
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path

@@ -748,6 +748,8 @@ async def test_reported_again_after_a_broker_restart(
 async def test_downloader_auth_and_size_limits(bundles: BundleServer, tmp_path: Path) -> None:
     from edgefleet.agent.download import (
         BundleDownloader,
+        Credentials,
+        CredentialScope,
         DownloadHTTPError,
         DownloadTooLarge,
         basic_auth,
@@ -756,9 +758,13 @@ async def test_downloader_auth_and_size_limits(bundles: BundleServer, tmp_path: 
     data = os.urandom(10_000)
     url = bundles.add("blob", data)
     spec = BundleSpec("blob", "1", url, hashlib.sha256(data).hexdigest(), len(data))
-    wrong = BundleDownloader(tmp_path / "a", auth=basic_auth(DEV, "wrong"), retry_min_s=0.01)
-    small = BundleDownloader(tmp_path / "b", auth=basic_auth(DEV, SECRET), max_bytes=9_999)
-    good = BundleDownloader(tmp_path / "c", auth=basic_auth(DEV, SECRET), chunk_bytes=1000)
+    scope = CredentialScope.for_fleet(f"http://127.0.0.1:{bundles.port}", None)
+    wrong = BundleDownloader(
+        tmp_path / "a", credentials=Credentials(basic_auth(DEV, "wrong"), scope), retry_min_s=0.01
+    )
+    creds = Credentials(basic_auth(DEV, SECRET), scope)
+    small = BundleDownloader(tmp_path / "b", credentials=creds, max_bytes=9_999)
+    good = BundleDownloader(tmp_path / "c", credentials=creds, chunk_bytes=1000)
     for d in (wrong, small, good):
         await d.open()
     try:
@@ -781,7 +787,13 @@ async def test_downloader_auth_and_size_limits(bundles: BundleServer, tmp_path: 
 async def test_https_downloads_trust_the_configured_ca_only(tmp_path: Path) -> None:
     """A fleet on https with the operator's own CA: trusted with ``fleet.sync.ca_file``,
     refused (not retried forever) with the system store or another CA."""
-    from edgefleet.agent.download import BundleDownloader, DownloadError, basic_auth
+    from edgefleet.agent.download import (
+        BundleDownloader,
+        Credentials,
+        CredentialScope,
+        DownloadError,
+        basic_auth,
+    )
     from tests.support.tls import make_tls
 
     tls = make_tls(tmp_path / "tls")
@@ -790,9 +802,11 @@ async def test_https_downloads_trust_the_configured_ca_only(tmp_path: Path) -> N
     url = server.add("blob", data)
     assert url.startswith("https://")
     spec = BundleSpec("blob", "1", url, hashlib.sha256(data).hexdigest(), len(data))
-    auth = basic_auth(DEV, SECRET)
+    auth = Credentials(basic_auth(DEV, SECRET), CredentialScope.for_fleet(url, None))
     made = [
-        BundleDownloader(tmp_path / name, auth=auth, ca_file=ca, attempts=1, retry_min_s=0.01)
+        BundleDownloader(
+            tmp_path / name, credentials=auth, ca_file=ca, attempts=1, retry_min_s=0.01
+        )
         for name, ca in (("ok", tls.ca), ("system", None), ("other", tls.other_ca))
     ]
     try:
@@ -827,3 +841,243 @@ def test_sync_config_section(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="retry_max_s"):
         load_config(cfg_file)
+
+
+# ------------------------------------- link security (issue 9, findings 2 and 7)
+
+
+class RecordingServer:
+    """Any HTTP server a ``desired`` document might name: serves its files (to anyone,
+    or only with some Authorization when ``require_auth``) and records the
+    Authorization header of every request, so a test sees exactly what was sent."""
+
+    def __init__(self, host: str = "127.0.0.1", *, require_auth: bool = False) -> None:
+        self.host = host
+        self.require_auth = require_auth
+        self.files: dict[str, bytes] = {}
+        self.seen: list[tuple[str, str | None]] = []  # (file name, Authorization)
+        self.port = 0
+        self._runner: Any = None
+
+    async def start(self) -> RecordingServer:
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["name"]
+            auth = request.headers.get("Authorization")
+            self.seen.append((name, auth))
+            if self.require_auth and auth is None:
+                return web.Response(status=401, headers={"WWW-Authenticate": "Basic"})
+            data = self.files.get(name)
+            return web.Response(status=404) if data is None else web.Response(body=data)
+
+        app = web.Application()
+        app.router.add_get("/bundles/{name}", handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, 0).start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    @property
+    def origin(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def add(self, name: str, data: bytes) -> str:
+        self.files[name] = data
+        return f"{self.origin}/bundles/{name}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def entry_at(server: RecordingServer, data: bytes, version: str) -> dict[str, Any]:
+    return {
+        "version": version,
+        "url": server.add(f"tiny-{version}.bundle", data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+    }
+
+
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), if any."""
+    import ipaddress
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+            address = str(s.getsockname()[0])
+    except OSError:
+        return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+async def test_credentials_go_only_to_the_enrolled_fleet_origin(
+    mosquitto: Mosquitto,
+    fleet: Fleet,
+    bundles: BundleServer,
+    start_agent: Any,
+    make_tiny_bundle: Any,
+    v1: Path,
+    keys: Any,
+    tmp_path: Path,
+) -> None:
+    """A desired naming another origin (here: another port on the same host) is
+    downloaded *without* the device secret, and still verified (sha256, signature);
+    the enrolled fleet's origin gets the credentials."""
+    other = await RecordingServer().start()
+    try:
+        enrolled = f"http://127.0.0.1:{bundles.port}"
+        section = fleet_section(mosquitto.port, tmp_path, fleet_url=enrolled)
+        agent = await start_agent(agent_config(tmp_path, keys, [v1], device_id=DEV, fleet=section))
+        await fleet.wait_report(lambda r: "tiny" in r["models"])
+
+        v2 = bundle_bytes(make_tiny_bundle("2", weights=W2))
+        fleet.publish_desired(desired(1, {"tiny": entry_at(other, v2, "2")}))
+        report = await fleet.wait_report(lambda r: r["revision"] == 1)
+        assert other.seen, "the agent never asked the other server"
+        assert [auth for _, auth in other.seen] == [None] * len(other.seen)
+        # No secret needed there, and the bundle checks out: it is installed.
+        assert (tiny(report)["active"], tiny(report)["state"]) == ("2", "active")
+        assert sync_of(agent).downloader.stats.without_credentials == len(other.seen)
+
+        v3 = bundle_bytes(make_tiny_bundle("3"))
+        fleet.publish_desired(desired(2, {"tiny": model_entry(bundles, v3, "3")}))
+        report = await fleet.wait_report(lambda r: r["revision"] == 2)
+        assert (tiny(report)["active"], tiny(report)["state"]) == ("3", "active")
+        assert bundles.requests and all(r.authorized for r in bundles.requests)
+        # A tampered bundle from the other origin is refused like any other.
+        bad = tampered(bundle_bytes(make_tiny_bundle("4")))
+        fleet.publish_desired(desired(3, {"tiny": entry_at(other, bad, "4")}))
+        report = await fleet.wait_report(lambda r: r["revision"] == 3)
+        assert (tiny(report)["active"], tiny(report)["state"]) == ("3", "failed")
+        assert [auth for _, auth in other.seen] == [None] * len(other.seen)
+    finally:
+        await other.stop()
+
+
+async def test_no_credentials_over_plain_http_outside_loopback(
+    mosquitto: Mosquitto,
+    fleet: Fleet,
+    start_agent: Any,
+    make_tiny_bundle: Any,
+    v1: Path,
+    keys: Any,
+    tmp_path: Path,
+) -> None:
+    """Even the enrolled origin gets no secret over plain http once it is not loopback:
+    the download fails with the reason, the secret never leaves the box."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    server = await RecordingServer(address, require_auth=True).start()
+    try:
+        section = fleet_section(mosquitto.port, tmp_path, fleet_url=server.origin)
+        await start_agent(agent_config(tmp_path, keys, [v1], device_id=DEV, fleet=section))
+        await fleet.wait_report(lambda r: "tiny" in r["models"])
+        v2 = bundle_bytes(make_tiny_bundle("2", weights=W2))
+        fleet.publish_desired(desired(1, {"tiny": entry_at(server, v2, "2")}))
+        report = await fleet.wait_report(lambda r: r["revision"] == 1)
+        assert server.seen and [auth for _, auth in server.seen] == [None] * len(server.seen)
+        model = tiny(report)
+        assert (model["state"], model["active"]) == ("failed", "1")
+        assert "HTTP 401" in model["last_error"]
+        assert "plain http outside loopback" in model["last_error"]
+    finally:
+        await server.stop()
+
+
+def test_credential_scope_rules() -> None:
+    from edgefleet.agent.download import CredentialScope
+
+    enrolled = CredentialScope.for_fleet("https://fleet.example:8480/", "mqtt.example")
+    assert enrolled.refusal("https://fleet.example:8480/v1/bundles/tiny/2") is None
+    assert enrolled.refusal("https://FLEET.example:8480/v1/bundles/tiny/2") is None
+    for url in (
+        "https://fleet.example:8481/v1/bundles/tiny/2",  # another port
+        "http://fleet.example:8480/v1/bundles/tiny/2",  # another scheme
+        "https://evil.example:8480/v1/bundles/tiny/2",
+        "https://fleet.example.evil.example:8480/x",
+        "https://fleet.example:8480@evil.example/x",  # userinfo: the host is evil.example
+        "ftp://fleet.example:8480/x",
+    ):
+        assert enrolled.refusal(url) is not None, url
+    loopback = CredentialScope.for_fleet("http://127.0.0.1:8480", None)
+    assert loopback.refusal("http://127.0.0.1:8480/v1/bundles/t/1") is None
+    lan = CredentialScope.for_fleet("http://10.1.2.3:8480", None)
+    assert lan.refusal("http://10.1.2.3:8480/v1/bundles/t/1") == "plain http outside loopback"
+    # A config from before fleet_url: the broker's host, https (any port), or loopback.
+    legacy = CredentialScope.for_fleet(None, "Fleet.example")
+    assert legacy.refusal("https://fleet.example:8480/v1/bundles/t/1") is None
+    assert legacy.refusal("http://fleet.example:8480/v1/bundles/t/1") is not None
+    assert legacy.refusal("https://other.example/v1/bundles/t/1") is not None
+    assert CredentialScope.for_fleet(None, None).refusal("https://a.example/x") is not None
+    with pytest.raises(ValueError):
+        CredentialScope.for_fleet("fleet.example:8480", None)
+
+
+async def test_a_revision_ahead_of_the_fleet_is_rewound_by_resync(
+    mosquitto: Mosquitto,
+    fleet: Fleet,
+    make_tiny_bundle: Any,
+    v1: Path,
+    keys: Any,
+    tmp_path: Path,
+) -> None:
+    """A desired with a huge revision (bounded now: one past the bound is refused) used
+    to freeze the device for good, across restarts; the fleet's resync names its own
+    revision, and the device rewinds to it and follows the fleet again."""
+    from edgefleet.agent.sync import MAX_REVISION
+
+    server = await BundleServer(DEV, SECRET).start()
+    procs: list[AgentProcess] = []
+    try:
+        config = process_config(tmp_path, keys, v1, mosquitto.port)
+        port = free_port()
+        procs.append(await asyncio.to_thread(AgentProcess, config, tmp_path, port))
+        await fleet.wait_report(lambda r: "tiny" in r["models"])
+
+        fleet.publish_desired(desired(MAX_REVISION + 1, {}), retain=False)  # refused
+        fleet.publish_desired(desired(MAX_REVISION, {}))  # the bound itself: accepted
+        await fleet.wait_report(lambda r: r["revision"] == MAX_REVISION)
+        v2 = bundle_bytes(make_tiny_bundle("2", weights=W2))
+        fleet.publish_desired(desired(5, {"tiny": model_entry(server, v2, "2")}))
+
+        async def local(proc: AgentProcess) -> dict[str, Any]:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{proc.base}/v1/fleet") as r:
+                    return dict((await r.json())["sync"])
+
+        for _ in range(int(WITHIN / 0.05)):  # until revision 5 arrived and was found stale
+            if (doc := await local(procs[0]))["stats"]["desired_stale"] >= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert doc["stats"]["desired_bad"] == 1
+        assert doc["revision"] == MAX_REVISION  # the fleet's revision 5 was ignored
+
+        # The frozen revision survives a restart.
+        await asyncio.to_thread(procs.pop().stop)
+        reports = len(fleet.reports())
+        procs.append(await asyncio.to_thread(AgentProcess, config, tmp_path, port))
+        await eventually(lambda: len(fleet.reports()) > reports, within=WITHIN)
+        assert (await local(procs[0]))["revision"] == MAX_REVISION
+
+        fleet.command({"schema": 1, "id": "c-r", "command": "resync", "revision": 5})
+        await fleet.wait_event("command_done", command_id="c-r")
+        report = await fleet.wait_report(
+            lambda r: r["revision"] == 5 and tiny(r).get("state") == "active"
+        )
+        assert tiny(report)["active"] == "2"
+        # And the fleet's next documents apply as usual, also after another restart.
+        v3 = bundle_bytes(make_tiny_bundle("3"))
+        fleet.publish_desired(desired(6, {"tiny": model_entry(server, v3, "3")}))
+        await fleet.wait_report(lambda r: r["revision"] == 6 and tiny(r)["active"] == "3")
+        state = json.loads((tmp_path / "store" / ".sync-state.json").read_text())
+        assert state["revision"] == 6
+    finally:
+        for p in procs:
+            await asyncio.to_thread(p.stop)
+        await server.stop()

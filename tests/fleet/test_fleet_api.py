@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import logging
 import sqlite3
 import tarfile
@@ -23,9 +24,11 @@ from aiohttp import web
 
 from edgefleet.core.bundle.archive import resign_bundle
 from edgefleet.core.bundle.signing import TrustStore, load_private_key
+from edgefleet.core.errors import BadRequest
 from edgefleet.fleet.api import Authenticator, FleetApi, create_app, parse_range
 from edgefleet.fleet.bundle_registry import Registry, verify_bundle_file
 from edgefleet.fleet.db import FleetDB
+from edgefleet.fleet.desired import insert_assignment
 from edgefleet.fleet.devices import Devices, EnrolmentInfo, create_device
 from tests.support.tiny import TINY_W
 
@@ -209,9 +212,32 @@ def test_parse_range() -> None:
     assert parse_range("bytes=5-1", 1000) is None  # invalid: ignored
     assert parse_range("bytes=0-1,5-6", 1000) is None  # multi-range: whole file
     assert parse_range("items=0-1", 1000) is None
-    assert parse_range("bytes=abc", 1000) is None
+    for malformed in ("bytes=abc", "bytes=-", "bytes=1-2-3", "bytes= 1 - 2", "bytes=١-٢"):
+        with pytest.raises(BadRequest):
+            parse_range(malformed, 1000)
     with pytest.raises(Exception, match="range starts at 1000"):
         parse_range("bytes=1000-", 1000)
+    assert parse_range("bytes=" + "9" * 18 + "-", 10**19) == (10**18 - 1, 10**19 - 1)
+    for huge in ("bytes=" + "9" * 19 + "-", "bytes=0-" + "9" * 5000, "bytes=-" + "1" * 5000):
+        with pytest.raises(BadRequest, match="more than 18 digits"):
+            parse_range(huge, 1000)
+
+
+async def test_a_range_header_with_thousands_of_digits_is_a_400(
+    fleet: Fleet, make_tiny_bundle: Callable[..., Path]
+) -> None:
+    """It was a 500 (int() of > 4300 digits raises ValueError); now every bad Range is
+    a 4xx with a JSON error, and the service keeps serving."""
+    await fleet.upload(make_tiny_bundle("1"))
+    url = fleet.base + "/v1/bundles/tiny/1"
+    for header in ("bytes=" + "1" * 5000 + "-", "bytes=0-" + "7" * 8000, "bytes=x-y"):
+        async with fleet.session.get(url, headers={**AUTH, "Range": header}) as resp:
+            assert resp.status == 400
+            assert "error" in await resp.json()
+    async with fleet.session.get(url, headers={**AUTH, "Range": "bytes=99999999-"}) as resp:
+        assert resp.status == 416 and "error" in await resp.json()
+    async with fleet.session.get(url, headers={**AUTH, "Range": "bytes=0-9"}) as resp:
+        assert resp.status == 206 and len(await resp.read()) == 10
 
 
 # ------------------------------------------------------------------------ uploads
@@ -445,6 +471,7 @@ async def test_range_downloads_with_device_credentials(
     sha = hashlib.sha256(raw).hexdigest()
     await fleet.upload(bundle)
     secret = await create_device(fleet.db, "store-7", ["north"])
+    await assign(fleet, "tiny", "1", "group", "north")
     dev = basic("store-7", secret)
     url = fleet.base + "/v1/bundles/tiny/1"
 
@@ -517,6 +544,79 @@ async def test_download_refuses_wrong_credentials(
         fleet.base + "/v1/bundles/tiny/2", headers=basic("store-8", secret)
     ) as resp:
         assert resp.status == 404
+
+
+async def assign(
+    fleet: Fleet, model: str, version: str, kind: str, target: str, rollout: str | None = None
+) -> None:
+    """An assignment row as the MQTT side records it (fleet/desired.py)."""
+    await fleet.db.write(
+        lambda conn: insert_assignment(conn, model, version, kind, target, rollout)
+    )
+
+
+async def test_a_device_downloads_only_what_its_desired_state_names(
+    fleet: Fleet, make_tiny_bundle: Callable[..., Path]
+) -> None:
+    """Issue 9, finding 3: any enrolled device's credentials used to download every
+    bundle in the registry. Now: the versions assigned to it (directly, through a
+    group, to all, or by a rollout once it reached the device), current or earlier."""
+    for v in ("1", "2", "3", "4", "5"):
+        await fleet.upload(make_tiny_bundle(v, weights=TINY_W * int(v)))
+    a = basic("store-a", await create_device(fleet.db, "store-a", ["north"]))
+    b = basic("store-b", await create_device(fleet.db, "store-b", ["south"]))
+
+    async def status(creds: dict[str, str], version: str) -> int:
+        async with fleet.session.get(
+            f"{fleet.base}/v1/bundles/tiny/{version}", headers=creds
+        ) as resp:
+            if resp.status != 200:
+                assert "error" in await resp.json()
+            return resp.status
+
+    # Nothing assigned: nothing to download (the operator's token still can).
+    assert await status(a, "1") == 403
+    assert await status(AUTH, "1") == 200
+    await assign(fleet, "tiny", "1", "device", "store-a")
+    await assign(fleet, "tiny", "2", "group", "north")
+    await assign(fleet, "tiny", "3", "all", "")
+    assert [await status(a, v) for v in "123"] == [200, 200, 200]
+    assert [await status(b, v) for v in "123"] == [403, 403, 200]
+
+    # A staged rollout: only the devices it reached, or all once it completed.
+    def rollout(conn: sqlite3.Connection, state: str, device_state: str) -> None:
+        conn.execute(
+            "INSERT INTO rollouts (id, model, version, target_kind, target, waves,"
+            " max_failure_share, state, current_wave, created_at, updated_at)"
+            " VALUES ('r-1', 'tiny', '4', 'group', 'south', '[1]', 0.2, ?, 1, 0, 0)",
+            (state,),
+        )
+        conn.execute(
+            "INSERT INTO rollout_devices (rollout_id, device_id, wave, state, updated_at)"
+            " VALUES ('r-1', 'store-b', 1, ?, 0)",
+            (device_state,),
+        )
+
+    await fleet.db.write(lambda conn: rollout(conn, "running", "waiting"))
+    await assign(fleet, "tiny", "4", "group", "south", rollout="r-1")
+    assert await status(b, "4") == 403
+    await fleet.db.write(lambda conn: conn.execute("UPDATE rollout_devices SET state = 'pending'"))
+    assert await status(b, "4") == 200
+    assert await status(a, "4") == 403  # not in the rollout's target
+    # The current desired document counts, whatever made it.
+    doc = {"schema": 1, "device_id": "store-b", "revision": 9, "models": {
+        "tiny": {"version": "5", "url": "u", "sha256": "0" * 64, "size": 1}}}  # fmt: skip
+    await fleet.db.write(
+        lambda conn: conn.execute(
+            "UPDATE devices SET desired = ? WHERE id = 'store-b'", (json.dumps(doc),)
+        )
+    )
+    assert await status(b, "5") == 200
+    assert await status(a, "5") == 403
+    # Unknown versions stay 404; a revoked device downloads nothing.
+    assert await status(a, "9") == 404
+    await fleet.devices.revoke("store-a")
+    assert await status(a, "1") == 401
 
 
 # ----------------------------------------------------------------------- enrolment
@@ -881,6 +981,32 @@ async def test_service_end_to_end_through_mosquitto(
                 "POST", "/v1/devices/nobody/commands", json={"command": "resync"}
             )
             assert status == 404
+            # resync names the fleet's current revision for the device (the device
+            # rewinds a processed revision ahead of it: agent/sync.py), and the
+            # device's document goes out again first.
+            _, dev = await call("GET", "/v1/devices/store-1")
+            docs_before = len(desired_docs(peer, "store-1"))
+            status, sent = await call(
+                "POST", "/v1/devices/store-1/commands", json={"command": "resync"}
+            )
+            assert status == 202
+
+            def resync_cmd() -> dict[str, Any] | None:
+                for _, p, _ in peer.received("edgefleet/v1/devices/store-1/commands"):
+                    doc = json.loads(p)
+                    if doc.get("id") == sent["id"]:
+                        return dict(doc)
+                return None
+
+            await eventually(lambda: resync_cmd() is not None)
+            assert resync_cmd() == {
+                "schema": 1,
+                "id": sent["id"],
+                "command": "resync",
+                "revision": dev["desired_revision"],
+            }
+            await eventually(lambda: len(desired_docs(peer, "store-1")) > docs_before)
+            assert desired_docs(peer, "store-1")[-1]["revision"] == dev["desired_revision"]
             event = {
                 "schema": 1,
                 "id": "0" * 31 + "1",

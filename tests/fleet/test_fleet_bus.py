@@ -24,7 +24,7 @@ from edgefleet.fleet.bus import FleetBus
 from edgefleet.fleet.db import FleetDB, dumps
 from edgefleet.fleet.desired import UnknownModelVersion
 from edgefleet.fleet.embedded_broker import EmbeddedBroker
-from edgefleet.fleet.ingest import MAX_BYTES
+from edgefleet.fleet.ingest import MAX_BYTES, DeviceRateLimit
 from edgefleet.fleet.rollouts import RolloutConflict, parse_waves, wave_sizes
 from tests.support.brokers import Mosquitto, lingering_tasks
 from tests.support.fleet_sim import (
@@ -773,6 +773,62 @@ async def test_ingest_throughput(
         rate = n / (asyncio.get_running_loop().time() - t0)
         print(f"\nfleet ingest: {rate:,.0f} records/s ({n} inference_stats records)")
         assert await query(db, "SELECT count(*) FROM inference_stats") == [(n,)]
+    finally:
+        await sender.stop()
+        await link.stop()
+        await outbox.close()
+
+
+# ------------------------------------------------------------ per-device rate limit
+
+
+def test_device_rate_limit_is_a_token_bucket_per_device() -> None:
+    limit = DeviceRateLimit(rate_per_s=2.0, burst=3, max_devices=4)
+    assert [limit.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert limit.allow("b", 0.0)  # another device has its own bucket
+    assert not limit.allow("a", 0.4)  # 0.8 of a token back: not yet
+    assert limit.allow("a", 0.5) and not limit.allow("a", 0.5)
+    assert [limit.allow("a", 100.0) for _ in range(4)] == [True, True, True, False]  # capped
+    for d in "cdefg":  # past max_devices the fullest buckets are forgotten
+        limit.allow(d, 100.0)
+    assert len(limit._buckets) <= 4
+    assert not limit.allow("a", 100.0)  # the busy one is still remembered
+    with pytest.raises(ValueError):
+        DeviceRateLimit(rate_per_s=0, burst=1)
+
+
+async def test_a_rate_limited_device_loses_nothing(
+    mosquitto: Mosquitto, db: FleetDB, buses: Any, tmp_path: Path
+) -> None:
+    """Over its rate, a device's batches are dropped unacked (counted); the agent's
+    outbox sends them again after its ack timeout, and every record arrives once."""
+    await add_device(db, "d1")
+    bus = await buses(mosquitto.port)
+    bus.ingest.rate_limit = DeviceRateLimit(rate_per_s=5.0, burst=2)
+    cfg = link_config(
+        mosquitto.port,
+        outbox={"path": str(tmp_path / "outbox.sqlite")},
+        telemetry={
+            "flush_interval_s": 0.02,
+            "batch_max_records": 10,
+            "ack_timeout_s": 0.5,
+            "max_in_flight": 4,
+        },
+    )
+    outbox = await Outbox(cfg.outbox.path, cfg.outbox.max_bytes).open()
+    link = MqttLink(cfg, "d1")
+    sender = TelemetrySender(outbox, link, cfg.telemetry)
+    try:
+        n = 300
+        await outbox.add([NewRecord("sample", {"i": i}) for i in range(n)])
+        await sender.start()
+        await link.start()
+        await until(lambda: bus.stats.records == n, within=60)
+        await until(lambda: sender.stats.records_acked == n, within=30)
+        assert bus.stats.rejected.get("rate_limited", 0) > 0
+        assert sender.stats.resends > 0
+        assert await query(db, "SELECT count(*), count(DISTINCT id) FROM telemetry") == [(n, n)]
+        assert (await outbox.stats()).records == 0
     finally:
         await sender.stop()
         await link.stop()
