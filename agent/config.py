@@ -23,6 +23,7 @@ from edgefleet.core.backends.config import (  # noqa: F401 (the agent's runtime 
 from edgefleet.core.config import ConfigPath, Section, TrustConfig, parse_yaml_model
 from edgefleet.core.errors import ConfigError
 from edgefleet.core.mqtt.config import MqttConnectionConfig
+from edgefleet.core.names import check_device_id
 
 CLOUD_PORT = 8490  # the cloud profile's default port (DESIGN.md)
 
@@ -278,9 +279,7 @@ class AgentConfig(Section):
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, v: str | None) -> str | None:
-        if v is not None and ("/" in v or "+" in v or "#" in v or not v):
-            raise ValueError("device_id may not contain '/', '+' or '#'")
-        return v
+        return None if v is None else check_device_id(v)  # the fleet's rule (core/names.py)
 
     @model_validator(mode="after")
     def _fleet_needs_device_id(self) -> AgentConfig:

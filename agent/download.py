@@ -51,8 +51,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from edgefleet.core.bundle.manifest import check_name
 from edgefleet.core.durable import durable_replace
+from edgefleet.core.names import check_name
 
 log = logging.getLogger(__name__)
 

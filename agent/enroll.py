@@ -60,6 +60,7 @@ import yaml
 
 from edgefleet.core.durable import fsync_dir
 from edgefleet.core.errors import ConfigError
+from edgefleet.core.names import is_name
 
 DEFAULT_CONFIG = Path("/etc/edgefleet/agent.yaml")
 DEFAULT_DATA_DIR = Path("/var/lib/edgefleet")
@@ -68,8 +69,6 @@ TOKEN_ENV = "EDGEFLEET_ENROL_TOKEN"
 KEY_PREFIX = "fleet-"  # keys/fleet-N.pub are enrolment's; other keys are the operator's
 PASSWORD_FILE = "mqtt.password"
 CA_FILE = "fleet-ca.pem"
-# The fleet's own rule for device ids (fleet/devices.py): one MQTT topic level, no ':'.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_ANSWER = 1024 * 1024
 # Exit codes, as edge-fleet's: 1 the fleet refused, 2 usage/local problem, 3 unreachable.
 REFUSED, LOCAL, UNREACHABLE = 1, 2, 3
@@ -309,7 +308,7 @@ def parse_enrolment(doc: dict[str, Any]) -> Enrolment:
         return EnrolError(f"the fleet's answer is not a valid enrolment: {what}")
 
     device_id = doc.get("device_id")
-    if not isinstance(device_id, str) or not _ID_RE.match(device_id):
+    if not is_name(device_id):  # the fleet's rule for device ids (core/names.py)
         raise bad("device_id is missing or not a valid device id")
     mqtt = doc.get("mqtt")
     if not isinstance(mqtt, dict):

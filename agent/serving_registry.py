@@ -39,9 +39,10 @@ from edgefleet.agent.metrics import Metrics
 from edgefleet.agent.runner import ModelRunner, ServingHandle
 from edgefleet.agent.store import ModelState, ModelStore
 from edgefleet.core.backends import Backend, accelerators, create_backend
-from edgefleet.core.bundle.manifest import Manifest, check_name
+from edgefleet.core.bundle.manifest import Manifest
 from edgefleet.core.bundle.selftest import run_self_test
-from edgefleet.core.errors import BadRequest, EdgeError, ModelLoadError, NotFound, Unavailable
+from edgefleet.core.errors import EdgeError, ModelLoadError, NotFound, Unavailable
+from edgefleet.core.names import check_label
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,6 +113,8 @@ class ModelRegistry:
         self._locks: dict[str, asyncio.Lock] = {}
         # What the box offers (agent.backends.accelerators.detect), found at start.
         self.accelerators: dict[str, Any] = {}
+        # Configured bundles (agent config ``models:``) refused at start: path -> why.
+        self.config_errors: dict[str, str] = {}
 
     async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -126,47 +129,64 @@ class ModelRegistry:
         """Install configured bundles, then bring back every model's active version.
 
         A bundle or model that fails is logged and skipped: one bad model must not
-        keep the others from serving.
+        keep the others from serving. A configured bundle that cannot be installed is
+        also kept in ``config_errors``; a model whose version cannot be activated keeps
+        the reason in its state's ``last_error`` (both reported by the local API).
         """
         wanted: dict[str, tuple[str, ModelEntry]] = {}
         for entry in entries:
             try:
                 manifest = await self.install(entry.bundle)
             except EdgeError as exc:
-                log.error("cannot install %s: %s", entry.bundle, exc.message)
+                self._config_error(entry, exc.message)
                 continue
             except OSError as exc:
-                log.error("cannot read %s: %s", entry.bundle, exc)
+                self._config_error(entry, f"cannot read it: {exc}")
+                continue
+            except Exception as exc:  # a defect, but one bundle must not stop the agent
+                log.exception("installing %s failed unexpectedly", entry.bundle)
+                self._config_error(entry, f"{type(exc).__name__}: {exc}")
                 continue
             wanted[manifest.name] = (manifest.version, entry)
         for name in await self._blocking(self.store.model_names):
-            state = await self._state(name)
-            target = state.active
-            entry_version, entry = wanted.get(name, (None, None))
-            if target is None and entry is not None and entry.activate:
-                target = entry_version
-            for version in dict.fromkeys(v for v in (target, state.previous) if v):
-                try:
-                    await self.activate(name, version)
-                    break
-                except EdgeError as exc:
-                    log.error("%s:%s could not be activated: %s", name, version, exc.message)
-            if entry is not None and entry_version is not None:
-                for label in entry.labels:
-                    if label not in (await self._state(name)).labels:
-                        try:
-                            await self.set_label(name, label, entry_version)
-                        except EdgeError as exc:
-                            log.error("label %s of %s: %s", label, name, exc.message)
-            for label, version in (await self._state(name)).labels.items():
-                if version not in self._loaded.get(name, {}):
-                    try:
-                        await self._ensure_loaded(name, version)
-                    except EdgeError as exc:
-                        log.error("%s:%s (%s) not loaded: %s", name, version, label, exc.message)
+            try:
+                await self._start_model(name, wanted.get(name))
+            except Exception:  # as above: the next model still starts
+                log.exception("model %s could not be started", name)
         # After the models: a runtime only they import is then checked too.
         await self.detect_accelerators()
         log.info("accelerators: %s", accelerators.summary(self.accelerators))
+
+    def _config_error(self, entry: ModelEntry, reason: str) -> None:
+        self.config_errors[str(entry.bundle)] = reason
+        log.error("configured bundle %s skipped: %s", entry.bundle, reason)
+
+    async def _start_model(self, name: str, wanted: tuple[str, ModelEntry] | None) -> None:
+        """Bring back ``name``'s active version (or activate the configured one)."""
+        state = await self._state(name)
+        target = state.active
+        entry_version, entry = wanted if wanted is not None else (None, None)
+        if target is None and entry is not None and entry.activate:
+            target = entry_version
+        for version in dict.fromkeys(v for v in (target, state.previous) if v):
+            try:
+                await self.activate(name, version)
+                break
+            except EdgeError as exc:
+                log.error("%s:%s could not be activated: %s", name, version, exc.message)
+        if entry is not None and entry_version is not None:
+            for label in entry.labels:
+                if label not in (await self._state(name)).labels:
+                    try:
+                        await self.set_label(name, label, entry_version)
+                    except EdgeError as exc:
+                        log.error("label %s of %s: %s", label, name, exc.message)
+        for label, version in (await self._state(name)).labels.items():
+            if version not in self._loaded.get(name, {}):
+                try:
+                    await self._ensure_loaded(name, version)
+                except EdgeError as exc:
+                    log.error("%s:%s (%s) not loaded: %s", name, version, label, exc.message)
 
     async def detect_accelerators(self) -> dict[str, Any]:
         """What the box offers, fresh (cheap: no runtime is imported for it)."""
@@ -250,9 +270,9 @@ class ModelRegistry:
         )
 
     async def _ensure_loaded(self, name: str, version: str) -> LoadedVersion:
-        loaded = self._loaded.get(name, {}).get(version)
-        if loaded is not None:
-            return loaded
+        already = self._loaded.get(name, {}).get(version)
+        if already is not None:
+            return already
         started = time.perf_counter()
         try:
             loaded = await self._blocking(self._load_blocking, name, version)
@@ -319,10 +339,7 @@ class ModelRegistry:
         return await self.activate(name, state.previous)
 
     async def set_label(self, name: str, label: str, version: str) -> None:
-        try:
-            check_name(label, "label")
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from exc
+        check_label(label)  # InvalidName: a 400
         async with self._lock(name):
             state = await self._state(name)
             await self._blocking(self.store.version_dir, name, version)  # 404 if absent
@@ -402,11 +419,21 @@ class ModelRegistry:
         return sorted(self._states)
 
     def ready(self) -> bool:
-        """Every known model has an active, loaded version."""
-        return all(
-            s.active is not None and s.active in self._loaded.get(n, {})
-            for n, s in self._states.items()
-        )
+        """Readiness: every model that has an active version serves it.
+
+        A model without an active version (installed but never activated, or its
+        first version refused) is not served and does not hold the others back; the
+        model list reports it (``active: null`` and its ``last_error``).
+        """
+        return not self.unready_models()
+
+    def unready_models(self) -> list[str]:
+        """Models whose active version is not loaded (the reason the agent is not ready)."""
+        return [
+            n
+            for n, s in sorted(self._states.items())
+            if s.active is not None and s.active not in self._loaded.get(n, {})
+        ]
 
     def _publish_ready(self, name: str, retired: LoadedVersion | None = None) -> None:
         state = self._states.get(name)

@@ -60,12 +60,12 @@ from edgefleet.agent.mqtt_link import MqttLink
 from edgefleet.agent.outbox import Outbox, OutboxClosed, Priority, new_record_id
 from edgefleet.agent.serving_registry import ModelRegistry
 from edgefleet.core.bundle.archive import parse_manifest, peek_manifest
-from edgefleet.core.bundle.manifest import check_name
 from edgefleet.core.durable import atomic_write
 from edgefleet.core.errors import BundleError, EdgeError, NotFound
 from edgefleet.core.mqtt import topics
 from edgefleet.core.mqtt.errors import LinkError
 from edgefleet.core.mqtt.messages import Message, Subscription
+from edgefleet.core.names import check_name
 
 log = logging.getLogger(__name__)
 

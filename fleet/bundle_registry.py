@@ -1,12 +1,13 @@
 """The fleet's model registry: verified bundle uploads, versions, labels, bundle files.
 
 An upload is checked exactly as strictly as an agent checks a bundle at install
-(agent/bundle/archive.py): member names and types, the manifest's Ed25519 signature
-against the fleet's trusted keys, the manifest's form, and the size and sha256 of
-every listed file. It never extracts anything: each member is streamed through
-sha256 in one pass over the archive. A bundle the fleet accepted is therefore one
-every agent trusting the same keys will accept too, and a tampered or unsigned one
-is refused at the door with the reason, not later on two thousand store PCs.
+(core/bundle/archive.py): bounded headers, member count, names and types, the
+manifest's Ed25519 signature against the fleet's trusted keys, the manifest's form,
+and the size and sha256 of every listed file. It never extracts anything: each
+member is streamed through sha256 in one pass over the archive. A bundle the fleet
+accepted is therefore one every agent trusting the same keys will accept too, and a
+tampered or unsigned one is refused at the door with the reason, not later on two
+thousand store PCs.
 
 Files live at ``<data_dir>/bundles/<name>/<version>.bundle`` (names and versions are
 restricted by the manifest to ``[A-Za-z0-9._-]``, so they are safe path parts). A
@@ -20,7 +21,6 @@ import gzip
 import hashlib
 import logging
 import os
-import re
 import sqlite3
 import tarfile
 import tempfile
@@ -29,21 +29,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from edgefleet.core.bundle.archive import _check_member, _read_small, parse_manifest
-from edgefleet.core.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, check_name
+from edgefleet.core.bundle.archive import (
+    MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
+    check_member,
+    iter_members,
+    open_bundle_stream,
+    parse_manifest,
+    read_small,
+)
+from edgefleet.core.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from edgefleet.core.bundle.signing import TrustStore
 from edgefleet.core.durable import fsync_dir
 from edgefleet.core.errors import BadRequest, BundleError, EdgeError, NotFound, PayloadTooLarge
+from edgefleet.core.names import check_registry_label, check_version
 from edgefleet.fleet.db import FleetDB, loads, now
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST_BYTES = 1024 * 1024
-MAX_SIGNATURE_BYTES = 64 * 1024
 MAX_TAIL_BYTES = 1024 * 1024  # padding after the end marker (tar writes records of 10 KiB)
-MAX_MEMBERS = 1000  # a real bundle has a handful; this bounds the work a bad one causes
 _CHUNK = 1 << 20
-_LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
 
 
 class Conflict(EdgeError):
@@ -89,18 +94,17 @@ def verify_bundle_file(
             gz = raw.read(2) == b"\x1f\x8b"
             raw.seek(0)
             stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    _check_member(member, max_member_bytes)
+            # Every header bounded before tarfile acts on it, members counted as read.
+            with open_bundle_stream(stream) as tar:
+                for member in iter_members(tar):
+                    check_member(member, max_member_bytes)
                     if member.name in seen:
                         raise BundleError(f"bundle member {member.name!r} appears twice")
                     seen.add(member.name)
-                    if len(seen) > MAX_MEMBERS:
-                        raise BundleError(f"bundle has more than {MAX_MEMBERS} members")
                     if member.name == MANIFEST_NAME:
-                        manifest_bytes = _read_small(tar, member, MAX_MANIFEST_BYTES)
+                        manifest_bytes = read_small(tar, member, MAX_MANIFEST_BYTES)
                     elif member.name == SIGNATURE_NAME:
-                        sig_bytes = _read_small(tar, member, MAX_SIGNATURE_BYTES)
+                        sig_bytes = read_small(tar, member, MAX_SIGNATURE_BYTES)
                     else:
                         digests[member.name] = _hash_member(tar, member)
                 _check_end(tar)
@@ -134,7 +138,7 @@ def verify_bundle_file(
 
 def _hash_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tuple[int, str]:
     src = tar.extractfile(member)
-    assert src is not None  # _check_member admitted only regular files
+    assert src is not None  # check_member admitted only regular files
     digest, got = hashlib.sha256(), 0
     while chunk := src.read(_CHUNK):
         digest.update(chunk)
@@ -395,12 +399,8 @@ class Registry:
     # ----------------------------------------------------------------- labels
 
     async def set_label(self, name: str, label: str, version: str) -> dict[str, Any]:
-        if not _LABEL_RE.match(label):
-            raise BadRequest(f"label {label!r} must match {_LABEL_RE.pattern}")
-        try:
-            check_name(version, "version")
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from exc
+        check_registry_label(label)  # InvalidName: a 400
+        check_version(version)
 
         def job(conn: sqlite3.Connection) -> dict[str, Any]:
             exists = conn.execute(

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from edgefleet.core.errors import BadRequest, NotFound
 from edgefleet.core.mqtt import topics
+from edgefleet.core.names import check_group
 from edgefleet.fleet.db import FleetDB, dumps, loads, next_revision, now
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,8 @@ def check_target(kind: str, target: str) -> tuple[str, str]:
             topics.check_device_id(target)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+    if kind == "group":
+        check_group(target)  # InvalidName: a BadRequest
     return kind, target
 
 

@@ -35,20 +35,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.core import names
 from edgefleet.core.errors import BadRequest, EdgeError, NotFound
 from edgefleet.fleet.broker_accounts import BrokerAccountError, BrokerAccounts, NoBrokerAccounts
 from edgefleet.fleet.db import FleetDB, dumps, loads, now
 
-# A device id is one MQTT topic level and the user part of HTTP Basic auth (no ':');
-# the same boring alphabet as model names keeps it safe in paths, URLs and logs.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RECENT_EVENTS = 50
 ENROLMENT_TOKEN_PREFIX = "efe_"  # edgefleet enrolment
 
@@ -58,17 +55,17 @@ class Unauthorized(EdgeError):
 
 
 def check_device_id(device_id: Any) -> str:
-    if not isinstance(device_id, str) or not _ID_RE.match(device_id):
-        raise BadRequest(f"device id {device_id!r} must match {_ID_RE.pattern}")
-    return device_id
+    # One MQTT topic level, the user part of HTTP Basic auth (no ':'), a path part:
+    # the shared name rule (core/names.py). InvalidName is a BadRequest.
+    return names.check_device_id(device_id)
 
 
 def check_groups(groups: Any) -> list[str]:
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
         raise BadRequest("groups must be a list of strings")
-    bad = [g for g in groups if not _ID_RE.match(g)]
+    bad = [g for g in groups if not names.is_name(g)]
     if bad:
-        raise BadRequest(f"group names {bad} must match {_ID_RE.pattern}")
+        raise BadRequest(f"group names {bad} must match {names.NAME_PATTERN}")
     return sorted(set(groups))
 
 
@@ -144,7 +141,7 @@ async def check_device_secret(db: FleetDB, device_id: str, secret: str) -> bool:
     (HTTP Basic) and the embedded broker's logins (fleet/embedded_broker.py). A
     revoked device has no secret any more.
     """
-    if not _ID_RE.match(device_id):
+    if not names.is_name(device_id):
         return False
 
     def q(conn: sqlite3.Connection) -> str | None:

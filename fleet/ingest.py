@@ -95,8 +95,9 @@ MAX_BUCKETS = 100_000  # devices tracked at once; past it the fullest buckets ar
 REPORTED_STATES = frozenset(
     {"active", "downloading", "verifying", "activating", "failed", "unmanaged"}
 )
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline (see core/names.py).
+_HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
 
 class Reject(ValueError):

@@ -1,7 +1,9 @@
 """Reading and writing bundle files (tar, optionally gzip-compressed).
 
-Reading never trusts the archive: members are checked before anything is written,
-only files the signed manifest lists are extracted, each streamed through sha256.
+Reading never trusts the archive: every header is bounded before Python's tarfile
+acts on it (``BoundedTarInfo``), members are counted and checked before anything is
+written, only files the signed manifest lists are extracted, each streamed through
+sha256. Writing uses plain ustar headers only (see docs/bundle-format.md).
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
@@ -29,7 +32,156 @@ from edgefleet.core.errors import BundleError
 
 DEFAULT_MAX_MEMBER_BYTES = 512 * 1024 * 1024
 MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_SIGNATURE_BYTES = 64 * 1024
+# A real bundle has a handful of members; this bounds the work (and the TarInfo list)
+# a bad one causes. The agent and the fleet share it.
+MAX_MEMBERS = 1000
+# The largest pax extended header read. Bundles written before the writer moved to
+# ustar carry one per file holding a float mtime (about 30 bytes).
+MAX_PAX_HEADER_BYTES = 8 * 1024
+# pax records a bundle may carry: times and ownership (ignored when extracting) and the
+# member's path (then checked like any name). Anything else, GNU.sparse.* above all
+# (which makes tarfile read an unbounded sparse map), is refused.
+PAX_KEYWORDS = frozenset({"path", "mtime", "atime", "ctime", "uid", "gid", "uname", "gname"})
 _CHUNK = 1 << 20
+_PAX_RECORD = re.compile(rb"(\d{1,5}) ")
+
+# Header types that make tarfile read more than the 512-byte header itself, each with
+# the reason a bundle never needs it.
+_REFUSED_HEADERS = {
+    tarfile.GNUTYPE_LONGNAME: "GNU long-name header",
+    tarfile.GNUTYPE_LONGLINK: "GNU long-link header",
+    tarfile.GNUTYPE_SPARSE: "GNU sparse member",
+    tarfile.XGLTYPE: "pax global header",
+}
+_PAX_HEADERS = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` that refuses what would make tarfile allocate on a header's word.
+
+    Unguarded, tarfile reads a GNU long-name/long-link entry or a pax header whole
+    into memory before returning the member (a 1 MiB gzip bundle declaring a 1 GiB
+    long name costs 1 GiB), follows sparse maps of any length, and recurses once per
+    chained pax header. Here GNU long-name/long-link, sparse and pax global headers
+    are refused outright (``write_bundle`` writes none), a pax extended header is read
+    only up to ``MAX_PAX_HEADER_BYTES``, must hold well-formed records with
+    ``PAX_KEYWORDS`` only, and must be followed by a member, not another header.
+
+    Pass it as ``tarinfo=BoundedTarInfo`` to every ``tarfile.open`` that reads a
+    bundle (``open_bundle_tar`` does). Raises ``BundleError``, on purpose not a
+    ``tarfile.HeaderError``: tarfile turns those into "end of archive" after the
+    first member, or tries the next compression method and loses the reason.
+    """
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        # tarfile's documented extension point (see its "_proc_*() methods" comment).
+        refused = _REFUSED_HEADERS.get(self.type)
+        if refused is not None:
+            raise BundleError(
+                f"bundle has a {refused} (declaring {self.size} bytes);"
+                " bundles use plain ustar headers"
+            )
+        if self.type in _PAX_HEADERS:
+            return self._proc_bounded_pax(tarfile_)
+        if self.size < 0:
+            raise BundleError(f"bundle member {self.name!r} has a negative size")
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
+
+    def _proc_bounded_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size > MAX_PAX_HEADER_BYTES:
+            raise BundleError(
+                f"bundle has a pax extended header of {self.size} bytes,"
+                f" over the {MAX_PAX_HEADER_BYTES} byte limit"
+            )
+        fileobj = tarfile_.fileobj
+        blocks = -(-self.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        data = fileobj.read(blocks)
+        if len(data) != blocks:
+            raise BundleError("bundle is truncated in a pax extended header")
+        records = _parse_pax(data[: self.size])
+        header = fileobj.read(tarfile.BLOCKSIZE)
+        try:
+            member = type(self).frombuf(header, tarfile_.encoding, tarfile_.errors)
+        except tarfile.HeaderError as exc:
+            raise BundleError(f"bundle has no valid member after a pax header: {exc}") from exc
+        if member.type in _PAX_HEADERS:
+            raise BundleError("bundle has a pax extended header followed by another")
+        member.offset = fileobj.tell() - tarfile.BLOCKSIZE
+        processed = member._proc_member(tarfile_)  # refuses L/K/S/g headers here too
+        _apply_pax(processed, records)
+        processed.offset = self.offset  # tarfile's way: the member starts at its pax header
+        return processed
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    """pax records (``"%d %s=%s\n"``), strictly: every byte belongs to a record."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        m = _PAX_RECORD.match(data, pos)
+        length = int(m.group(1)) if m else 0
+        record = data[pos : pos + length]
+        if m is None or length <= len(m.group(0)) or len(record) != length or record[-1:] != b"\n":
+            raise BundleError(f"bundle has a malformed pax record at byte {pos} of its header")
+        key, sep, value = record[len(m.group(0)) : -1].partition(b"=")
+        try:
+            keyword, text = key.decode("utf-8"), value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BundleError("bundle has a malformed pax record: not UTF-8") from exc
+        if not sep:
+            raise BundleError(f"bundle has a malformed pax record at byte {pos} of its header")
+        if keyword not in PAX_KEYWORDS:
+            raise BundleError(
+                f"bundle has pax keyword {keyword[:40]!r}; bundles may carry only"
+                f" {sorted(PAX_KEYWORDS)}"
+            )
+        records[keyword] = text
+        pos += length
+    return records
+
+
+def _apply_pax(member: tarfile.TarInfo, records: dict[str, str]) -> None:
+    for keyword, value in records.items():
+        if keyword == "path":
+            member.name = value.rstrip("/")
+        elif keyword in ("uname", "gname"):
+            setattr(member, keyword, value)
+        else:
+            try:
+                number = float(value) if keyword.endswith("time") else int(value)
+            except ValueError as exc:
+                raise BundleError(f"bundle has a malformed pax {keyword} record") from exc
+            setattr(member, keyword, number)
+    member.pax_headers = dict(records)
+
+
+def open_bundle_tar(path: Path) -> tarfile.TarFile:
+    """``tarfile.open`` of a bundle file (any compression), every header bounded.
+
+    Raises ``BundleError`` for a refused header (possibly the first, read here) and
+    tarfile's own errors for an unreadable archive; the caller words those.
+    """
+    return tarfile.open(path, "r:*", tarinfo=BoundedTarInfo)
+
+
+def open_bundle_stream(fileobj: IO[bytes]) -> tarfile.TarFile:
+    """``tarfile.open`` of an uncompressed tar stream read once, front to back (the
+    fleet's upload check decompresses with gzip itself), every header bounded."""
+    return tarfile.open(fileobj=fileobj, mode="r|", tarinfo=BoundedTarInfo)
+
+
+def iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The archive's members, at most ``MAX_MEMBERS`` of them (``BundleError`` past it).
+
+    The count is checked as headers are read, so a flood of tiny members costs
+    ``MAX_MEMBERS`` headers, not a list of all of them.
+    """
+    for count, member in enumerate(tar, start=1):
+        if count > MAX_MEMBERS:
+            raise BundleError(f"bundle has more than {MAX_MEMBERS} members")
+        yield member
 
 
 @dataclass(frozen=True)
@@ -39,7 +191,8 @@ class BundleContents:
     signed_by: str | None
 
 
-def _check_member(member: tarfile.TarInfo, max_member_bytes: int) -> None:
+def check_member(member: tarfile.TarInfo, max_member_bytes: int) -> None:
+    """A member may be only a flat regular file of at most ``max_member_bytes``."""
     name = member.name
     path = PurePosixPath(name)
     if name.startswith("/") or path.is_absolute() or "\\" in name or ":" in name:
@@ -48,7 +201,7 @@ def _check_member(member: tarfile.TarInfo, max_member_bytes: int) -> None:
         raise BundleError(f"bundle member {name!r} escapes the bundle (..)")
     if member.issym() or member.islnk():
         raise BundleError(f"bundle member {name!r} is a link")
-    if not member.isfile():
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
         raise BundleError(f"bundle member {name!r} is not a regular file")
     if len(path.parts) != 1:
         raise BundleError(f"bundle member {name!r} is in a sub-directory; bundles are flat")
@@ -58,11 +211,12 @@ def _check_member(member: tarfile.TarInfo, max_member_bytes: int) -> None:
         )
 
 
-def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
+def read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
+    """A member checked by ``check_member``, read whole (manifest, signature)."""
     if member.size > limit:
         raise BundleError(f"{member.name} is {member.size} bytes, over the {limit} limit")
     f = tar.extractfile(member)
-    assert f is not None  # _check_member admitted only regular files
+    assert f is not None  # check_member admitted only regular files
     return f.read()
 
 
@@ -96,26 +250,27 @@ def _extract_verified(
     bundle: Path, out: Path, trust: TrustStore, max_member_bytes: int
 ) -> BundleContents:
     try:
-        tar = tarfile.open(bundle, "r:*")
+        tar = open_bundle_tar(bundle)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise BundleError(f"{bundle.name} is not a readable bundle: {exc}") from exc
     with tar:
+        # Member by member, each checked (and counted) as its header is read: a bad
+        # member stops the reading there, before tarfile seeks past its data.
+        by_name: dict[str, tarfile.TarInfo] = {}
         try:
-            members = tar.getmembers()
+            for m in iter_members(tar):
+                check_member(m, max_member_bytes)
+                if m.name in by_name:
+                    raise BundleError(f"bundle member {m.name!r} appears twice")
+                by_name[m.name] = m
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise BundleError(f"{bundle.name} is truncated or corrupt: {exc}") from exc
-        by_name: dict[str, tarfile.TarInfo] = {}
-        for m in members:
-            _check_member(m, max_member_bytes)
-            if m.name in by_name:
-                raise BundleError(f"bundle member {m.name!r} appears twice")
-            by_name[m.name] = m
         if MANIFEST_NAME not in by_name:
             raise BundleError("bundle has no manifest.json")
         try:
-            manifest_bytes = _read_small(tar, by_name[MANIFEST_NAME], MAX_MANIFEST_BYTES)
+            manifest_bytes = read_small(tar, by_name[MANIFEST_NAME], MAX_MANIFEST_BYTES)
             sig = by_name.get(SIGNATURE_NAME)
-            sig_bytes = _read_small(tar, sig, 64 * 1024) if sig is not None else None
+            sig_bytes = read_small(tar, sig, MAX_SIGNATURE_BYTES) if sig is not None else None
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise BundleError(f"{bundle.name} is truncated or corrupt: {exc}") from exc
         # Signature first: nothing from an unverified manifest is acted upon.
@@ -158,11 +313,11 @@ def peek_manifest(bundle: Path) -> bytes:
     """The bundle's manifest bytes, UNVERIFIED: only to recognise a version already
     installed (whose verified manifest must then be byte-identical)."""
     try:
-        with tarfile.open(bundle, "r:*") as tar:
-            for member in tar:
+        with open_bundle_tar(bundle) as tar:
+            for member in iter_members(tar):
                 if member.name == MANIFEST_NAME:
-                    _check_member(member, MAX_MANIFEST_BYTES)
-                    return _read_small(tar, member, MAX_MANIFEST_BYTES)
+                    check_member(member, MAX_MANIFEST_BYTES)
+                    return read_small(tar, member, MAX_MANIFEST_BYTES)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise BundleError(f"{bundle.name} is not a readable bundle: {exc}") from exc
     raise BundleError("bundle has no manifest.json")
@@ -210,14 +365,16 @@ def write_bundle(
     parsed = parse_manifest(manifest_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+    # Plain ustar: no pax, GNU long-name or sparse header, which readers refuse or
+    # bound (BoundedTarInfo). Flat names of at most 64 characters and members under
+    # 8 GiB always fit; tarfile raises ValueError for anything that would not.
+    with tarfile.open(tmp, "w:gz", format=tarfile.USTAR_FORMAT) as tar:
         _add_bytes(tar, MANIFEST_NAME, manifest_bytes)
         if private_key is not None:
             _add_bytes(tar, SIGNATURE_NAME, sign_manifest(manifest_bytes, private_key))
         for name, path in sorted(files.items()):
-            info = tar.gettarinfo(str(path), arcname=name)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
+            info = tarfile.TarInfo(name)
+            info.size = path.stat().st_size
             info.mode = 0o644
             with open(path, "rb") as f:
                 tar.addfile(info, f)
@@ -228,22 +385,29 @@ def write_bundle(
 def resign_bundle(bundle: Path, private_key: Ed25519PrivateKey | None, out: Path) -> None:
     """Copy ``bundle`` to ``out`` with a new signature (or none), members unchanged."""
     tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(bundle, "r:*") as src, tarfile.open(tmp, "w:gz") as dst:
-        manifest_bytes = b""
-        for m in src.getmembers():
-            _check_member(m, DEFAULT_MAX_MEMBER_BYTES)
-            if m.name == SIGNATURE_NAME:
-                continue
-            f = src.extractfile(m)
-            assert f is not None
-            data = f.read()
-            if m.name == MANIFEST_NAME:
-                manifest_bytes = data
-            _add_bytes(dst, m.name, data)
-        if not manifest_bytes:
-            raise BundleError("bundle has no manifest.json")
-        if private_key is not None:
-            _add_bytes(dst, SIGNATURE_NAME, sign_manifest(manifest_bytes, private_key))
+    try:
+        with (
+            open_bundle_tar(bundle) as src,
+            tarfile.open(tmp, "w:gz", format=tarfile.USTAR_FORMAT) as dst,
+        ):
+            manifest_bytes = b""
+            for m in iter_members(src):
+                check_member(m, DEFAULT_MAX_MEMBER_BYTES)
+                if m.name == SIGNATURE_NAME:
+                    continue
+                f = src.extractfile(m)
+                assert f is not None
+                data = f.read()
+                if m.name == MANIFEST_NAME:
+                    manifest_bytes = data
+                _add_bytes(dst, m.name, data)
+            if not manifest_bytes:
+                raise BundleError("bundle has no manifest.json")
+            if private_key is not None:
+                _add_bytes(dst, SIGNATURE_NAME, sign_manifest(manifest_bytes, private_key))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
 
 

@@ -6,14 +6,16 @@ by the sha256 it lists, so one signature covers the whole bundle.
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgefleet.core.names import check_model_name, check_version
+from edgefleet.core.names import check_name as check_name  # re-exported for older imports
+
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 # Open Inference Protocol datatype names and the numpy dtypes they travel as.
 OIP_TO_NUMPY: dict[str, str] = {
@@ -45,15 +47,6 @@ Datatype = Literal[
     "FP32",
     "FP64",
 ]
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def check_name(value: str, what: str) -> str:
-    """Model names and versions end up in paths and URLs: keep them boring."""
-    if not _NAME_RE.match(value):
-        raise ValueError(f"{what} {value!r} must match {_NAME_RE.pattern}")
-    return value
 
 
 class _Strict(BaseModel):
@@ -169,13 +162,15 @@ class FallbackDefaults(_Strict):
     """The converter's cloud-fallback defaults; the agent config may override each."""
 
     mode: Literal["edge_only", "cloud_when_unsure", "edge_first_escalate"] = "cloud_when_unsure"
-    threshold: float = Field(0.8, ge=0.0, le=1.0)
+    threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     cloud_model: str | None = None
     # Label -> threshold for answers whose top-1 is that label (classifiers only).
     class_thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=dict
     )
-    audit_rate: float = Field(0.0, ge=0.0, le=1.0, description="confident answers also sent")
+    audit_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="confident answers also sent"
+    )
 
 
 class SelfTestSpec(_Strict):
@@ -218,12 +213,13 @@ class Manifest(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return check_name(v, "model name")
+        # Model names and versions end up in paths, URLs and topics (core/names.py).
+        return check_model_name(v)
 
     @field_validator("version")
     @classmethod
     def _version(cls, v: str) -> str:
-        return check_name(v, "version")
+        return check_version(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

@@ -22,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from edgefleet.core.errors import SignatureError
 
+ALGORITHM = "ed25519"
+SIGNATURE_BYTES = 64  # an Ed25519 signature
+
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -68,7 +71,7 @@ def load_public_key(data: bytes | str) -> Ed25519PublicKey:
 
 def sign_manifest(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> bytes:
     doc = {
-        "alg": "ed25519",
+        "alg": ALGORITHM,
         "key_id": key_id(private_key.public_key()),
         "signature": base64.b64encode(private_key.sign(manifest_bytes)).decode(),
     }
@@ -92,23 +95,60 @@ class TrustStore:
         return cls.from_pem([p.read_bytes() for p in paths], allow_unsigned)
 
     def verify(self, manifest_bytes: bytes, signature: bytes | None) -> str | None:
-        """Return the id of the key that signed, or None for an allowed unsigned bundle."""
+        """Return the id of the key that signed, or None for an allowed unsigned bundle.
+
+        Raises ``SignatureError`` (a 400) for anything else, whatever ``signature``
+        holds: a missing, malformed, untrusted or wrong signature.
+        """
         if signature is None:
             if self.allow_unsigned:
                 return None
             raise SignatureError("bundle is not signed (manifest.sig missing)")
-        try:
-            doc = json.loads(signature)
-            alg, kid, sig = doc["alg"], doc["key_id"], base64.b64decode(doc["signature"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SignatureError(f"manifest.sig is malformed: {exc}") from exc
-        if alg != "ed25519":
-            raise SignatureError(f"unsupported signature algorithm {alg!r}")
+        alg, kid, sig = parse_signature(signature)
+        if alg != ALGORITHM:
+            raise SignatureError(f"manifest.sig: unsupported signature algorithm {alg[:40]!r}")
         key = self.keys.get(kid)
         if key is None:
-            raise SignatureError(f"bundle signed by untrusted key {kid}")
+            raise SignatureError(f"manifest.sig: bundle signed by untrusted key {kid[:40]!r}")
         try:
             key.verify(sig, manifest_bytes)
         except InvalidSignature as exc:
             raise SignatureError(f"bad signature from key {kid}: manifest was altered") from exc
         return kid
+
+
+def parse_signature(signature: bytes) -> tuple[str, str, bytes]:
+    """``(alg, key_id, raw signature)`` of a manifest.sig document, checked for form.
+
+    The document is untrusted input: it must be a JSON object whose ``alg``, ``key_id``
+    and ``signature`` are strings, the last one standard base64 of 64 bytes. Anything
+    else (a list, a number, JSON nested past the parser's depth, bad UTF-8) is a
+    ``SignatureError``.
+    """
+
+    def malformed(why: str) -> SignatureError:
+        return SignatureError(f"manifest.sig is malformed: {why}")
+
+    try:
+        doc = json.loads(signature)
+    except RecursionError:
+        raise malformed("nested too deeply") from None
+    except ValueError as exc:  # not JSON, not UTF-8, an integer of 5,000 digits...
+        raise malformed(str(exc)[:200]) from None
+    if not isinstance(doc, dict):
+        raise malformed(f"a JSON object is expected, not {type(doc).__name__}")
+    fields = []
+    for name in ("alg", "key_id", "signature"):
+        value = doc.get(name)
+        if not isinstance(value, str):
+            what = "missing" if value is None else f"a {type(value).__name__}, not a string"
+            raise malformed(f"{name} is {what}")
+        fields.append(value)
+    alg, kid, encoded = fields
+    try:
+        sig = base64.b64decode(encoded, validate=True)
+    except ValueError:  # binascii.Error
+        raise malformed("signature is not base64") from None
+    if len(sig) != SIGNATURE_BYTES:
+        raise malformed(f"signature is {len(sig)} bytes, not {SIGNATURE_BYTES}")
+    return alg, kid, sig

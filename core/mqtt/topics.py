@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
+from edgefleet.core import names
+
 PREFIX: Final = "edgefleet/v1/devices"
 
 # Device → fleet: desired state the device applied, liveness, data, happenings.
@@ -28,10 +30,8 @@ LEAVES: Final[frozenset[str]] = frozenset(
 
 
 def check_device_id(device_id: str) -> str:
-    """A device id is one topic level: no separators, no wildcards, not empty."""
-    if not device_id or any(c in device_id for c in "/+#\x00"):
-        raise ValueError(f"invalid device id {device_id!r}: no '/', '+', '#' or NUL, not empty")
-    return device_id
+    """A device id is one topic level: the shared name rule (core/names.py, a ValueError)."""
+    return names.check_device_id(device_id)
 
 
 def device_topic(device_id: str, leaf: Leaf) -> str:

@@ -121,7 +121,7 @@ async def test_restart_keeps_active_version_labels_and_rollback(
         async with s.post(f"{again.base}/v1/models/tiny/rollback") as r:
             assert (await r.json())["active"] == "1"
         assert (await infer(s, f"{again.base}/v2/models/tiny/infer"))[1]["model_version"] == "1"
-    state = json.loads((tmp_path / "store" / "tiny" / "state.json").read_text())
+    state = json.loads((tmp_path / "store" / "tiny" / ".state.json").read_text())
     assert (state["active"], state["previous"], state["labels"]) == ("1", "2", {"canary": "3"})
 
 

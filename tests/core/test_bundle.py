@@ -12,6 +12,7 @@ import pytest
 from edgefleet.core.bundle.archive import read_bundle, resign_bundle
 from edgefleet.core.bundle.signing import TrustStore, key_id, load_private_key
 from edgefleet.core.errors import BundleError, SignatureError
+from tests.support.hostile_bundles import MALFORMED_SIGNATURES
 
 
 def members(bundle: Path) -> dict[str, bytes]:
@@ -153,3 +154,40 @@ def test_unlisted_and_missing_members_are_refused(make_tiny_bundle, trust, tmp_p
     del files["selftest.npz"]
     with pytest.raises(BundleError, match="lacks files"):
         read_bundle(write_tar(tmp_path / "missing.bundle", files), tmp_path / "o2", trust)
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED_SIGNATURES))
+def test_malformed_signature_documents_are_signature_errors(
+    make_tiny_bundle, trust, tmp_path, kind
+):
+    """Whatever manifest.sig holds, the answer is a SignatureError (a 400), never a
+    TypeError or RecursionError (a 500)."""
+    files = members(make_tiny_bundle("1"))
+    files["manifest.sig"] = MALFORMED_SIGNATURES[kind]
+    bad = write_tar(tmp_path / "b.bundle", files)
+    with pytest.raises(SignatureError, match="manifest.sig"):
+        read_bundle(bad, tmp_path / "out", trust)
+    with pytest.raises(SignatureError, match="manifest.sig"):
+        trust.verify(files["manifest.json"], MALFORMED_SIGNATURES[kind])
+
+
+def test_signature_of_the_wrong_length_is_refused(make_tiny_bundle, trust, keys):
+    files = members(make_tiny_bundle("1"))
+    doc = json.loads(files["manifest.sig"])
+    for sig in ("", "AAAA", "not base64!", "A" * 200):
+        forged = json.dumps({**doc, "signature": sig}).encode()
+        with pytest.raises(SignatureError):
+            trust.verify(files["manifest.json"], forged)
+
+
+def test_the_writer_uses_plain_ustar_headers(make_tiny_bundle, keys, tmp_path):
+    """No pax, GNU long-name or sparse header: the readers refuse those outright or
+    bound them (docs/bundle-format.md), and a bundle must never depend on them."""
+    bundle = make_tiny_bundle("1")
+    resigned = tmp_path / "resigned.bundle"
+    resign_bundle(bundle, load_private_key(keys[0]), resigned)
+    for path in (bundle, resigned):
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar.getmembers():
+                assert m.type == tarfile.REGTYPE and not m.pax_headers, (path.name, m.name)
+                assert isinstance(m.mtime, int)
