@@ -9,6 +9,7 @@ recipe docs/install.md gives, the venv is a real one, the fleet a real process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,6 +18,8 @@ import ssl
 import stat
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 import tomllib
 import urllib.request
@@ -71,32 +74,76 @@ def install(
     return r
 
 
+def wheelhouse_recipe(dest: Path) -> list[object]:
+    """docs/install.md's offline recipe: the agent's runtime wheels plus the build
+    backend (no edgefleet wheel: the installer builds the tree it sits in)."""
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        dest,
+        "-c",
+        REPO / "constraints.txt",
+        REPO,
+        "setuptools>=68",
+        "wheel",
+    ]
+
+
+def wheelhouse_key() -> str:
+    """What the recipe's result depends on: the pins, the dependency list, the build
+    requirements, the interpreter and the platform (not the code: no edgefleet wheel)."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    inputs = {
+        "constraints": (REPO / "constraints.txt").read_text(),
+        "dependencies": pyproject["project"]["dependencies"],
+        "build": pyproject["build-system"]["requires"],
+        "python": list(sys.version_info[:2]),
+        "platform": sysconfig.get_platform(),
+        "recipe": [str(a) for a in wheelhouse_recipe(Path("DEST"))[3:]],
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The agent's runtime wheels plus the build backend, as docs/install.md says:
-    ``pip download -d DIR -c constraints.txt . setuptools wheel`` (no edgefleet wheel:
-    the installer builds the tree it sits in)."""
-    w = tmp_path_factory.mktemp("wheelhouse")
-    r = run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-d",
-            w,
-            "-c",
-            REPO / "constraints.txt",
-            REPO,
-            "setuptools>=68",
-            "wheel",
-        ],
-        timeout=600,
+def wheelhouse() -> Path:
+    """The recipe's wheelhouse, made once per machine and kept between runs.
+
+    Downloading and resolving ~140 MB of wheels is a third of this module's time and
+    proves the same thing every run while its inputs stay the same, so the result is
+    cached under ``$EDGEFLEET_TEST_CACHE`` (default ``~/.cache/edgefleet-tests``) by
+    ``wheelhouse_key()``: a change to constraints.txt or to pyproject's dependencies
+    runs the recipe again. Made in a temporary directory and renamed into place when
+    complete, so an interrupted run never leaves a half wheelhouse to be trusted;
+    wheelhouses of older keys are removed.
+    """
+    cache = Path(
+        os.environ.get("EDGEFLEET_TEST_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgefleet-tests"
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return w
+    key = wheelhouse_key()
+    target = cache / f"wheelhouse-{key}"
+    if target.is_dir():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    for old in cache.glob("wheelhouse-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".wheelhouse-{key}-", dir=cache))
+    try:
+        r = run(wheelhouse_recipe(partial), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        try:
+            os.rename(partial, target)
+        except OSError:  # another session made it first: theirs is as good
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 @pytest.fixture
