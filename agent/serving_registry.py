@@ -130,8 +130,9 @@ class ModelRegistry:
 
         A bundle or model that fails is logged and skipped: one bad model must not
         keep the others from serving. A configured bundle that cannot be installed is
-        also kept in ``config_errors``; a model whose version cannot be activated keeps
-        the reason in its state's ``last_error`` (both reported by the local API).
+        also kept in ``config_errors`` (bundle path -> reason); a model whose version
+        cannot be activated keeps the reason in its state's ``last_error`` (shown by
+        ``/v1/models``) and, having no active version, does not make the agent unready.
         """
         wanted: dict[str, tuple[str, ModelEntry]] = {}
         for entry in entries:

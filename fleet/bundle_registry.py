@@ -93,7 +93,7 @@ def verify_bundle_file(
             # own reader, not tarfile's, because it checks the CRC and length trailer.
             gz = raw.read(2) == b"\x1f\x8b"
             raw.seek(0)
-            stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+            stream: IO[bytes] | gzip.GzipFile = gzip.GzipFile(fileobj=raw) if gz else raw
             # Every header bounded before tarfile acts on it, members counted as read.
             with open_bundle_stream(stream) as tar:
                 for member in iter_members(tar):
@@ -276,8 +276,13 @@ class Registry:
                     parts, pending, pending_bytes = pending, [], 0
                     await asyncio.to_thread(flush, parts)
             await asyncio.to_thread(flush, pending)
+
             # Durable before it is renamed into place and recorded in the database.
-            await asyncio.to_thread(lambda: (f.flush(), os.fsync(f.fileno())))
+            def sync() -> None:
+                f.flush()
+                os.fsync(f.fileno())
+
+            await asyncio.to_thread(sync)
         finally:
             await asyncio.to_thread(f.close)
         return digest.hexdigest(), size

@@ -8,6 +8,7 @@ sha256. Writing uses plain ustar headers only (see docs/bundle-format.md).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -116,7 +117,8 @@ class BoundedTarInfo(tarfile.TarInfo):
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:
-    """pax records (``"%d %s=%s\n"``), strictly: every byte belongs to a record."""
+    """pax records (``LENGTH KEYWORD=VALUE`` and a newline each), strictly: every byte
+    of the header's data belongs to a record, and only ``PAX_KEYWORDS`` are allowed."""
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
@@ -166,7 +168,7 @@ def open_bundle_tar(path: Path) -> tarfile.TarFile:
     return tarfile.open(path, "r:*", tarinfo=BoundedTarInfo)
 
 
-def open_bundle_stream(fileobj: IO[bytes]) -> tarfile.TarFile:
+def open_bundle_stream(fileobj: IO[bytes] | gzip.GzipFile) -> tarfile.TarFile:
     """``tarfile.open`` of an uncompressed tar stream read once, front to back (the
     fleet's upload check decompresses with gzip itself), every header bounded."""
     return tarfile.open(fileobj=fileobj, mode="r|", tarinfo=BoundedTarInfo)
