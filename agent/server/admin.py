@@ -64,7 +64,14 @@ def model_status(request: web.Request, name: str) -> dict[str, Any]:
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     registry = services(request).registry
-    return json_response({"models": [model_status(request, n) for n in registry.model_names()]})
+    # Bundles of the config that could not be installed (bad signature, bad archive...):
+    # the agent serves the others and says which were skipped and why.
+    return json_response(
+        {
+            "models": [model_status(request, n) for n in registry.model_names()],
+            "config_errors": registry.config_errors,
+        }
+    )
 
 
 @routes.get("/v1/system")

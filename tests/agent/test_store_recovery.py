@@ -360,3 +360,6 @@ async def test_bad_configured_bundles_are_reported(
     assert "not a readable bundle" in errors[str(missing)]
     async with aiohttp.ClientSession() as s:
         assert (await ready(s, agent.base))[0] == 200
+        # ...and says so to whoever manages the box, not only in its log.
+        async with s.get(f"{agent.base}/v1/models") as r:
+            assert (await r.json())["config_errors"] == errors
