@@ -30,6 +30,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 	# The agent runs on uvloop by default: the in-process async tests run on it too.
 	EDGEFLEET_TEST_LOOP=uvloop $(PY) -m pytest -q tests/agent/test_api.py \
+		tests/agent/test_dataplane.py tests/agent/test_device_link.py \
 		tests/agent/test_model_store.py tests/agent/test_batcher.py \
 		tests/agent/test_cloud_faults.py tests/agent/test_fallback_modes.py \
 		tests/core/test_mqtt_link.py tests/agent/test_mqtt_telemetry.py \
