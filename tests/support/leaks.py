@@ -39,17 +39,20 @@ def _leaves_nothing_running(request: pytest.FixtureRequest) -> Iterator[None]:
     loop closes clean. Timers are visible on asyncio's own loop only (uvloop keeps them
     in C): the default-loop run of the same tests catches those. The loop's default
     executor is shut down before threads are counted: its idle workers are the loop's,
-    not leaks. Threads: any thread started during the test and still alive after a short
+    not leaks (a loop shared by several tests keeps its executor, whose workers are then
+    not counted). Threads: any thread started during the test and still alive after a short
     grace fails it, daemon or not, except the process-lifetime ones in PROCESS_THREADS.
     Native threads (ONNX Runtime's and OpenMP's pools) are not Python threads and are
     not seen here.
     """
     loop: asyncio.AbstractEventLoop | None = None
+    own_loop = False  # the loop lives and dies with this test
     if is_async_test(request.node):
         # Requesting pytest-asyncio's runner here makes it set up before, and torn down
         # after, this fixture (pytest-asyncio 1.x; the version is pinned).
-        runner = request.getfixturevalue(f"_{request.node._loop_scope}_scoped_runner")
-        loop = runner.get_loop()
+        scope = request.node._loop_scope
+        loop = request.getfixturevalue(f"_{scope}_scoped_runner").get_loop()
+        own_loop = scope == "function"
     threads_before = set(threading.enumerate())
     tasks_before = asyncio.all_tasks(loop) if loop is not None else set()
     timers_before = set(_pending_timers(loop)) if loop is not None else set()
@@ -58,8 +61,9 @@ def _leaves_nothing_running(request: pytest.FixtureRequest) -> Iterator[None]:
     if loop is not None:
         problems += _stop_lingering_tasks(loop, tasks_before)
         problems += _cancel_lingering_timers(loop, timers_before)
-        loop.run_until_complete(loop.shutdown_default_executor())
-    problems += _lingering_threads(threads_before)
+        if own_loop:  # a loop shared with later tests keeps its executor
+            loop.run_until_complete(loop.shutdown_default_executor())
+    problems += _lingering_threads(threads_before, allow_executor=not own_loop)
     if problems:
         pytest.fail("left behind by the test:\n" + "\n".join(problems), pytrace=False)
 
@@ -100,12 +104,15 @@ def _cancel_lingering_timers(
     return found
 
 
-def _lingering_threads(before: set[threading.Thread]) -> list[str]:
+def _lingering_threads(before: set[threading.Thread], allow_executor: bool) -> list[str]:
     deadline = time.monotonic() + THREAD_GRACE_S
+    allowed = tuple(PROCESS_THREADS) + (("asyncio_",) if allow_executor else ())
     found = []
     for t in set(threading.enumerate()) - before:
-        if isinstance(t, threading._DummyThread) or t.name.startswith(tuple(PROCESS_THREADS)):
-            continue  # a native thread that called into Python; a process-lifetime one
+        if isinstance(t, threading._DummyThread) or t.name.startswith(allowed):
+            # A native thread that called into Python; a process-lifetime one; the
+            # default executor's workers of a loop that outlives the test.
+            continue
         t.join(max(0.0, deadline - time.monotonic()))
         if t.is_alive():
             frame = sys._current_frames().get(t.ident or -1)
