@@ -308,7 +308,7 @@ def parse_enrolment(doc: dict[str, Any]) -> Enrolment:
         return EnrolError(f"the fleet's answer is not a valid enrolment: {what}")
 
     device_id = doc.get("device_id")
-    if not is_name(device_id):  # the fleet's rule for device ids (core/names.py)
+    if not isinstance(device_id, str) or not is_name(device_id):  # core/names.py's rule
         raise bad("device_id is missing or not a valid device id")
     mqtt = doc.get("mqtt")
     if not isinstance(mqtt, dict):

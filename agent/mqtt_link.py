@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
-
-import orjson
+from typing import Literal
 
 from edgefleet.agent.config import FleetConfig
+from edgefleet.core import protocol
 from edgefleet.core.mqtt import topics
 from edgefleet.core.mqtt.connection import MqttConnection, OutgoingMessage
-
-SCHEMA = 1
 
 
 class MqttLink(MqttConnection):
@@ -55,14 +52,16 @@ class MqttLink(MqttConnection):
         payload = self._status_payload("offline", reason="shutdown")
         return OutgoingMessage(self.status_topic, payload, qos=1, retain=True)
 
-    def _status_payload(self, state: str, reason: str | None = None, at: bool = True) -> bytes:
-        doc: dict[str, Any] = {"schema": SCHEMA, "state": state, "device_id": self.device_id}
-        if state == "online":
-            doc["agent_version"] = self.agent_version
-            doc["protocol"] = self.protocol_version
-        if reason is not None:
-            doc["reason"] = reason
-        if at:
+    def _status_payload(
+        self, state: Literal["online", "offline"], reason: str | None = None, at: bool = True
+    ) -> bytes:
+        online = state == "online"
+        return protocol.Status(
+            state=state,
+            device_id=self.device_id,
+            agent_version=self.agent_version if online else None,
+            protocol=self.protocol_version if online else None,
+            reason=reason,
             # The device's wall clock: may be wrong (the fleet uses its own receive time).
-            doc["at"] = round(time.time(), 3)
-        return orjson.dumps(doc)
+            at=round(time.time(), 3) if at else None,
+        ).to_json()

@@ -105,17 +105,6 @@ class StoredRecord:
     ts: float
     data: bytes  # the JSON text as stored
 
-    def wire(self) -> dict[str, Any]:
-        """The record as it goes into a telemetry batch (data embedded, not re-encoded)."""
-        return {
-            "id": self.id,
-            "seq": self.seq,
-            "kind": self.kind,
-            "priority": self.priority,
-            "ts": self.ts,
-            "data": orjson.Fragment(self.data),
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class Batch:

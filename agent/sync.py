@@ -1,11 +1,14 @@
 """The agent's desired-state sync: ``desired`` → download → verify → activate → ``reported``.
 
-Contract: docs/fleet.md. One :class:`DesiredStateSync` per agent with a ``fleet``
-section, started and stopped by :class:`agent.fleet.FleetConnection`.
+Contract: docs/fleet.md; the messages are core/protocol.py's ``Desired``,
+``Command`` (received), ``Reported`` and ``Event`` (sent). One
+:class:`DesiredStateSync` per agent with a ``fleet`` section, started and stopped by
+:class:`edgefleet.agent.fleet_link.FleetConnection`.
 
 - **Inputs.** The retained ``desired`` of this device and its ``commands``. Both
-  are validated strictly (schema 1, types, sizes, names); anything else is logged,
-  counted and dropped without touching the rest.
+  are validated strictly by the protocol models (schema, types, sizes, names);
+  anything else is logged, counted (``SyncStats.refused`` by reason, e.g.
+  ``newer_schema`` for a fleet upgraded first) and dropped without touching the rest.
 - **One worker.** Desired states are applied one at a time by a single task. A
   newer one that arrives meanwhile waits; only the newest waiting one is kept (an
   intermediate state nobody wants any more is never applied).
@@ -38,13 +41,9 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
-
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.download import (
@@ -59,140 +58,46 @@ from edgefleet.agent.download import (
 from edgefleet.agent.mqtt_link import MqttLink
 from edgefleet.agent.outbox import Outbox, OutboxClosed, Priority, new_record_id
 from edgefleet.agent.serving_registry import ModelRegistry
+from edgefleet.core import protocol
 from edgefleet.core.bundle.archive import parse_manifest, peek_manifest
 from edgefleet.core.durable import atomic_write
 from edgefleet.core.errors import BundleError, EdgeError, NotFound
 from edgefleet.core.mqtt import topics
 from edgefleet.core.mqtt.errors import LinkError
 from edgefleet.core.mqtt.messages import Message, Subscription
-from edgefleet.core.names import check_name
+from edgefleet.core.protocol import (
+    MAX_REASON_CHARS,
+    MAX_REVISION,
+    Command,
+    Desired,
+    DesiredModel,
+    Event,
+    Reported,
+    ReportedModel,
+    SyncState,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
-MAX_DESIRED_BYTES = 256 * 1024  # a desired for a few dozen models is a few KiB
-MAX_COMMAND_BYTES = 16 * 1024
-MAX_MODELS = 256
-MAX_REASON_CHARS = 500  # reasons travel in every reported: keep them one line, short
-# The fleet's revisions count up by one per published document (fleet/db.py); 2^53 - 1
-# is beyond any fleet's lifetime and still exact as a JSON number everywhere.
-MAX_REVISION = 2**53 - 1
 _RECENT_DESIRED = 8  # received documents kept by revision, for a resync to find
-
-SyncState = Literal["active", "downloading", "verifying", "activating", "failed"]
+# The state file's own format (not a wire message: it never leaves the device).
+STATE_FILE_SCHEMA = 1
 
 
 # ---------------------------------------------------------------------- payloads
 
 
-def _name(value: str, what: str) -> str:
-    return check_name(value, what)
-
-
-class _Wire(BaseModel):
-    # strict: JSON true is not 1, "4" is not 4. Unknown keys are ignored so the fleet
-    # may add optional fields within schema 1 without breaking older agents.
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, populate_by_name=True)
-
-
-class _Document(_Wire):
-    """A whole message: carries the schema version."""
-
-    # int, not Literal[1]: a Literal would take JSON true (True == 1 in Python).
-    schema_: int = Field(alias="schema")
-
-    @field_validator("schema_")
-    @classmethod
-    def _schema(cls, v: int) -> int:
-        if v != SCHEMA:
-            raise ValueError(f"schema {v} is not {SCHEMA}")
-        return v
-
-
-class DesiredModel(_Wire):
-    version: str
-    url: str = Field(min_length=1, max_length=2048)
-    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
-    size: int = Field(gt=0, le=2**53)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
-    rollout: str | None = Field(None, max_length=128)
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        return _name(v, "version")
-
-    @field_validator("sha256")
-    @classmethod
-    def _lower(cls, v: str) -> str:
-        return v.lower()
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("url must be an absolute http(s) URL")
-        return v
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        for label, version in v.items():
-            _name(label, "label")
-            _name(version, "label version")
-        return v
-
-
-class Desired(_Document):
-    device_id: str = Field(max_length=256)
-    revision: int = Field(ge=0, le=MAX_REVISION)
-    issued_at: float | None = None
-    models: dict[str, DesiredModel] = Field(max_length=MAX_MODELS)
-
-    @field_validator("models")
-    @classmethod
-    def _names(cls, v: dict[str, DesiredModel]) -> dict[str, DesiredModel]:
-        for name in v:
-            _name(name, "model name")
-        return v
-
-
-class Command(_Document):
-    id: str = Field(min_length=1, max_length=128)
-    command: str = Field(min_length=1, max_length=64)
-    model: str | None = Field(None, max_length=64)
-    # resync: the revision of the fleet's current desired document for this device.
-    revision: int | None = Field(None, ge=0, le=MAX_REVISION)
-
-
-def _one_line(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(root)"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{loc}: {first['msg']}{more}"
-
-
 def parse_desired(payload: bytes, device_id: str) -> Desired:
-    """A validated ``desired`` document; ValueError with a one-line reason otherwise."""
-    if len(payload) > MAX_DESIRED_BYTES:
-        raise ValueError(f"{len(payload)} bytes, over the {MAX_DESIRED_BYTES} byte limit")
-    try:
-        doc = Desired.model_validate_json(payload)
-    except ValidationError as exc:
-        raise ValueError(_one_line(exc)) from None
-    if doc.device_id != device_id:
-        raise ValueError(f"device_id {doc.device_id!r} is not this device ({device_id!r})")
-    return doc
+    """A validated ``desired`` for this device (core/protocol.py); ``WireError`` (a
+    ValueError) with the reason counter key and a one-line detail otherwise."""
+    return protocol.decode(
+        Desired, payload, max_bytes=protocol.MAX_BYTES[topics.DESIRED], device_id=device_id
+    )
 
 
 def parse_command(payload: bytes) -> Command:
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise ValueError(f"{len(payload)} bytes, over the {MAX_COMMAND_BYTES} byte limit")
-    try:
-        return Command.model_validate_json(payload)
-    except ValidationError as exc:
-        raise ValueError(_one_line(exc)) from None
+    """A validated ``commands`` message; ``WireError`` (a ValueError) otherwise."""
+    return protocol.decode(Command, payload, max_bytes=protocol.MAX_BYTES[topics.COMMANDS])
 
 
 def _short(reason: str) -> str:
@@ -216,7 +121,7 @@ class ModelSync:
 @dataclass
 class SyncStats:
     desired_received: int = 0
-    desired_bad: int = 0  # not valid JSON of schema 1 for this device: ignored
+    desired_bad: int = 0  # not a valid desired for this device (core/protocol.py): ignored
     desired_stale: int = 0  # revision not newer than the last processed (or pending)
     desired_superseded: int = 0  # a newer one arrived before the worker took it
     revisions_processed: int = 0
@@ -225,6 +130,8 @@ class SyncStats:
     reported_published: int = 0
     events: int = 0
     rewinds: int = 0  # resyncs that found the processed revision ahead of the fleet's
+    # Refused desired/commands by protocol reason (newer_schema, invalid, not_json...).
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -259,7 +166,7 @@ def _load_state(path: Path) -> tuple[int, dict[str, ModelSync]]:
 
 def _save_state(path: Path, revision: int, models: dict[str, ModelSync]) -> None:
     doc = {
-        "schema": SCHEMA,
+        "schema": STATE_FILE_SCHEMA,
         "revision": revision,
         "models": {n: asdict(m) for n, m in models.items()},
     }
@@ -430,9 +337,10 @@ class DesiredStateSync:
         self.stats.desired_received += 1
         try:
             desired = parse_desired(msg.payload, self.device_id)
-        except ValueError as exc:
+        except protocol.WireError as exc:
             self.stats.desired_bad += 1
-            log.warning("ignored a malformed desired state: %s", exc)
+            self._refused(exc)
+            log.warning("ignored a desired state (%s): %s", exc.reason, exc.detail)
             return
         if self.last_desired is None or desired.revision >= self.last_desired.revision:
             # Kept even when already processed: a resync re-applies it.
@@ -472,9 +380,10 @@ class DesiredStateSync:
         self.stats.commands_received += 1
         try:
             cmd = parse_command(msg.payload)
-        except ValueError as exc:
+        except protocol.WireError as exc:
             self.stats.commands_bad += 1
-            log.warning("ignored a malformed command: %s", exc)
+            self._refused(exc)
+            log.warning("ignored a command (%s): %s", exc.reason, exc.detail)
             return
         log.info("command %s: %s %s", cmd.id, cmd.command, cmd.model or "")
         if cmd.command == "resync":
@@ -493,6 +402,9 @@ class DesiredStateSync:
             await self._event(
                 "command_failed", command_id=cmd.id, reason=f"unknown command {cmd.command!r}"
             )
+
+    def _refused(self, exc: protocol.WireError) -> None:
+        self.stats.refused[exc.reason] = self.stats.refused.get(exc.reason, 0) + 1
 
     async def _rollback(self, cmd: Command) -> None:
         name = cmd.model
@@ -678,9 +590,9 @@ class DesiredStateSync:
 
     # ---------------------------------------------------------------- outputs
 
-    def reported(self) -> dict[str, Any]:
-        """The ``reported`` document (docs/fleet.md)."""
-        models: dict[str, Any] = {}
+    def reported(self) -> Reported:
+        """The ``reported`` document (docs/fleet.md, ``core.protocol.Reported``)."""
+        models: dict[str, ReportedModel] = {}
         for name in sorted(set(self.registry.model_names()) | set(self.models)):
             try:
                 state = self.registry.known_state(name)
@@ -689,25 +601,24 @@ class DesiredStateSync:
                 active, previous, labels = None, None, {}
             lv = self.registry.loaded_versions(name).get(active or "")
             entry = self.models.get(name)
-            models[name] = {
-                "active": active,
-                "previous": previous,
-                "desired": entry.desired if entry else None,
-                "state": entry.state if entry else "unmanaged",
-                "rollout": entry.rollout if entry else None,
-                "provider": lv.backend.info.provider if lv is not None else None,
-                "last_error": entry.last_error if entry else None,
-                "labels": labels,
-            }
-        return {
-            "schema": SCHEMA,
-            "device_id": self.device_id,
-            "revision": self.revision,
-            "agent_version": self.agent_version,
-            "at": round(time.time(), 3),
-            "accelerators": report_accelerators(self.registry.accelerators),
-            "models": models,
-        }
+            models[name] = ReportedModel(
+                active=active,
+                previous=previous,
+                desired=entry.desired if entry else None,
+                state=entry.state if entry else "unmanaged",
+                rollout=entry.rollout if entry else None,
+                provider=lv.backend.info.provider if lv is not None else None,
+                last_error=entry.last_error if entry else None,
+                labels=labels,
+            )
+        return Reported(
+            device_id=self.device_id,
+            revision=self.revision,
+            agent_version=self.agent_version,
+            at=round(time.time(), 3),
+            accelerators=report_accelerators(self.registry.accelerators),
+            models=models,
+        )
 
     def _publish_reported(self) -> None:
         # Only when connected: while offline the watcher publishes the then-current
@@ -715,7 +626,7 @@ class DesiredStateSync:
         if not self.link.connected:
             return
         try:
-            payload = orjson.dumps(self.reported())
+            payload = self.reported().to_json()
             fut = self.link.publish_nowait(self.reported_topic, payload, qos=1, retain=True)
         except LinkError as exc:
             log.debug("reported not published: %s", exc)
@@ -724,27 +635,18 @@ class DesiredStateSync:
         self.stats.reported_published += 1
 
     async def _event(self, kind: str, **fields: Any) -> None:
-        doc: dict[str, Any] = {
-            "schema": SCHEMA,
-            "id": new_record_id(),
-            "device_id": self.device_id,
-            "at": round(time.time(), 3),
-            "kind": kind,
-            "model": None,
-            "version": None,
-            "previous": None,
-            "revision": self.revision,
-            "rollout": None,
-            "reason": None,
-        }
-        doc.update(fields)
+        """Publish an event (when connected) and keep it in the outbox (HIGH)."""
+        doc = {"revision": self.revision, **fields}
+        event = Event(
+            id=new_record_id(), device_id=self.device_id, at=round(time.time(), 3), kind=kind, **doc
+        )
         self.stats.events += 1
         if self.link.connected:
             with contextlib.suppress(LinkError):
-                fut = self.link.publish_nowait(self.events_topic, orjson.dumps(doc), qos=1)
+                fut = self.link.publish_nowait(self.events_topic, event.to_json(), qos=1)
                 fut.add_done_callback(_consume)
         try:
-            await self.outbox.add_one("event", doc, Priority.HIGH)
+            await self.outbox.add_one("event", event.to_wire(), Priority.HIGH)
         except (OutboxClosed, OSError, RuntimeError) as exc:
             log.error("event %s not stored in the outbox: %s", kind, exc)
 

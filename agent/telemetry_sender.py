@@ -22,22 +22,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from edgefleet.agent.config import FleetTelemetryConfig
 from edgefleet.agent.mqtt_link import MqttLink
 from edgefleet.agent.outbox import Batch, Outbox
+from edgefleet.core import protocol
 from edgefleet.core.mqtt import topics
 from edgefleet.core.mqtt.errors import LinkError
 from edgefleet.core.mqtt.messages import Message, Subscription
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
 # After a reconnect, how long batches sent on the old connection may still wait for
 # their ack (paho's redelivery plus the fleet's store-and-ack) before a resend.
 RECONNECT_ACK_GRACE_S = 3.0
-_MAX_ACK_IDS = 10_000  # a larger ack is malformed: batches are far smaller
 
 
 @dataclass
@@ -58,41 +55,23 @@ class _Flight:
 
 
 def encode_batch(device_id: str, batch: Batch, waiting: int) -> bytes:
-    """The ``telemetry`` message for one batch (schema in docs/mqtt.md)."""
-    return orjson.dumps(
-        {
-            "schema": SCHEMA,
-            "device_id": device_id,
-            "batch_id": batch.id,
-            "sent_at": round(time.time(), 3),
-            "outbox": {
-                "dropped_low": batch.dropped_low,
-                "dropped_high": batch.dropped_high,
-                "waiting": waiting,
-            },
-            "records": [r.wire() for r in batch.records],
-        }
+    """The ``telemetry`` message for one batch (``core.protocol.TelemetryBatch``)."""
+    return protocol.encode_telemetry(
+        device_id,
+        batch.id,
+        round(time.time(), 3),
+        protocol.OutboxCounts(
+            dropped_low=batch.dropped_low, dropped_high=batch.dropped_high, waiting=waiting
+        ),
+        ((r.id, r.seq, r.kind, r.priority, r.ts, r.data) for r in batch.records),
     )
 
 
 def parse_ack(payload: bytes) -> tuple[str, list[str] | None]:
-    """``(batch_id, record_ids or None)`` of an ack message; ValueError if malformed."""
-    doc = orjson.loads(payload)
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise ValueError("not an ack of schema 1")
-    batch_id = doc.get("batch_id")
-    if not isinstance(batch_id, str) or not batch_id or len(batch_id) > 64:
-        raise ValueError("ack without a valid batch_id")
-    ids = doc.get("record_ids")
-    if ids is None:
-        return batch_id, None
-    if (
-        not isinstance(ids, list)
-        or len(ids) > _MAX_ACK_IDS
-        or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
-    ):
-        raise ValueError("ack with malformed record_ids")
-    return batch_id, ids
+    """``(batch_id, record_ids or None)`` of an ack message (``core.protocol.Ack``);
+    ``WireError`` (a ValueError) if it is not one."""
+    ack = protocol.decode(protocol.Ack, payload, max_bytes=protocol.MAX_BYTES["acks"])
+    return ack.batch_id, None if ack.record_ids is None else list(ack.record_ids)
 
 
 class TelemetrySender:

@@ -43,16 +43,19 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from edgefleet.agent.outbox import NewRecord, Priority
+from edgefleet.core import protocol
 
 log = logging.getLogger(__name__)
 
 KIND = "inference_stats"
 
-# Bucket upper bounds ("le", inclusive), as fixed by docs/fleet.md; each histogram's
-# counts have one more entry, for "above the last bound".
-LATENCY_BOUNDS_MS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-CONFIDENCE_BOUNDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Bucket upper bounds ("le", inclusive) of the wire format (core/protocol.py); each
+# histogram's counts have one more entry, for "above the last bound".
+LATENCY_BOUNDS_MS = protocol.LATENCY_BOUNDS_MS
+CONFIDENCE_BOUNDS = protocol.CONFIDENCE_BOUNDS
 # The hot path gets latencies in seconds: bisecting on bounds in seconds saves a
 # multiplication per request.
 _LATENCY_BOUNDS_S: tuple[float, ...] = tuple(b / 1000 for b in LATENCY_BOUNDS_MS)
@@ -159,20 +162,26 @@ class InferenceStats:
             for version, w in by_version.items():
                 if w.count == 0:
                     continue
-                out.append(
-                    {
-                        "model": model,
-                        "version": version,
-                        "window_start": round(start, 3),
-                        "window_s": window_s,
-                        "count": w.count,
-                        "errors": w.errors,
-                        "latency_ms": {"le": list(LATENCY_BOUNDS_MS), "counts": w.latency},
-                        "confidence": {"le": list(CONFIDENCE_BOUNDS), "counts": w.confidence},
-                        "sources": w.sources,
-                        "fallback": w.fallback,
-                    }
-                )
+                try:
+                    record = protocol.InferenceStats(
+                        model=model,
+                        version=version,
+                        window_start=round(start, 3),
+                        window_s=window_s,
+                        count=w.count,
+                        errors=w.errors,
+                        latency_ms=protocol.Histogram(le=list(LATENCY_BOUNDS_MS), counts=w.latency),
+                        confidence=protocol.Histogram(
+                            le=list(CONFIDENCE_BOUNDS), counts=w.confidence
+                        ),
+                        sources=w.sources,
+                        fallback=w.fallback,
+                    )
+                except ValidationError as exc:  # a bug here, not bad input: say so, go on
+                    self.counters.records_lost += 1
+                    log.error("inference stats of %s:%s not sent: %s", model, version, exc)
+                    continue
+                out.append(record.to_wire())
         return out
 
     async def flush(self) -> int:

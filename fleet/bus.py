@@ -40,8 +40,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
+from pydantic import ValidationError
 
+from edgefleet.core import protocol
 from edgefleet.core.mqtt import topics
 from edgefleet.core.mqtt.config import MqttConnectionConfig
 from edgefleet.core.mqtt.connection import MqttConnection
@@ -54,7 +55,6 @@ from edgefleet.fleet.telemetry import TelemetryViews
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
 # Messages waiting in the link per subscription before it drops: at connect the
 # broker delivers every device's retained status and reported at once.
 _LINK_QUEUE = 50_000
@@ -142,8 +142,9 @@ class FleetBus:
     # ------------------------------------------------------------------ commands
 
     async def send_command(self, device_id: str, command: str, **fields: Any) -> str:
-        """Publish ``{"schema":1,"id","command",...fields}`` on the device's ``commands``
-        topic and wait for the broker's PUBACK; returns the command id.
+        """Publish a ``core.protocol.Command`` (``fields``: its optional ones, ``model``
+        or ``revision``) on the device's ``commands`` topic and wait for the broker's
+        PUBACK; returns the command id. ``ValueError`` for fields the protocol lacks.
 
         Raises ``LinkClosed`` when the bus is not running and ``PublishTimeout`` when
         the broker did not confirm in time (the message may still go out after a
@@ -156,8 +157,14 @@ class FleetBus:
         clash = _COMMAND_FIELDS_RESERVED & fields.keys()
         if clash:
             raise ValueError(f"command fields may not override {sorted(clash)}")
+        unknown = fields.keys() - protocol.Command.model_fields.keys()
+        if unknown:
+            raise ValueError(f"commands have no fields {sorted(unknown)}")
         cid = new_command_id()
-        payload = orjson.dumps({"schema": SCHEMA, "id": cid, "command": command, **fields})
+        try:
+            payload = protocol.Command(id=cid, command=command, **fields).to_json()
+        except ValidationError as exc:
+            raise ValueError(protocol.one_line(exc)) from None
         await self.link.publish(topics.device_topic(device_id, topics.COMMANDS), payload, qos=1)
         log.info("command %s (%s) sent to %s", cid, command, device_id)
         return cid

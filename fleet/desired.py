@@ -21,6 +21,9 @@ Threads: the ``*_in(conn, ...)`` functions run on the database's writer thread (
 synchronously, right after the write job's future resolved. The writer resolves
 futures in commit order and nothing awaits between the resolution and the publish,
 so within one process retained ``desired`` messages leave in revision order.
+
+The document is ``core.protocol.Desired`` (built here, validated by the agent with the
+same model); it is stored as JSON text with sorted keys and published as stored.
 """
 
 from __future__ import annotations
@@ -31,14 +34,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from edgefleet.core import protocol
 from edgefleet.core.errors import BadRequest, NotFound
 from edgefleet.core.mqtt import topics
 from edgefleet.core.names import check_group
 from edgefleet.fleet.db import FleetDB, dumps, loads, next_revision, now
 
 log = logging.getLogger(__name__)
-
-SCHEMA = 1
 
 TargetKind = Literal["device", "group", "all"]
 TARGET_KINDS: tuple[str, ...] = ("device", "group", "all")
@@ -338,7 +340,8 @@ class DesiredStates:
             row = conn.execute("SELECT desired FROM devices WHERE id = ?", (device_id,)).fetchone()
             return None if row is None else row[0]
 
-        return loads(await self.db.read(q))
+        doc: dict[str, Any] | None = loads(await self.db.read(q))
+        return doc
 
     # ------------------------------------------------------- writer-thread helpers
 
@@ -365,17 +368,17 @@ class DesiredStates:
             stored = loads(stored_text)
             if stored is None and not models:
                 continue  # nothing managed, nothing ever published: nothing to say
-            if stored is not None and stored.get("models") == models:
+            wire_models = {name: m.to_wire() for name, m in models.items()}
+            if stored is not None and stored.get("models") == wire_models:
                 continue
             revision = next_revision(conn)
-            doc = {
-                "schema": SCHEMA,
-                "device_id": device_id,
-                "revision": revision,
-                "issued_at": round(now(), 3),
-                "models": models,
-            }
-            text = dumps(doc)
+            doc = protocol.Desired(
+                device_id=device_id,
+                revision=revision,
+                issued_at=round(now(), 3),
+                models=models,
+            )
+            text = dumps(doc.to_wire())
             conn.execute(
                 "UPDATE devices SET desired = ?, desired_revision = ? WHERE id = ?",
                 (text, revision, device_id),
@@ -385,10 +388,10 @@ class DesiredStates:
 
     def compute(
         self, snap: Snapshot, device_id: str, groups: Iterable[str]
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, protocol.DesiredModel]:
         """The ``models`` part of a device's document (pure, writer thread)."""
         gs = list(groups)
-        models: dict[str, dict[str, Any]] = {}
+        models: dict[str, protocol.DesiredModel] = {}
         for name in snap.candidate_models(device_id, gs):
             a = snap.winner(name, device_id, gs)
             if a is None:
@@ -399,21 +402,17 @@ class DesiredStates:
                 # the model alone on the device rather than send a URL that 404s.
                 log.warning("assignment %d: %s %s is not in the registry", a.id, name, a.version)
                 continue
-            entry: dict[str, Any] = {
-                "version": a.version,
-                "url": self.bundle_url(name, a.version),
-                "sha256": info[0],
-                "size": info[1],
-            }
-            # Only the labels that point at this version: the device can apply no
-            # other (it applies labels to installed versions), and a label moved
-            # elsewhere then changes only the documents it concerns.
-            labels = {k: v for k, v in snap.labels.get(name, {}).items() if v == a.version}
-            if labels:
-                entry["labels"] = labels
-            if a.rollout_id is not None:
-                entry["rollout"] = a.rollout_id
-            models[name] = entry
+            models[name] = protocol.DesiredModel(
+                version=a.version,
+                url=self.bundle_url(name, a.version),
+                sha256=info[0],
+                size=info[1],
+                # Only the labels that point at this version: the device can apply no
+                # other (it applies labels to installed versions), and a label moved
+                # elsewhere then changes only the documents it concerns.
+                labels={k: v for k, v in snap.labels.get(name, {}).items() if v == a.version},
+                rollout=a.rollout_id,
+            )
         return models
 
     # ------------------------------------------------------------------ loop side

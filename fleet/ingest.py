@@ -14,19 +14,24 @@ itself as a device (the broker's password file and ACL are the first gate, this 
 the second). Once enrolled, a device's retained ``status``/``reported`` and its
 outbox arrive by themselves.
 
+**Messages.** What each leaf carries, and how it is checked, is core/protocol.py
+(``MESSAGES``): ``protocol.decode`` refuses a message with a counter key as
+``reason`` (``oversized``, ``not_json``, ``schema``, ``newer_schema``,
+``device_mismatch``, ``invalid``), which lands in ``IngestStats.rejected``.
+
 **Telemetry.** A batch is validated as a whole (envelope and every record's
 envelope: id, seq, kind, priority, ts): a malformed one is rejected and not acked.
-Within a valid batch, records of a known kind whose ``data`` is invalid
-(``inference_stats`` failing ``fleet.telemetry_math.validate_inference_stats``, an
-``event`` that is not an event) are still stored raw in ``telemetry`` and acked (so
-they do not block the device's outbox forever) but not unpacked into the views;
-they are counted in ``bad_stats``/``bad_event_records``. Every record is stored with
-``INSERT OR IGNORE`` by id; the ack (``{"schema":1,"batch_id","record_ids"}``, all of
-the batch's ids, duplicates included) is published only after the write committed.
+Within a valid batch, records of a known kind whose ``data`` fails its model
+(``protocol.InferenceStats``, ``protocol.Event``, ``protocol.FallbackStats``) are
+still stored raw in ``telemetry`` and acked (so they do not block the device's outbox
+forever) but not unpacked into the views; they are counted in
+``bad_stats``/``bad_event_records``/``bad_fallback_stats``. Every record is stored
+with ``INSERT OR IGNORE`` by id; the ack (``protocol.Ack``: all of the batch's ids,
+duplicates included) is published only after the write committed.
 
 Threads and flow: the link's per-subscription task (event loop) calls ``handle``,
-which parses and validates the message on the loop (orjson: well under a
-millisecond for a 256 KiB batch) and puts it on its leaf's lane. One task per lane
+which parses and validates the message on the loop (orjson and pydantic-core: well
+under a millisecond for a 256 KiB batch) and puts it on its leaf's lane. One task per lane
 takes whatever has queued up (up to a bound) and stores it in **one** write job on
 the database's writer thread, then publishes acks and tells the rollouts. So under
 load the jobs grow instead of multiplying (ingest is meant to reach >= 5,000
@@ -56,8 +61,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -66,47 +69,31 @@ from typing import Any
 
 import orjson
 
+from edgefleet.core import protocol
 from edgefleet.core.mqtt import topics
 from edgefleet.core.mqtt.messages import Handler, Message
 from edgefleet.fleet.db import FleetDB, dumps, now
 from edgefleet.fleet.rollouts import Rollouts
-from edgefleet.fleet.telemetry_math import validate_inference_stats
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
 LEAVES: tuple[str, ...] = (topics.STATUS, topics.REPORTED, topics.EVENTS, topics.TELEMETRY)
 # Largest payload accepted per leaf (the link drops anything over its own
-# max_payload_bytes before we see it).
-MAX_BYTES: dict[str, int] = {
-    topics.STATUS: 4 * 1024,
-    topics.REPORTED: 256 * 1024,
-    topics.EVENTS: 64 * 1024,
-    topics.TELEMETRY: 1024 * 1024,
+# max_payload_bytes before we see it): the protocol's limits.
+MAX_BYTES: dict[str, int] = {leaf: protocol.MAX_BYTES[leaf] for leaf in LEAVES}
+# What each leaf carries (core/protocol.py).
+MESSAGES: dict[str, type[protocol.Message]] = {
+    topics.STATUS: protocol.Status,
+    topics.REPORTED: protocol.Reported,
+    topics.EVENTS: protocol.Event,
+    topics.TELEMETRY: protocol.TelemetryBatch,
 }
-MAX_RECORDS = 10_000
-MAX_RECORD_BYTES = 64 * 1024  # docs/mqtt.md: a single record is at most 64 KiB
-MAX_MODELS = 200
-MAX_NAME = 200
-MAX_TEXT = 2000  # reasons, errors: longer ones are cut, not refused
 DEVICE_RATE_PER_S = 20.0  # messages per second and device, sustained (module doc)
 DEVICE_BURST = 200  # messages a device may send at once (catching up after an outage)
 MAX_BUCKETS = 100_000  # devices tracked at once; past it the fullest buckets are forgotten
-REPORTED_STATES = frozenset(
-    {"active", "downloading", "verifying", "activating", "failed", "unmanaged"}
-)
-# \Z, not $: "$" also matches before a trailing newline (see core/names.py).
-_HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
-_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
 
-class Reject(ValueError):
-    """A message the ingest refuses: ``reason`` is the counter's key."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+Reject = protocol.WireError  # a refused message: ``reason`` is the counter's key
 
 
 @dataclass
@@ -124,6 +111,7 @@ class IngestStats:
     acks_sent: int = 0
     bad_stats: int = 0  # inference_stats records stored raw only: invalid data
     bad_event_records: int = 0  # event records stored raw only: not a valid event
+    bad_fallback_stats: int = 0  # fallback_stats records stored raw only: invalid data
     write_errors: int = 0  # write jobs that failed (nothing acked)
     rejected: dict[str, int] = field(default_factory=dict)  # reason → messages
     rejected_by_leaf: dict[str, int] = field(default_factory=dict)  # leaf → messages
@@ -190,61 +178,7 @@ class _Complaints:
         log.warning(msg, *args)
 
 
-# ------------------------------------------------------------------ validation
-
-
-def _obj(doc: Any, device_id: str) -> dict[str, Any]:
-    if not isinstance(doc, dict):
-        raise Reject("schema", "payload is not a JSON object")
-    if doc.get("schema") != SCHEMA or isinstance(doc.get("schema"), bool):
-        raise Reject("schema", f"schema is {doc.get('schema')!r}, not {SCHEMA}")
-    if doc.get("device_id") != device_id:
-        raise Reject("device_mismatch", f"device_id {doc.get('device_id')!r} is not the topic's")
-    return doc
-
-
-def _str(doc: dict[str, Any], key: str, *, optional: bool = False, max_len: int = MAX_NAME) -> Any:
-    v = doc.get(key)
-    if v is None and optional:
-        return None
-    if not isinstance(v, str) or not v or len(v) > max_len:
-        raise Reject("invalid", f"{key} must be a string of 1..{max_len} characters")
-    return v
-
-
-def _text(v: Any, key: str) -> str | None:
-    """Free text (reasons, errors): None or a string, cut to MAX_TEXT."""
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise Reject("invalid", f"{key} must be a string or null")
-    return v[:MAX_TEXT]
-
-
-def _num(v: Any, key: str, *, optional: bool = False) -> float | None:
-    if v is None and optional:
-        return None
-    if type(v) not in (int, float) or not math.isfinite(v):
-        raise Reject("invalid", f"{key} must be a finite number")
-    return float(v)
-
-
-def _int(v: Any, key: str, *, optional: bool = False, lo: int = 0) -> int | None:
-    if v is None and optional:
-        return None
-    if type(v) is not int or v < lo or v > 2**63 - 1:
-        raise Reject("invalid", f"{key} must be an integer >= {lo}")
-    return v
-
-
-def _load(msg: Message, leaf: str, device_id: str) -> dict[str, Any]:
-    if len(msg.payload) > MAX_BYTES[leaf]:
-        raise Reject("oversized", f"{len(msg.payload)} bytes (limit {MAX_BYTES[leaf]})")
-    try:
-        doc = orjson.loads(msg.payload)
-    except orjson.JSONDecodeError as exc:
-        raise Reject("not_json", f"not JSON: {exc}") from None
-    return _obj(doc, device_id)
+# ------------------------------------------------------------------ messages → rows
 
 
 @dataclass(slots=True)
@@ -258,27 +192,16 @@ class StatusMsg:
     received_at: float
 
 
-def parse_status(doc: dict[str, Any], device_id: str, retained: bool, t: float) -> StatusMsg:
-    state = doc.get("state")
-    if state not in ("online", "offline"):
-        raise Reject("invalid", f"state must be online or offline, not {state!r}")
-    agent_version = doc.get("agent_version") or None  # "" (not set) is no version
-    if agent_version is not None and (
-        not isinstance(agent_version, str) or len(agent_version) > 100
-    ):
-        raise Reject("invalid", "agent_version must be a string")
-    protocol = _str(doc, "protocol", optional=True, max_len=10)
-    reason = _text(doc.get("reason"), "reason")
-    at = _num(doc.get("at"), "at", optional=True)
+def status_msg(m: protocol.Status, retained: bool, t: float) -> StatusMsg:
     # The Will has no timestamp (docs/mqtt.md); a retained message is old news: neither
     # proves the device was just heard from.
     return StatusMsg(
-        device_id,
-        state == "online",
-        agent_version,
-        protocol,
-        reason,
-        at is not None and not retained,
+        m.device_id,
+        m.state == "online",
+        m.agent_version or None,  # "" (not set) is no version
+        m.protocol,
+        m.reason,
+        m.at is not None and not retained,
         t,
     )
 
@@ -290,83 +213,37 @@ class ReportedMsg:
     revision: int
     agent_version: str | None
     accelerators: str | None  # JSON
-    models: dict[str, dict[str, Any]]
+    models: dict[str, protocol.ReportedModel]
     received_at: float
 
 
-def parse_reported(doc: dict[str, Any], device_id: str, t: float) -> ReportedMsg:
-    revision = _int(doc.get("revision"), "revision")
-    assert revision is not None
-    agent_version = doc.get("agent_version") or None  # "" (not set) is no version
-    if agent_version is not None and (
-        not isinstance(agent_version, str) or len(agent_version) > 100
-    ):
-        raise Reject("invalid", "agent_version must be a string")
-    _num(doc.get("at"), "at", optional=True)
-    acc = doc.get("accelerators")
-    if acc is not None:
-        if (
-            not isinstance(acc, dict)
-            or len(acc) > 20
-            or not all(
-                isinstance(k, str)
-                and isinstance(v, list)
-                and len(v) <= 50
-                and all(isinstance(p, str) and len(p) <= 100 for p in v)
-                for k, v in acc.items()
-            )
-        ):
-            raise Reject("invalid", "accelerators must map runtimes to lists of names")
-    models = doc.get("models")
-    if not isinstance(models, dict) or len(models) > MAX_MODELS:
-        raise Reject("invalid", f"models must be an object of at most {MAX_MODELS} models")
-    out: dict[str, dict[str, Any]] = {}
-    for name, m in models.items():
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME or not isinstance(m, dict):
-            raise Reject("invalid", "each model must be an object under a non-empty name")
-        state = m.get("state")
-        if state not in REPORTED_STATES:
-            raise Reject("invalid", f"models[{name!r}].state {state!r} is not a known state")
-        row = {"state": state}
-        for key in ("active", "previous", "desired", "rollout", "provider"):
-            row[key] = _str(m, key, optional=True)
-        row["last_error"] = _text(m.get("last_error"), f"models[{name!r}].last_error")
-        labels = m.get("labels")
-        if labels is not None and (
-            not isinstance(labels, dict)
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
-        ):
-            raise Reject("invalid", f"models[{name!r}].labels must map labels to versions")
-        out[name] = row
+def reported_msg(m: protocol.Reported, t: float) -> ReportedMsg:
     return ReportedMsg(
-        device_id,
-        dumps(doc),
-        revision,
-        agent_version,
-        None if acc is None else dumps(acc),
-        out,
+        m.device_id,
+        dumps(m.to_wire()),
+        m.revision,
+        m.agent_version or None,  # "" (not set) is no version
+        None if m.accelerators is None else dumps(m.accelerators),
+        m.models,
         t,
     )
 
 
-def parse_event(doc: Any, device_id: str, t: float) -> tuple[Any, ...]:
+def event_row(e: protocol.Event, t: float) -> tuple[Any, ...]:
     """An event (events leaf, or an ``event`` record's data) → its ``events`` row."""
-    doc = _obj(doc, device_id)
-    eid = doc.get("id")
-    if not isinstance(eid, str) or not _HEX32.match(eid):
-        raise Reject("invalid", "event id must be 32 lowercase hex digits")
-    kind = doc.get("kind")
-    if not isinstance(kind, str) or not _KIND.match(kind):
-        raise Reject("invalid", f"event kind {kind!r} is not a lowercase identifier")
-    at = _num(doc.get("at"), "at")
-    revision = _int(doc.get("revision"), "revision", optional=True)
-    model = _str(doc, "model", optional=True)
-    version = _str(doc, "version", optional=True)
-    rollout = _str(doc, "rollout", optional=True)
-    _str(doc, "previous", optional=True)
-    _str(doc, "command_id", optional=True)
-    reason = _text(doc.get("reason"), "reason")
-    return (eid, device_id, at, t, kind, model, version, revision, rollout, reason, dumps(doc))
+    return (
+        e.id,
+        e.device_id,
+        e.at,
+        t,
+        e.kind,
+        e.model,
+        e.version,
+        e.revision,
+        e.rollout,
+        e.reason,
+        dumps(e.to_wire()),
+    )
 
 
 EVENT_COLUMNS = (
@@ -388,68 +265,48 @@ class BatchMsg:
     events: list[tuple[Any, ...]]  # events rows
     bad_stats: int
     bad_events: int
+    bad_fallback: int
     received_at: float
 
 
-def parse_batch(doc: dict[str, Any], device_id: str, t: float) -> BatchMsg:
-    batch_id = _str(doc, "batch_id", max_len=64)
-    _num(doc.get("sent_at"), "sent_at", optional=True)
-    box = doc.get("outbox")
-    if box is not None and not isinstance(box, dict):
-        raise Reject("invalid", "outbox must be an object")
-    records = doc.get("records")
-    if not isinstance(records, list) or not 0 < len(records) <= MAX_RECORDS:
-        raise Reject("invalid", f"records must be a list of 1..{MAX_RECORDS} records")
+def batch_msg(b: protocol.TelemetryBatch, t: float) -> BatchMsg:
+    """A valid batch → rows. A record whose data fails its kind's model is stored raw
+    only (and counted); one whose data is over ``MAX_RECORD_BYTES`` fails the batch."""
+    device_id = b.device_id
     ids: list[str] = []
     rows: list[tuple[Any, ...]] = []
     stats: list[tuple[Any, ...]] = []
     events: list[tuple[Any, ...]] = []
-    bad_stats = bad_events = 0
-    for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise Reject("invalid", f"record {i} is not an object")
-        rid = r.get("id")
-        if not isinstance(rid, str) or not _HEX32.match(rid):
-            raise Reject("invalid", f"record {i}: id must be 32 lowercase hex digits")
-        seq = _int(r.get("seq"), f"record {i}: seq")
-        kind = r.get("kind")
-        if not isinstance(kind, str) or not kind or len(kind) > 64:
-            raise Reject("invalid", f"record {i}: kind must be a string of 1..64 characters")
-        priority = _int(r.get("priority"), f"record {i}: priority")
-        ts = _num(r.get("ts"), f"record {i}: ts")
-        if "data" not in r:
-            raise Reject("invalid", f"record {i} has no data")
-        data = r["data"]
-        text = orjson.dumps(data).decode()
-        if len(text) > MAX_RECORD_BYTES:
-            raise Reject("invalid", f"record {i}: data over {MAX_RECORD_BYTES} bytes")
-        ids.append(rid)
-        rows.append((rid, device_id, seq, kind, priority, ts, t, text))
-        if kind == "inference_stats":
+    bad_stats = bad_events = bad_fallback = 0
+    for i, r in enumerate(b.records):
+        text = orjson.dumps(r.data).decode()
+        if len(text) > protocol.MAX_RECORD_BYTES:
+            raise protocol.WireError(
+                "invalid", f"records.{i}.data: over {protocol.MAX_RECORD_BYTES} bytes"
+            )
+        ids.append(r.id)
+        rows.append((r.id, device_id, r.seq, r.kind, r.priority, r.ts, t, text))
+        if r.kind == "inference_stats":
             try:
-                s = validate_inference_stats(data)
-            except ValueError:
+                s = protocol.InferenceStats.from_obj(r.data)
+            except protocol.WireError:
                 bad_stats += 1
                 continue
-            stats.append(
-                (
-                    rid,
-                    device_id,
-                    s["model"],
-                    s["version"],
-                    s["window_start"],
-                    s["count"],
-                    s["errors"],
-                    t,
-                    dumps(s),
-                )
-            )
-        elif kind == "event":
+            row = (r.id, device_id, s.model, s.version, s.window_start, s.count, s.errors, t)
+            stats.append((*row, dumps(s.to_wire())))
+        elif r.kind == "event":
             try:
-                events.append(parse_event(data, device_id, t))
-            except Reject:
+                events.append(event_row(protocol.Event.from_obj(r.data, device_id), t))
+            except protocol.WireError:
                 bad_events += 1
-    return BatchMsg(device_id, batch_id, ids, rows, stats, events, bad_stats, bad_events, t)
+        elif r.kind == "fallback_stats":
+            try:
+                protocol.FallbackStats.from_obj(r.data)
+            except protocol.WireError:
+                bad_fallback += 1
+    return BatchMsg(
+        device_id, b.batch_id, ids, rows, stats, events, bad_stats, bad_events, bad_fallback, t
+    )
 
 
 # ------------------------------------------------------------------ the ingest
@@ -557,16 +414,19 @@ class Ingest:
             )
             return
         try:
-            doc = _load(msg, leaf, device_id)
+            m = protocol.decode(
+                MESSAGES[leaf], msg.payload, max_bytes=MAX_BYTES[leaf], device_id=device_id
+            )
             item: Any
-            if leaf == topics.STATUS:
-                item = parse_status(doc, device_id, msg.retain, t)
-            elif leaf == topics.REPORTED:
-                item = parse_reported(doc, device_id, t)
-            elif leaf == topics.EVENTS:
-                item = parse_event(doc, device_id, t)
+            if isinstance(m, protocol.Status):
+                item = status_msg(m, msg.retain, t)
+            elif isinstance(m, protocol.Reported):
+                item = reported_msg(m, t)
+            elif isinstance(m, protocol.Event):
+                item = event_row(m, t)
             else:
-                item = parse_batch(doc, device_id, t)
+                assert isinstance(m, protocol.TelemetryBatch)
+                item = batch_msg(m, t)
         except Reject as r:
             self._reject(leaf, msg.topic, r)
             return
@@ -677,13 +537,13 @@ class Ingest:
                         (
                             m.device_id,
                             name,
-                            r["active"],
-                            r["previous"],
-                            r["desired"],
-                            r["state"],
-                            r["rollout"],
-                            r["provider"],
-                            r["last_error"],
+                            r.active,
+                            r.previous,
+                            r.desired,
+                            r.state,
+                            r.rollout,
+                            r.provider,
+                            r.last_error,
                             m.received_at,
                         )
                         for name, r in m.models.items()
@@ -773,11 +633,12 @@ class Ingest:
         s.events += len(new_events)
         s.bad_stats += sum(b.bad_stats for b in stored)
         s.bad_event_records += sum(b.bad_events for b in stored)
+        s.bad_fallback_stats += sum(b.bad_fallback for b in stored)
         self._unknown(topics.TELEMETRY, [b.device_id for b in items if b.device_id not in known])
         # Committed: only now may the device delete these records from its outbox.
         for b in stored:
-            ack = {"schema": SCHEMA, "batch_id": b.batch_id, "record_ids": b.record_ids}
-            self.publish_ack(topics.device_topic(b.device_id, topics.ACKS), orjson.dumps(ack))
+            ack = protocol.Ack(batch_id=b.batch_id, record_ids=b.record_ids)
+            self.publish_ack(topics.device_topic(b.device_id, topics.ACKS), ack.to_json())
             s.acks_sent += 1
         if new_events and self.rollouts is not None:
             await self.rollouts.on_event([event_dict(r) for r in new_events])

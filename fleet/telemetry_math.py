@@ -1,10 +1,11 @@
 """``inference_stats`` records on the fleet side: strict validation and merging.
 
-Pure functions, no database: ``fleet/ingest.py`` validates every record's ``data``
-with ``validate_inference_stats`` before storing it (payloads come from devices and
-are untrusted), and ``fleet/telemetry.py`` merges stored ones with
+Pure functions, no database: every record's ``data`` is checked by
+``core.protocol.InferenceStats`` before it is stored (``fleet/ingest.py``; payloads
+come from devices and are untrusted; ``validate_inference_stats`` is that check for
+plain dicts), and ``fleet/telemetry.py`` merges stored ones with
 ``merge_inference_stats`` for its views (per model version, per device, any time
-range). The record format is fixed in docs/fleet.md.
+range). The record format is fixed in core/protocol.py and docs/fleet.md.
 
 Percentiles come from the merged histogram, as Prometheus' ``histogram_quantile``
 does but without interpolation: p50/p95 is the **upper bound of the bucket where the
@@ -16,36 +17,16 @@ and ``p95_above`` is true: "above 1000 ms".
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
-# The bucket bounds of schema 1 (docs/fleet.md, agent/telemetry_stats.py). A record
-# with other bounds is refused: histograms merge by adding counts, which needs the
-# same buckets everywhere; other bounds would be a new schema.
-LATENCY_BOUNDS_MS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-CONFIDENCE_BOUNDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+from edgefleet.core import protocol
 
-_FIELDS = frozenset(
-    {
-        "model",
-        "version",
-        "window_start",
-        "window_s",
-        "count",
-        "errors",
-        "latency_ms",
-        "confidence",
-        "sources",
-        "fallback",
-    }
-)
-# Bounds on what a device may claim, so one bad record cannot blow up a view.
-MAX_NAME = 200  # model name, version
-MAX_KEY = 64  # a source or fallback reason
-MAX_KEYS = 32  # entries in sources / fallback
-MAX_COUNT = 2**53 - 1  # exact in a float and in SQLite
-MAX_WINDOW_S = 7 * 24 * 3600.0
+# The bucket bounds of schema 1: the wire contract's (core/protocol.py). A record with
+# other bounds is refused: histograms merge by adding counts, which needs the same
+# buckets everywhere; other bounds would be a new schema.
+LATENCY_BOUNDS_MS = protocol.LATENCY_BOUNDS_MS
+CONFIDENCE_BOUNDS = protocol.CONFIDENCE_BOUNDS
 
 
 class Histogram(TypedDict):
@@ -90,91 +71,27 @@ class StatsSummary(TypedDict):
 # ---- validation ---------------------------------------------------------------------------
 
 
-def _count(value: Any, what: str) -> int:
-    # bool is an int in Python, but "count": true is garbage.
-    if type(value) is not int or not 0 <= value <= MAX_COUNT:
-        raise ValueError(f"{what} must be an integer in 0..{MAX_COUNT}")
-    return value
-
-
-def _number(value: Any, what: str, lo: float, hi: float) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi:
-        raise ValueError(f"{what} must be a finite number in {lo:g}..{hi:g}")
-    return float(value)
-
-
-def _name(value: Any, what: str, max_len: int) -> str:
-    if not isinstance(value, str) or not value or len(value) > max_len:
-        raise ValueError(f"{what} must be a non-empty string of at most {max_len} characters")
-    return value
-
-
-def _histogram(value: Any, what: str, bounds: tuple[float, ...]) -> Histogram:
-    if not isinstance(value, dict) or set(value) != {"le", "counts"}:
-        raise ValueError(f"{what} must be an object with exactly 'le' and 'counts'")
-    le, counts = value["le"], value["counts"]
-    if (
-        not isinstance(le, list)
-        or len(le) != len(bounds)
-        or any(type(b) not in (int, float) or b != want for b, want in zip(le, bounds, strict=True))
-    ):
-        raise ValueError(f"{what}.le must be {list(bounds)}")
-    if not isinstance(counts, list) or len(counts) != len(bounds) + 1:
-        raise ValueError(f"{what}.counts must be a list of {len(bounds) + 1} integers")
-    return {
-        "le": list(bounds),
-        "counts": [_count(c, f"{what}.counts[{i}]") for i, c in enumerate(counts)],
-    }
-
-
-def _tally(value: Any, what: str) -> dict[str, int]:
-    if not isinstance(value, dict) or len(value) > MAX_KEYS:
-        raise ValueError(f"{what} must be an object of at most {MAX_KEYS} counts")
-    return {_name(k, f"{what} key", MAX_KEY): _count(v, f"{what}[{k!r}]") for k, v in value.items()}
-
-
 def validate_inference_stats(data: Any) -> InferenceStatsData:
     """The record's data, checked and normalised; ``ValueError`` saying what is wrong.
 
-    Strict: every field present with its type, bounds equal to schema 1's, counts
-    non-negative integers, and the totals consistent (``errors <= count``, the
-    latency counts add up to ``count``, sources to ``count - errors``, confidence and
-    fallback counts at most ``count - errors``). Unknown extra fields are refused too:
-    they would be a new schema. The result holds plain copies (floats for times, the
-    canonical bounds), safe to store as JSON.
+    The checks are ``core.protocol.InferenceStats``'s (the model the agent builds its
+    records with): every field present with its type, bounds equal to schema 1's,
+    counts non-negative integers, the totals consistent, no unknown fields. The result
+    holds plain copies (floats for times, the canonical bounds), safe to store as JSON.
     """
-    if not isinstance(data, dict):
-        raise ValueError("inference_stats data must be a JSON object")
-    keys = set(data)
-    if keys != _FIELDS:
-        missing, extra = sorted(_FIELDS - keys), sorted(map(str, keys - _FIELDS))
-        raise ValueError(f"inference_stats fields: missing {missing}, unexpected {extra}")
-    count = _count(data["count"], "count")
-    errors = _count(data["errors"], "errors")
-    if errors > count:
-        raise ValueError("errors must be at most count")
-    out: InferenceStatsData = {
-        "model": _name(data["model"], "model", MAX_NAME),
-        "version": _name(data["version"], "version", MAX_NAME),
-        "window_start": _number(data["window_start"], "window_start", 0.0, 1e11),
-        "window_s": _number(data["window_s"], "window_s", 0.0, MAX_WINDOW_S),
-        "count": count,
-        "errors": errors,
-        "latency_ms": _histogram(data["latency_ms"], "latency_ms", LATENCY_BOUNDS_MS),
-        "confidence": _histogram(data["confidence"], "confidence", CONFIDENCE_BOUNDS),
-        "sources": _tally(data["sources"], "sources"),
-        "fallback": _tally(data["fallback"], "fallback"),
+    s = protocol.InferenceStats.from_obj(data)
+    return {
+        "model": s.model,
+        "version": s.version,
+        "window_start": s.window_start,
+        "window_s": s.window_s,
+        "count": s.count,
+        "errors": s.errors,
+        "latency_ms": {"le": list(LATENCY_BOUNDS_MS), "counts": list(s.latency_ms.counts)},
+        "confidence": {"le": list(CONFIDENCE_BOUNDS), "counts": list(s.confidence.counts)},
+        "sources": dict(s.sources),
+        "fallback": dict(s.fallback),
     }
-    answered = count - errors
-    if sum(out["latency_ms"]["counts"]) != count:
-        raise ValueError("latency_ms.counts must add up to count")
-    if sum(out["sources"].values()) != answered:
-        raise ValueError("sources must add up to count - errors")
-    if sum(out["confidence"]["counts"]) > answered:
-        raise ValueError("confidence.counts must add up to at most count - errors")
-    if sum(out["fallback"].values()) > answered:
-        raise ValueError("fallback must add up to at most count - errors")
-    return out
 
 
 # ---- merging and percentiles -------------------------------------------------------------

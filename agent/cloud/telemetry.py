@@ -18,6 +18,7 @@ from typing import Any
 
 from edgefleet.agent.cloud.fallback import CloudFallback
 from edgefleet.agent.cloud.metrics import CloudMetrics
+from edgefleet.core import protocol
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,14 @@ class FallbackTelemetry:
         self._reported = now
         if not delta:
             return None
-        doc: dict[str, Any] = {"schema": 1, **delta}
-        doc["breakers"] = self.cloud.breaker_states()
-        doc["offline"] = self.cloud.offline
-        doc["hard_examples"] = {status: int(v) for (status,), v in m.hard_examples.values.items()}
-        return doc
+        # The record's data is core.protocol.FallbackStats (the fleet checks it with it).
+        return protocol.FallbackStats.model_validate(
+            {
+                **delta,
+                "breakers": self.cloud.breaker_states(),
+                "offline": self.cloud.offline,
+                "hard_examples": {
+                    status: int(v) for (status,), v in m.hard_examples.values.items()
+                },
+            }
+        ).to_wire()

@@ -573,6 +573,15 @@ async def test_garbage_on_desired_and_commands_is_ignored(
     failed = await fleet.wait_event("command_failed", command_id="c-1")
     assert "unknown command" in failed["reason"]
     assert sync.revision == 0 and sync.stats.revisions_processed == 0
+    # Counted by reason: a fleet on a newer schema is refused as such, not guessed at.
+    assert sync.stats.refused == {
+        "not_json": 2 + 2,  # and two commands ("[" * 10_000 is too deep for orjson)
+        "schema": 1 + 1,  # [] (not an object), a command {} (no schema)
+        "newer_schema": 1,
+        "device_mismatch": 1,
+        "invalid": 1 + 1,  # a model without url..., a command without id
+        "oversized": 1,
+    }
 
     # Still serving, still syncing.
     async with aiohttp.ClientSession() as session:

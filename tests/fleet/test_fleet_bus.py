@@ -222,7 +222,7 @@ async def test_garbage_on_every_leaf_is_counted_and_ignored(
             (b"", "not_json"),
             (b"\xff\xfe", "not_json"),
             (b"[1,2]", "schema"),
-            (dumps({**status, "schema": 2}).encode(), "schema"),
+            (dumps({**status, "schema": 2}).encode(), "newer_schema"),
             (dumps({**status, "device_id": "store-1"}).encode(), "device_mismatch"),
             (dumps({**status, "state": "sleepy"}).encode(), "invalid"),
             (pad("status"), "oversized"),
@@ -230,6 +230,7 @@ async def test_garbage_on_every_leaf_is_counted_and_ignored(
         "reported": [
             (b"{", "not_json"),
             (dumps({**reported, "schema": "1"}).encode(), "schema"),
+            (dumps({**reported, "schema": 7}).encode(), "newer_schema"),
             (dumps({**reported, "device_id": "store-1"}).encode(), "device_mismatch"),
             (dumps({**reported, "revision": "three"}).encode(), "invalid"),
             (dumps({**reported, "models": {M: {"state": "dancing"}}}).encode(), "invalid"),
@@ -237,6 +238,7 @@ async def test_garbage_on_every_leaf_is_counted_and_ignored(
         ],
         "events": [
             (b"null", "schema"),
+            (dumps({**event, "schema": 2, "shape": "new"}).encode(), "newer_schema"),
             (dumps({**event, "device_id": "store-1"}).encode(), "device_mismatch"),
             (dumps({**event, "id": "x"}).encode(), "invalid"),
             (dumps({**event, "kind": "DROP TABLE"}).encode(), "invalid"),
@@ -246,6 +248,7 @@ async def test_garbage_on_every_leaf_is_counted_and_ignored(
         "telemetry": [
             (b"\x00", "not_json"),
             (dumps({**good_batch, "schema": 0}).encode(), "schema"),
+            (dumps({**good_batch, "schema": 2}).encode(), "newer_schema"),
             (dumps({**good_batch, "device_id": "store-1"}).encode(), "device_mismatch"),
             (dumps({**good_batch, "records": []}).encode(), "invalid"),
             (dumps(bad_record).encode(), "invalid"),
@@ -271,9 +274,9 @@ async def test_garbage_on_every_leaf_is_counted_and_ignored(
     await until(lambda: bus.stats.rejected == expected)
     assert bus.stats.rejected_by_leaf == {
         "status": 7,
-        "reported": 6,
-        "events": 6,
-        "telemetry": 7,
+        "reported": 7,
+        "events": 7,
+        "telemetry": 8,
     }
     rows = await query(db, "SELECT device_id, model, active, state FROM device_models")
     assert rows == [("store-2", M, "4", "active")]
