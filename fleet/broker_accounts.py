@@ -4,8 +4,9 @@ Enrolment is the only moment the fleet holds a device's secret in clear (the
 database keeps its sha256, fleet/devices.py), so that is when the device's MQTT
 login must be made. Two modes (``broker_accounts.mode`` in the fleet config):
 
-- ``none``: the fleet provisions nothing. For the embedded demo broker (which checks
-  no passwords) or a broker whose accounts someone else manages.
+- ``none``: the fleet provisions nothing. For the embedded broker (which checks device
+  secrets against the fleet's database itself) or a broker whose accounts someone else
+  manages.
 - ``dynsec``: Mosquitto's dynamic-security plugin (Mosquitto >= 2.0). The fleet logs
   in with a dedicated admin account whose only right is ``$CONTROL/dynamic-security/#``
   and sends JSON commands on ``$CONTROL/dynamic-security/v1``. The broker applies

@@ -204,7 +204,7 @@ class IngestConfig(_Section):
 class BrokerAccountsConfig(_Section):
     """Who makes each device's broker login (fleet/broker_accounts.py).
 
-    ``none``: nobody here (the embedded demo broker checks no passwords). ``dynsec``:
+    ``none``: nobody here (the embedded broker checks the fleet's database itself). ``dynsec``:
     the fleet creates the device's account at enrolment and deletes it at revocation
     through Mosquitto's dynamic-security plugin, logged in as ``username`` (an account
     that may only administer the plugin; ``python -m fleet.broker_accounts init-dynsec``
