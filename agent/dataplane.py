@@ -88,7 +88,9 @@ class InferenceRequest(Generic[C]):
     model: str
     version: str | None  # a version, a label, or None for the active version
     decode: Callable[[Manifest], Awaitable[ModelInput[C]]]
-    # The protocol's answer is built from the scored outputs (labels, boxes).
+    # The protocol's answer is built from the scored outputs (labels, boxes); the
+    # adapter refuses models whose outputs cannot be scored (``scoring.scorable``)
+    # while decoding.
     scores: bool = False
     # ``time.perf_counter()`` at the request's arrival; None: when ``infer`` is called.
     received: float | None = None
