@@ -20,7 +20,8 @@ disagree. Contract and examples: docs/mqtt.md and docs/fleet.md.
 
 Telemetry record kinds (a record's ``data``): ``inference_stats``
 (:class:`InferenceStats`, agent/telemetry_stats.py), ``fallback_stats``
-(:class:`FallbackStats`, agent/cloud/telemetry.py), ``event`` (:class:`Event`).
+(:class:`FallbackStats`, agent/cloud/telemetry.py), ``shadow_stats``
+(:class:`ShadowStats`, agent/shadow.py), ``event`` (:class:`Event`).
 
 **Receiving.** Every payload is untrusted. ``decode`` refuses with a
 :class:`WireError` whose ``reason`` is a counter key, checked in this order: over
@@ -229,6 +230,117 @@ def one_line(exc: ValidationError) -> str:
     return f"{loc}: {first['msg']}{more}"
 
 
+# ------------------------------------------- shadow and traffic split (issue 11, 1-2)
+# A shadow candidate runs beside the active version on a sampled share of live
+# requests and answers nothing (agent/shadow.py); a split serves a canary version to a
+# weighted share of requests (agent/split.py). Both are optional per desired model and
+# carry their bundle like the active version does (the same url/sha256/size checks).
+
+BundleUrl = Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(_http_url)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$"), AfterValidator(_lower)]
+BundleSize = Annotated[int, Field(gt=0, le=2**53)]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]  # a probability: 0..1 inclusive
+
+
+class DesiredShadow(_Wire):
+    """``models.<m>.shadow``: the candidate to run in shadow on ``sample_rate`` of the
+    requests (0: installed and loaded, never run; 1: every request)."""
+
+    version: Version
+    url: BundleUrl
+    sha256: Sha256
+    size: BundleSize
+    sample_rate: Share
+
+
+class DesiredSplit(_Wire):
+    """``models.<m>.split``: serve ``version`` (the canary) to ``weight`` of the requests
+    that name no version; sticky per routing key (docs/fleet.md)."""
+
+    version: Version
+    url: BundleUrl
+    sha256: Sha256
+    size: BundleSize
+    weight: Share
+
+
+ShadowState = Literal["downloading", "verifying", "ready", "failed"]
+
+
+class ReportedShadow(_Wire):
+    """``reported.models.<m>.shadow``: the shadow candidate's state on the device."""
+
+    version: Str200
+    state: ShadowState
+    last_error: Text | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ReportedSplit(_Wire):
+    """``reported.models.<m>.split``: the split in force; ``source`` says whether the
+    fleet's desired state or a local admin call (``PUT /v1/models/{m}/split``) set it;
+    ``state`` is ``serving`` once the canary is loaded, else what the sync is doing."""
+
+    version: Str200
+    weight: Share
+    source: Literal["fleet", "local"] = "fleet"
+    state: Literal["downloading", "verifying", "serving", "failed"] = "serving"
+    last_error: Text | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ShadowStats(_Wire):
+    """``shadow_stats`` record data: one (model, active version, candidate version) in
+    one window (agent/shadow.py).
+
+    ``sampled``: requests picked by ``sample_rate``; each then ends as exactly one of
+    ``compared`` (both answered; ``agreed`` of them agree: same top-1 class for
+    classifiers, for detectors the same box count with every box matched one-to-one at
+    IoU >= 0.5 and the same class), ``errors`` (the candidate raised), ``dropped_queue``
+    (the shadow queue was full) or ``dropped_budget`` (over the CPU budget), possibly
+    in a later window than the one that sampled it (items in flight), so the outcomes
+    are not checked against ``sampled``; checked: ``agreed <= compared`` and the sums'
+    bounds. ``conf_delta_sum``/``conf_delta_sumsq``: the sum and sum
+    of squares over compared items of (candidate top-1 confidence - active top-1
+    confidence), each delta in [-1, 1]; ``*_latency_ms_sum``: the model time of the
+    two versions on the compared items (their ratio: the latency ratio). ``task``:
+    ``classification``, ``detection`` or ``tensor`` (top-1 of the first output).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    version: str = Field(min_length=1, max_length=200)
+    candidate: str = Field(min_length=1, max_length=200)
+    task: Literal["classification", "detection", "tensor"]
+    window_start: float = Field(ge=0.0, le=1e11)
+    window_s: float = Field(ge=0.0, le=MAX_WINDOW_S)
+    sampled: Count
+    compared: Count
+    agreed: Count
+    errors: Count
+    dropped_queue: Count
+    dropped_budget: Count
+    conf_delta_sum: float = Field(ge=-float(MAX_COUNT), le=float(MAX_COUNT))
+    conf_delta_sumsq: float = Field(ge=0.0, le=float(MAX_COUNT))
+    candidate_latency_ms_sum: float = Field(ge=0.0, le=1e15)
+    active_latency_ms_sum: float = Field(ge=0.0, le=1e15)
+
+    @model_validator(mode="after")
+    def _totals(self) -> Self:
+        if self.agreed > self.compared:
+            raise ValueError("agreed must be at most compared")
+        # Each delta is in [-1, 1] (float sums may overshoot by rounding only).
+        slack = 1e-6 * max(1, self.compared)
+        if abs(self.conf_delta_sum) > self.compared + slack:
+            raise ValueError("|conf_delta_sum| must be at most compared")
+        if self.conf_delta_sumsq > self.compared + slack:
+            raise ValueError("conf_delta_sumsq must be at most compared")
+        if self.compared == 0 and (
+            self.candidate_latency_ms_sum or self.active_latency_ms_sum or self.conf_delta_sumsq
+        ):
+            raise ValueError("latency and confidence sums must be 0 when nothing was compared")
+        return self
+
+
 # --------------------------------------------------------------- fleet → device
 
 
@@ -244,6 +356,17 @@ class DesiredModel(_Wire):
         default_factory=dict, max_length=64, exclude_if=lambda v: not v
     )
     rollout: str | None = Field(None, max_length=128, exclude_if=lambda v: v is None)
+    # Issue 11 (shadow and split, section above): absent unless the fleet sets them.
+    shadow: DesiredShadow | None = Field(None, exclude_if=lambda v: v is None)
+    split: DesiredSplit | None = Field(None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _candidates(self) -> Self:
+        if self.shadow is not None and self.shadow.version == self.version:
+            raise ValueError("shadow.version must differ from version")
+        if self.split is not None and self.split.version == self.version:
+            raise ValueError("split.version must differ from version")
+        return self
 
 
 class Desired(Message):
@@ -301,6 +424,9 @@ class ReportedModel(_Wire):
     provider: Str200 | None = None
     last_error: Text | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    # Issue 11 (shadow and split): absent when the model has none.
+    shadow: ReportedShadow | None = Field(None, exclude_if=lambda v: v is None)
+    split: ReportedSplit | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class Reported(Message):
@@ -524,5 +650,6 @@ class FallbackStats(Message):
 RECORD_KINDS: Final[Mapping[str, type[_Wire]]] = {
     "inference_stats": InferenceStats,
     "fallback_stats": FallbackStats,
+    "shadow_stats": ShadowStats,
     "event": Event,
 }
