@@ -187,6 +187,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     from edgefleet.converters.evaluate import load_eval_set
     from edgefleet.converters.gate import bundle_model, load_spec, prepare_spec
 
+    if not args.no_profile and not 2 <= args.profile_bins <= 100:
+        raise _Fail("--profile-bins must be between 2 and 100")
     spec = load_spec(args.spec)
     fields, _, _ = prepare_spec(spec, args.model, args.version)
     key = _load_key(args.key)
@@ -205,6 +207,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs,
         skip_gate=args.skip_gate,
         output=args.score_output,
+        profile_bins=None if args.no_profile else args.profile_bins,
     )
     m = report.metrics
     print(f"{out}: {report.manifest.name}:{report.manifest.version}")
@@ -515,6 +518,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-gate",
         action="store_true",
         help="allow a quantized model without --reference (no accuracy check)",
+    )
+    p.add_argument(
+        "--profile-bins",
+        type=int,
+        default=10,
+        metavar="N",
+        help="bins per feature of the eval set's reference profile (profile.json in the"
+        " bundle; the agent's drift score compares live inputs with it; default 10)",
+    )
+    p.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="write no reference profile (the agent then reports no drift score)",
     )
 
     p = add("sign", cmd_sign, "(re-)sign a bundle")

@@ -31,6 +31,7 @@ from edgefleet.converters.evaluate import (
     runtime_for,
 )
 from edgefleet.core.bundle.manifest import Manifest
+from edgefleet.core.drift import DEFAULT_BINS
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def bundle_model(
     latency_runs: int = 200,
     skip_gate: bool = False,
     output: str | None = None,
+    profile_bins: int | None = DEFAULT_BINS,
 ) -> BundleReport:
     """Evaluate ``model`` (and its fp32 ``reference``), gate, and write the bundle ``out``.
 
@@ -244,7 +246,8 @@ def bundle_model(
     class scores, by default the classification postprocessing's. Raises
     QualityGateError (nothing written) when the accuracy drop exceeds ``max_drop``
     percentage points, or when a quantized model comes without a reference unless
-    ``skip_gate``.
+    ``skip_gate``. ``profile_bins``: the bins per feature of the eval set's reference
+    profile written into the bundle (``profile.json``, core/drift.py); None: no profile.
     """
     fields, self_test, extra_metrics = prepare_spec(spec, model, version)
     output = output or score_output(fields)
@@ -297,6 +300,8 @@ def bundle_model(
             test_inputs=test_inputs,
             private_key=private_key,
             self_test=tolerances,
+            profile_inputs=eval_set.inputs if profile_bins else None,
+            profile_bins=profile_bins or DEFAULT_BINS,
         )
     finally:
         tmp.unlink(missing_ok=True)

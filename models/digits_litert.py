@@ -230,5 +230,8 @@ def build(ctx: BuildContext) -> list[Path]:
         # Integer kernels may round one step differently on another CPU (or
         # without XNNPACK); the predicted digit must still be the same.
         self_test={"argmax_output": OUTPUT, "min_argmax_agreement": 1.0},
+        # The held-out digits' reference profile: the agent's drift score compares
+        # live pixels and answers with it (core/drift.py).
+        profile_inputs={INPUT: split.x_test.astype(np.float32)},
     )
     return [out]

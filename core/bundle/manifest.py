@@ -16,6 +16,10 @@ from edgefleet.core.names import check_name as check_name  # re-exported for old
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 SCHEMA_VERSION: Final = 1
+# The reference profile of the eval data (core/drift.py), when the converter made one:
+# a member listed in ``files`` like any other, so the signature covers it through its
+# sha256, and no manifest field an older agent would refuse (docs/bundle-format.md).
+PROFILE_NAME: Final = "profile.json"
 
 # Open Inference Protocol datatype names and the numpy dtypes they travel as.
 OIP_TO_NUMPY: dict[str, str] = {
@@ -246,6 +250,11 @@ class Manifest(_Strict):
             if t.name == name:
                 return t
         raise KeyError(name)
+
+    @property
+    def reference_profile(self) -> str | None:
+        """The bundle's reference profile member (``PROFILE_NAME``), None without one."""
+        return PROFILE_NAME if PROFILE_NAME in self.files else None
 
     @property
     def task(self) -> str:

@@ -293,7 +293,7 @@ def test_bundle_cli_accepts_good_model_then_verify_and_inspect(tmp_path, digits,
     assert metrics["eval_samples"] == 450 and metrics["quant_format"] == "qdq"
     assert metrics["size_bytes_int8"] < metrics["size_bytes_fp32"]
     assert info["self_test"]["argmax_output"] == "probabilities"
-    assert set(info["files"]) == {"model.onnx", "selftest.npz"}
+    assert set(info["files"]) == {"model.onnx", "selftest.npz", "profile.json"}
 
     assert main(["inspect", str(out)]) == EXIT_OK
     text = capsys.readouterr().out
