@@ -33,7 +33,7 @@ from models.recipe import (
 
 log = logging.getLogger("models")
 
-RECIPES = ("digits", "digits_litert", "face_detect", "fleet_update")
+RECIPES = ("digits", "digits_litert", "face_detect", "fleet_update", "digits_bad")
 
 
 def load_recipes(names: Sequence[str] = RECIPES) -> dict[str, ModuleType]:
