@@ -26,16 +26,9 @@ from edgefleet.agent.mqtt_link import MqttLink
 from edgefleet.core.mqtt import topics
 from edgefleet.core.mqtt.errors import LinkClosed
 from edgefleet.fleet.embedded_broker import EmbeddedBroker
-from tests.support.brokers import ROOT, Inbox, Mosquitto, Peer, lingering_tasks, link_config
+from tests.support.brokers import ROOT, Inbox, Mosquitto, Peer, link_config
 
 DEV = "store-0042"
-
-
-@pytest.fixture(autouse=True)
-async def _no_lingering_tasks() -> AsyncIterator[None]:
-    yield
-    await asyncio.sleep(0)
-    assert not lingering_tasks(), f"lingering tasks: {lingering_tasks()}"
 
 
 @pytest.fixture

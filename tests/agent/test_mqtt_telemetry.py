@@ -27,7 +27,6 @@ from edgefleet.core.mqtt import topics
 from tests.support.brokers import (
     Mosquitto,
     Peer,
-    lingering_tasks,
 )
 
 DEV = "store-0042"
@@ -144,13 +143,6 @@ class Device:
                 if not (await self.outbox.stats()).records:
                     return
                 await asyncio.sleep(0.02)
-
-
-@pytest.fixture(autouse=True)
-async def _no_lingering_tasks() -> AsyncIterator[None]:
-    yield
-    await asyncio.sleep(0)
-    assert not lingering_tasks(), f"lingering tasks: {lingering_tasks()}"
 
 
 @pytest.fixture

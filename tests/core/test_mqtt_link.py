@@ -33,19 +33,11 @@ from tests.support.brokers import (
     connection_config,
     eventually,
     free_port,
-    lingering_tasks,
 )
 from tests.support.tls import make_tls
 
 DEV = "store-0042"
 fleet_config = connection_config
-
-
-@pytest.fixture(autouse=True)
-async def _no_lingering_tasks() -> AsyncIterator[None]:
-    yield
-    await asyncio.sleep(0)
-    assert not lingering_tasks(), f"lingering tasks: {lingering_tasks()}"
 
 
 @pytest.fixture

@@ -97,8 +97,8 @@ async def fleets(
 ) -> AsyncIterator[Callable[..., Any]]:
     """Start fleet services (a second one on the same data dir = a fleet restart).
 
-    Depends on ``start_agent`` so that the fleets stop before the agents' fixture
-    checks for lingering tasks."""
+    Depends on ``start_agent`` so that the fleets stop before the agents (whatever
+    either leaves running fails the test: tests/support/leaks.py)."""
     services: list[FleetService] = []
     async with aiohttp.ClientSession() as session:
 

@@ -26,7 +26,7 @@ from edgefleet.fleet.desired import UnknownModelVersion
 from edgefleet.fleet.embedded_broker import EmbeddedBroker
 from edgefleet.fleet.ingest import MAX_BYTES, DeviceRateLimit
 from edgefleet.fleet.rollouts import RolloutConflict, parse_waves, wave_sizes
-from tests.support.brokers import Mosquitto, lingering_tasks
+from tests.support.brokers import Mosquitto
 from tests.support.fleet_sim import (
     SimDevice,
     add_device,
@@ -42,13 +42,6 @@ from tests.support.fleet_sim import (
 )
 
 M = "digits-edge"
-
-
-@pytest.fixture(autouse=True)
-async def _no_lingering_tasks() -> AsyncIterator[None]:
-    yield
-    await asyncio.sleep(0)
-    assert not lingering_tasks(), f"lingering tasks: {lingering_tasks()}"
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""Broker fixtures (a pytest plugin): ``pytest_plugins = ("tests.broker_fixtures",)``.
+"""Broker fixtures (a pytest plugin, loaded by tests/conftest.py's ``pytest_plugins``).
 
-Kept apart from tests/brokers.py so that test modules can import the helpers there
+Kept apart from tests/support/brokers.py so that test modules can import the helpers there
 without pytest complaining that a plugin module was imported before registration.
 """
 
