@@ -1,5 +1,5 @@
 """The agent's desired-state sync end to end: a real Mosquitto, a real agent (in-process
-or as a separate process), real HTTP downloads from tests/_bundle_server.py, real
+or as a separate process), real HTTP downloads from tests/support/bundle_server.py, real
 signed bundles, and a plain paho peer playing the fleet (retained ``desired`` in,
 ``reported``/``events`` out). Every wait is on a condition, never on a duration.
 """
