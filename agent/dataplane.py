@@ -159,6 +159,7 @@ class DataPlane:
         if stats is not None:
             confidence = scored.least_confident() if scored is not None else None
             stats.record(m.name, m.version, latency_s, prov.source, prov.fallback, confidence)
+            stats.observe(m, lv.directory, given.tensors, scored)  # drift: binned off the loop
         return InferenceResponse(
             m,
             lv.backend.info.provider,

@@ -30,6 +30,21 @@ What is counted, per request (a batched OIP request is one request):
   model's confidence rule (the cloud's for items the cloud answered), on every
   endpoint, with or without a cloud. For a batch, the least confident item (the one
   that says the most about a model that is unsure).
+
+**Input drift** (``drift_stats`` records, :class:`DriftMonitor`): the data plane also
+hands each answered request's input tensors and scored answer to ``observe``. On the
+loop that is a dict lookup and a list append; the binning against the version's
+reference profile (``profile.json`` in its bundle, core/drift.py) runs in a thread of
+its own, ``DRIFT_BATCH`` requests per job, one job at a time, so a busy box drops
+queued requests (counted in ``dropped``) rather than work on the loop or pile up
+memory. At each flush every version that saw requests gets one ``drift_stats``
+record: PSI (max and mean over the input features, and of the answers' class
+distribution or, for detectors, their confidence histogram) and Jensen–Shannon,
+once at least ``core.drift.MIN_SAMPLES`` items were counted (until then the counts
+carry over to the next window and the record says "too few samples"); a bundle
+without a profile gets ``drift_reason`` "no reference profile". With a cloud, the
+classes and confidences counted are those of the answer (the cloud's for the items
+it answered), like the confidence histogram.
 """
 
 from __future__ import annotations
@@ -39,18 +54,26 @@ import contextlib
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from edgefleet.agent.outbox import NewRecord, Priority
-from edgefleet.core import protocol
+from edgefleet.core import drift, protocol
+from edgefleet.core.bundle.manifest import Manifest
+from edgefleet.core.processing.scoring import Scored
 
 log = logging.getLogger(__name__)
 
 KIND = "inference_stats"
+DRIFT_KIND = "drift_stats"
+DRIFT_BATCH = 16  # requests binned per job in the drift thread
+DRIFT_MAX_QUEUED = 256  # requests waiting per version; more are dropped and counted
 
 # Bucket upper bounds ("le", inclusive) of the wire format (core/protocol.py); each
 # histogram's counts have one more entry, for "above the last bound".
@@ -89,6 +112,199 @@ class StatsCounters:
     records_lost: int = 0  # built but the outbox refused them (closed, disk error)
 
 
+Batch = tuple[Mapping[str, np.ndarray], np.ndarray | None, np.ndarray | None]
+
+
+class _DriftVersion:
+    """One version's drift state. The loop owns every field but ``counts``, which only
+    the drift thread touches (created, added to, scored, reset there)."""
+
+    __slots__ = (
+        "counts",
+        "directory",
+        "dropped",
+        "features",
+        "job",
+        "queued",
+        "reason",
+        "seen",
+        "window_start",
+        "window_t0",
+    )
+
+    def __init__(self, directory: Path, reason: str | None) -> None:
+        self.directory = directory
+        self.reason = reason  # why there is no drift figure, for good (no profile...)
+        self.counts: drift.DriftCounts | None = None
+        self.features = 0
+        self.queued: list[Batch] = []
+        self.job: asyncio.Future[str | None] | None = None
+        self.seen = 0  # items this flush window
+        self.dropped = 0
+        self.window_start = time.time()
+        self.window_t0 = time.monotonic()
+
+
+class DriftMonitor:
+    """Per-version live bins against the bundle's reference profile (module doc).
+
+    ``observe`` on the loop for every answered request; ``take`` (a coroutine, the
+    flush) the ``drift_stats`` data of every version that saw requests; ``close``
+    at the end. ``current`` holds each version's last figures, for the agent's model
+    metadata and /metrics.
+    """
+
+    def __init__(self, min_samples: int = drift.MIN_SAMPLES) -> None:
+        self.min_samples = min_samples
+        self._versions: dict[tuple[str, str], _DriftVersion] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self.current: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift")
+        return self._pool
+
+    # ---- hot path (event loop) ----------------------------------------------------------
+
+    def observe(
+        self,
+        manifest: Manifest,
+        directory: Path,
+        inputs: Mapping[str, np.ndarray],
+        scored: Scored | None,
+    ) -> None:
+        """One answered request of ``manifest``'s version (bundle in ``directory``)."""
+        key = (manifest.name, manifest.version)
+        v = self._versions.get(key)
+        if v is None:
+            reason = None if manifest.reference_profile is not None else drift.NO_PROFILE
+            v = self._versions[key] = _DriftVersion(directory, reason)
+        first = next(iter(inputs.values()), None)
+        v.seen += int(first.shape[0]) if first is not None and first.ndim else 1
+        if v.reason is not None:
+            return
+        if len(v.queued) >= DRIFT_MAX_QUEUED:
+            v.dropped += 1
+            return
+        top = conf = None
+        if scored is not None:
+            top, conf = scored.top_class, scored.confidence
+        v.queued.append((inputs, top, conf))
+        if v.job is None and len(v.queued) >= DRIFT_BATCH:
+            self._submit(v)
+
+    def _submit(self, v: _DriftVersion) -> None:
+        items, v.queued = v.queued, []
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._executor(), self._bin, v, items)
+        v.job = job
+
+        def done(f: asyncio.Future[str | None]) -> None:
+            v.job = None
+            if f.cancelled():
+                return
+            exc = f.exception()
+            error = f"drift binning failed: {exc}" if exc is not None else f.result()
+            if error is not None and v.reason is None:
+                v.reason = error[: protocol.MAX_REASON_CHARS]
+                v.queued.clear()
+                log.warning("%s: %s", v.directory, error)
+            elif len(v.queued) >= DRIFT_BATCH:
+                self._submit(v)
+
+        job.add_done_callback(done)
+
+    # ---- the drift thread ---------------------------------------------------------------
+
+    @staticmethod
+    def _bin(v: _DriftVersion, items: list[Batch]) -> str | None:
+        """Count ``items`` (drift thread); an error message when the profile is unusable."""
+        if v.counts is None:
+            path = v.directory / drift.PROFILE_FILE
+            try:
+                profile = drift.ReferenceProfile.model_validate_json(path.read_bytes())
+            except (OSError, ValidationError) as exc:
+                return f"reference profile unreadable: {type(exc).__name__}: {exc}"
+            v.counts = drift.DriftCounts(profile)
+            v.features = sum(len(p.features) for p in profile.inputs)
+        for inputs, top, conf in items:
+            v.counts.add(inputs, top, conf)
+        return None
+
+    def _score(self, v: _DriftVersion) -> drift.DriftScore | None:
+        """The window's score (drift thread); the counts start over when it has figures."""
+        if v.counts is None:
+            return None
+        score = v.counts.score(self.min_samples)
+        if score.reason is None:
+            v.counts.reset()
+        return score
+
+    # ---- flush (once a window) ----------------------------------------------------------
+
+    async def take(self) -> list[dict[str, Any]]:
+        """The ``drift_stats`` data of every version that saw requests since the last
+        take; versions that saw none are forgotten (an unloaded version leaves)."""
+        out = []
+        loop = asyncio.get_running_loop()
+        for key, v in list(self._versions.items()):
+            if v.seen == 0:
+                del self._versions[key]
+                continue
+            if v.job is not None:
+                with contextlib.suppress(Exception):
+                    await v.job  # its callback may already have queued the next one
+            if v.queued and v.reason is None:
+                items, v.queued = v.queued, []
+                error = await loop.run_in_executor(self._executor(), self._bin, v, items)
+                if error is not None and v.reason is None:
+                    v.reason = error[: protocol.MAX_REASON_CHARS]
+            score = None
+            if v.reason is None:
+                score = await loop.run_in_executor(self._executor(), self._score, v)
+            now, t1 = time.time(), time.monotonic()
+            fields: dict[str, Any] = {
+                "model": key[0],
+                "version": key[1],
+                "window_start": round(v.window_start, 3),
+                "window_s": round(t1 - v.window_t0, 3),
+                "features": v.features,
+            }
+            if score is None:
+                fields |= {"samples": v.seen, "drift_reason": v.reason or drift.NO_PROFILE}
+            else:
+                fields |= {
+                    "samples": score.samples,
+                    "psi_max": score.psi_max,
+                    "psi_mean": score.psi_mean,
+                    "psi_output": score.psi_output,
+                    "js_max": score.js_max,
+                    "js_output": score.js_output,
+                    "worst_feature": score.worst_feature,
+                    "drift_reason": score.reason,
+                }
+            try:
+                doc = protocol.DriftStats(**fields).to_wire()
+            except ValidationError as exc:  # a bug here, not bad input: say so, go on
+                log.error("drift stats of %s:%s not sent: %s", *key, exc)
+                continue
+            if v.dropped:
+                log.info("%s:%s: %d requests not binned for drift (busy)", *key, v.dropped)
+            v.seen = v.dropped = 0
+            # A window ends with figures or for good reasons; too few samples carry over.
+            if score is None or score.reason is None:
+                v.window_start, v.window_t0 = now, t1
+            out.append(doc)
+            self.current[key] = doc
+        return out
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, True)
+
+
 class InferenceStats:
     """``record``/``record_error`` on every request; ``start``/``stop`` for the flush task."""
 
@@ -105,6 +321,7 @@ class InferenceStats:
         self._window_t0 = time.monotonic()  # the window's length survives clock jumps
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.drift = DriftMonitor()
 
     # ---- hot path (event loop, every request) -------------------------------------------
 
@@ -149,6 +366,16 @@ class InferenceStats:
         w.errors += 1
         w.latency[bisect_left(_LATENCY_BOUNDS_S, latency_s)] += 1
 
+    def observe(
+        self,
+        manifest: Manifest,
+        directory: Path,
+        inputs: Mapping[str, np.ndarray],
+        scored: Scored | None,
+    ) -> None:
+        """An answered request's inputs and scored answer, for the drift score."""
+        self.drift.observe(manifest, directory, inputs, scored)
+
     # ---- flush (once a window) ----------------------------------------------------------
 
     def take(self) -> list[dict[str, Any]]:
@@ -187,11 +414,15 @@ class InferenceStats:
     async def flush(self) -> int:
         """Write the current windows to the outbox; the number of records written."""
         docs = self.take()
+        drift_docs = await self.drift.take()
         self.counters.flushes += 1
+        records = [NewRecord(KIND, d, Priority.LOW) for d in docs]
+        records += [NewRecord(DRIFT_KIND, d, Priority.LOW) for d in drift_docs]
+        docs += drift_docs
         if not docs:
             return 0  # a quiet window sends nothing
         try:
-            await self.sink([NewRecord(KIND, d, Priority.LOW) for d in docs])
+            await self.sink(records)
         except Exception as exc:
             # The outbox is closed or its disk failing: these counts are gone, but
             # serving must go on, and the next window may fare better.
@@ -229,6 +460,7 @@ class InferenceStats:
             raise
         except Exception:  # a bug in the flush loop must not break the agent's stop
             log.exception("inference stats task failed")
+        await self.drift.close()
 
     async def _run(self) -> None:
         while True:

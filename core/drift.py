@@ -43,6 +43,7 @@ from typing import Final, Literal, Self
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgefleet.core.bundle.manifest import PROFILE_NAME
 from edgefleet.core.protocol import CONFIDENCE_BOUNDS
 
 PROFILE_SCHEMA: Final = 1
@@ -55,6 +56,7 @@ EPSILON: Final = 1e-4  # the smallest share PSI uses (empty bins)
 # the expected PSI of an unchanged distribution is about (bins - 1) / n per feature.
 MIN_SAMPLES: Final = 100
 NO_PROFILE: Final = "no reference profile"
+PROFILE_FILE: Final = PROFILE_NAME  # the bundle member (core/bundle/manifest.py)
 
 FeatureKind = Literal["features", "image_stats"]
 

@@ -21,7 +21,8 @@ disagree. Contract and examples: docs/mqtt.md and docs/fleet.md.
 Telemetry record kinds (a record's ``data``): ``inference_stats``
 (:class:`InferenceStats`, agent/telemetry_stats.py), ``fallback_stats``
 (:class:`FallbackStats`, agent/cloud/telemetry.py), ``shadow_stats``
-(:class:`ShadowStats`, agent/shadow.py), ``event`` (:class:`Event`).
+(:class:`ShadowStats`, agent/shadow.py), ``drift_stats`` (:class:`DriftStats`,
+agent/telemetry_stats.py), ``event`` (:class:`Event`).
 
 **Receiving.** Every payload is untrusted. ``decode`` refuses with a
 :class:`WireError` whose ``reason`` is a counter key, checked in this order: over
@@ -341,6 +342,62 @@ class ShadowStats(_Wire):
         return self
 
 
+# ------------------------------------------------ input drift (issue 11, part 3)
+# One ``drift_stats`` record per model version and drift window (agent/telemetry_stats.py):
+# the live inputs and answers binned with the bundle's reference profile
+# (core/drift.py, ``profile.json``). A bundle without a profile still sends its
+# record, with null figures and ``drift_reason`` "no reference profile"; a window
+# with too few items carries its counts over to the next one and says so.
+
+Psi = Annotated[float, Field(ge=0.0, le=1e6)]  # PSI: 0 = no drift, > 0.2 a real shift
+
+
+class DriftStats(_Wire):
+    """``drift_stats`` record data: one model version's drift over one window.
+
+    ``psi_max``/``psi_mean``: over the input features; ``psi_output``: the class
+    distribution (classifiers) or the confidence histogram (detectors); ``js_*``: the
+    Jensen–Shannon divergence in bits. Null figures need a ``drift_reason``; figures
+    need ``samples`` > 0, ``psi_mean <= psi_max``, and no reason (docs/fleet.md).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    version: str = Field(min_length=1, max_length=200)
+    window_start: float = Field(ge=0.0, le=1e11)
+    window_s: float = Field(ge=0.0, le=MAX_WINDOW_S)
+    samples: Count
+    features: Count = 0
+    psi_max: Psi | None = None
+    psi_mean: Psi | None = None
+    psi_output: Psi | None = None
+    js_max: Share | None = None
+    js_output: Share | None = None
+    worst_feature: Annotated[str, Field(max_length=100)] | None = None
+    drift_reason: Annotated[str, Field(max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        figures = (self.psi_max, self.psi_mean, self.psi_output)
+        if all(f is None for f in figures):
+            if not self.drift_reason:
+                raise ValueError("drift_reason is required when every drift figure is null")
+            return self
+        if self.drift_reason:
+            raise ValueError("drift_reason must be null when there are drift figures")
+        if self.samples == 0:
+            raise ValueError("drift figures need samples > 0")
+        if (self.psi_max is None) != (self.psi_mean is None):
+            raise ValueError("psi_max and psi_mean are both set or both null")
+        if self.psi_max is not None and self.psi_mean is not None:
+            if self.psi_mean > self.psi_max + 1e-6:
+                raise ValueError("psi_mean must be at most psi_max")
+            if self.features == 0:
+                raise ValueError("input drift figures need features > 0")
+        return self
+
+
 # --------------------------------------------------------------- fleet → device
 
 
@@ -651,5 +708,6 @@ RECORD_KINDS: Final[Mapping[str, type[_Wire]]] = {
     "inference_stats": InferenceStats,
     "fallback_stats": FallbackStats,
     "shadow_stats": ShadowStats,
+    "drift_stats": DriftStats,
     "event": Event,
 }
