@@ -38,8 +38,8 @@ within a schema; free text (reasons, errors) is cut to ``MAX_TEXT``, not refused
 **Speed.** The fleet's ingest decodes every telemetry batch here: ``orjson`` parses,
 pydantic-core checks: ``python -m bench fleet`` on the 2-core box stored 30,700
 records/s through it, against 26,100 with the hand-written checks it replaced (a
-micro-benchmark: 230 µs against 290-420 µs per 100-record batch). A batch's records keep their ``data`` as parsed
-JSON values; the publisher embeds stored record JSON without re-encoding it
+micro-benchmark: 230 µs against 290-420 µs per 100-record batch). A batch's records
+keep their ``data`` as parsed JSON values; the publisher embeds stored record JSON without re-encoding it
 (``encode_telemetry``). Pure functions and immutable models: any thread.
 """
 
