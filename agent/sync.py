@@ -43,8 +43,9 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from edgefleet.agent.cloud.policy import FallbackPolicy
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.download import (
     BundleDownloader,
@@ -60,6 +61,7 @@ from edgefleet.agent.outbox import Outbox, OutboxClosed, Priority, new_record_id
 from edgefleet.agent.serving_registry import ModelRegistry
 from edgefleet.core import protocol
 from edgefleet.core.bundle.archive import parse_manifest, peek_manifest
+from edgefleet.core.bundle.manifest import Manifest
 from edgefleet.core.durable import atomic_write
 from edgefleet.core.errors import BundleError, EdgeError, NotFound
 from edgefleet.core.mqtt import topics
@@ -71,9 +73,15 @@ from edgefleet.core.protocol import (
     Command,
     Desired,
     DesiredModel,
+    DesiredShadow,
+    DesiredSplit,
     Event,
+    FallbackEffective,
+    FleetFallback,
     Reported,
     ReportedModel,
+    ReportedShadow,
+    ReportedSplit,
     SyncState,
 )
 
@@ -116,6 +124,19 @@ class ModelSync:
     state: SyncState
     last_error: str | None = None
     rollout: str | None = None
+    # Issue 11: the fleet's shadow candidate and split (core.protocol.DesiredShadow /
+    # DesiredSplit as JSON) and how far the device got with them. Kept in the state
+    # file, so they are set up again after a restart.
+    shadow: dict[str, Any] | None = None
+    shadow_state: str | None = None
+    shadow_error: str | None = None
+    split: dict[str, Any] | None = None
+    split_state: str | None = None
+    split_error: str | None = None
+    # The fleet's fallback policy (core.protocol.FleetFallback as JSON): kept in the
+    # state file, so it applies again after a restart (the retained desired is then
+    # not applied again: its revision was processed).
+    fallback: dict[str, Any] | None = None
 
 
 @dataclass
@@ -206,6 +227,14 @@ def report_accelerators(found: dict[str, Any]) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------ sync
 
 
+class FallbackPolicies(Protocol):
+    """Where fleet fallback policies go (the cloud router, agent/cloud/router.py)."""
+
+    def set_fleet_policy(self, model: str, policy: FleetFallback | None) -> bool: ...
+
+    def policy(self, manifest: Manifest) -> FallbackPolicy: ...
+
+
 class DesiredStateSync:
     def __init__(
         self,
@@ -253,6 +282,9 @@ class DesiredStateSync:
         self._subs: list[Subscription] = []
         self._worker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        # The cloud router, set by the app (agent/server/app.py) before start(): fleet
+        # fallback policies are applied there and reported from there.
+        self.policies: FallbackPolicies | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -262,6 +294,8 @@ class DesiredStateSync:
         if self._worker is not None:
             raise RuntimeError("sync already started")
         self.revision, self.models = await asyncio.to_thread(_load_state, self.state_file)
+        for name, entry in self.models.items():
+            self._set_policy(name, entry.fallback)
         cfg = self.fleet_config
         password = await asyncio.to_thread(cfg.secret)
         # HTTP Basic device_id:secret, the same secret as the MQTT login (docs/fleet.md),
@@ -433,6 +467,7 @@ class DesiredStateSync:
     # ------------------------------------------------------------------ worker
 
     async def _run(self) -> None:
+        await self._restore_candidates()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -476,6 +511,18 @@ class DesiredStateSync:
         self.stats.rewinds += 1
         await self._persist()
 
+    def _set_policy(self, name: str, doc: dict[str, Any] | None) -> bool:
+        """The fleet's fallback policy for ``name`` into the router (None: none)."""
+        if self.policies is None:
+            return False
+        policy = None
+        if doc is not None:
+            try:
+                policy = FleetFallback.from_obj(doc)
+            except protocol.WireError as exc:  # a hand-edited state file
+                log.error("fallback policy of %s in the state file ignored: %s", name, exc)
+        return self.policies.set_fleet_policy(name, policy)
+
     async def _apply(self, desired: Desired) -> None:
         log.info(
             "applying desired revision %d (last processed %d): %s",
@@ -483,8 +530,22 @@ class DesiredStateSync:
             self.revision,
             {n: m.version for n, m in desired.models.items()} or "no models",
         )
+        # Fallback policies first, at once: an emergency edge_only must not wait for
+        # a download of another model (or of this one) to finish.
+        changed = False
+        for name in set(self.models) | set(desired.models):
+            want = desired.models.get(name)
+            doc = want.fallback.to_wire() if want is not None and want.fallback else None
+            changed |= self._set_policy(name, doc)
+            if name in self.models:
+                self.models[name].fallback = doc
+        if changed:
+            self._publish_reported()
         for name, want in desired.models.items():
             await self._apply_model(desired.revision, name, want)
+            await self._apply_candidates(name, want)
+        for name in set(self.models) - set(desired.models):
+            await self._drop_candidates(name)
         # Models no longer in desired are left alone: they become "unmanaged".
         self.models = {n: m for n, m in self.models.items() if n in desired.models}
         self.revision = max(self.revision, desired.revision)
@@ -492,6 +553,7 @@ class DesiredStateSync:
         self.stats.revisions_processed += 1
         self._publish_reported()
         keep = {self._spec(n, m).stem for n, m in desired.models.items()}
+        keep |= {self._candidate_spec(n, c).stem for n, c in _candidates(desired)}
         removed = await self.downloader.cleanup(keep)
         if removed:
             log.info("removed superseded downloads %s", removed)
@@ -507,13 +569,22 @@ class DesiredStateSync:
         return state.active, list(state.installed)
 
     def _set(self, name: str, entry: ModelSync, state: SyncState, error: str | None = None) -> None:
+        old = self.models.get(name)
+        if old is not None and old is not entry:  # candidates outlive a version's entry
+            for f in _CANDIDATE_FIELDS:
+                setattr(entry, f, getattr(old, f))
         entry.state = state
         entry.last_error = error
         self.models[name] = entry
         self._publish_reported()
 
     async def _apply_model(self, revision: int, name: str, want: DesiredModel) -> None:
-        entry = ModelSync(desired=want.version, state="activating", rollout=want.rollout)
+        entry = ModelSync(
+            desired=want.version,
+            state="activating",
+            rollout=want.rollout,
+            fallback=want.fallback.to_wire() if want.fallback else None,
+        )
         active, installed = self._active(name)
         if active == want.version:
             self._set(name, entry, "active")
@@ -601,7 +672,10 @@ class DesiredStateSync:
                 active, previous, labels = None, None, {}
             lv = self.registry.loaded_versions(name).get(active or "")
             entry = self.models.get(name)
+            effective, sources = self._fallback_report(lv.manifest if lv is not None else None)
             models[name] = ReportedModel(
+                fallback_effective=effective,
+                fallback_source=sources,
                 active=active,
                 previous=previous,
                 desired=entry.desired if entry else None,
@@ -610,6 +684,8 @@ class DesiredStateSync:
                 provider=lv.backend.info.provider if lv is not None else None,
                 last_error=entry.last_error if entry else None,
                 labels=labels,
+                shadow=self._shadow_report(entry),
+                split=self._split_report(name, entry),
             )
         return Reported(
             device_id=self.device_id,
@@ -619,6 +695,174 @@ class DesiredStateSync:
             accelerators=report_accelerators(self.registry.accelerators),
             models=models,
         )
+
+    def _fallback_report(
+        self, manifest: Manifest | None
+    ) -> tuple[FallbackEffective | None, dict[str, Any] | None]:
+        """The active version's fallback policy and each setting's source."""
+        if self.policies is None or manifest is None:
+            return None, None
+        policy = self.policies.policy(manifest)
+        effective = FallbackEffective.model_validate(policy.effective(manifest.labels))
+        return effective, policy.effective_sources()
+
+    # ------------------------------------------------ shadow and split (issue 11)
+
+    def _candidate_spec(self, name: str, want: DesiredShadow | DesiredSplit) -> BundleSpec:
+        return BundleSpec(name, want.version, want.url, want.sha256, want.size)
+
+    async def _install_candidate(
+        self, name: str, want: DesiredShadow | DesiredSplit, entry: ModelSync, what: str
+    ) -> str | None:
+        """Download, verify and install a candidate version unless it is installed
+        (the same checks as the version to run); the reason it failed, or None."""
+        _, installed = self._active(name)
+        if want.version in installed:
+            return None
+        setattr(entry, f"{what}_state", "downloading")
+        self._publish_reported()
+        try:
+            path = await self.downloader.fetch(self._candidate_spec(name, want))
+        except DownloadError as exc:
+            return exc.reason
+        setattr(entry, f"{what}_state", "verifying")
+        self._publish_reported()
+        try:
+            await asyncio.to_thread(_check_bundle, path, name, want.version)
+            await self.registry.install(path)
+        except EdgeError as exc:
+            return exc.message
+        except OSError as exc:
+            return f"cannot read bundle: {exc}"
+        finally:
+            await asyncio.to_thread(_unlink, path)
+        return None
+
+    async def _apply_candidates(self, name: str, want: DesiredModel) -> None:
+        """The shadow candidate and split of ``want``, after its version: a failure of
+        either is reported (``reported.models.<m>.shadow/split``) and changes nothing
+        else; the active version serves whatever happens here."""
+        entry = self.models.get(name)
+        if entry is None:
+            return
+        if want.shadow is None:
+            await self._drop_shadow(name, entry)
+        else:
+            await self._apply_shadow(name, entry, want.shadow)
+        if want.split is None:
+            await self._drop_split(name, entry)
+        else:
+            await self._apply_split(name, entry, want.split)
+        self._publish_reported()
+
+    async def _apply_shadow(self, name: str, entry: ModelSync, want: DesiredShadow) -> None:
+        loaded = self.registry.shadow_for(name)
+        entry.shadow = want.to_wire()
+        if loaded is not None and loaded.version == want.version:
+            loaded.sample_rate = want.sample_rate
+            entry.shadow_state, entry.shadow_error = "ready", None
+            return
+        entry.shadow_error = None
+        reason = await self._install_candidate(name, want, entry, "shadow")
+        if reason is None:
+            try:
+                await self.registry.load_shadow(name, want.version, want.sample_rate)
+            except EdgeError as exc:
+                reason = exc.message
+        if reason is not None:
+            reason = _short(reason)
+            log.error("%s:%s shadow candidate failed: %s", name, want.version, reason)
+            entry.shadow_state, entry.shadow_error = "failed", reason
+        else:
+            entry.shadow_state, entry.shadow_error = "ready", None
+        await self._persist()
+
+    async def _apply_split(self, name: str, entry: ModelSync, want: DesiredSplit) -> None:
+        current = self.registry.split_for(name)
+        entry.split = want.to_wire()
+        if (
+            current is not None
+            and current.version == want.version
+            and entry.split_state == "serving"
+        ):
+            if current.weight != want.weight or current.source != "fleet":
+                await self.registry.set_split(name, want.version, want.weight, "fleet")
+            return
+        entry.split_error = None
+        reason = await self._install_candidate(name, want, entry, "split")
+        if reason is None:
+            try:
+                await self.registry.set_split(name, want.version, want.weight, "fleet")
+            except EdgeError as exc:
+                reason = exc.message
+        if reason is not None:
+            reason = _short(reason)
+            log.error("%s:%s split failed: %s", name, want.version, reason)
+            entry.split_state, entry.split_error = "failed", reason
+        else:
+            entry.split_state, entry.split_error = "serving", None
+        await self._persist()
+
+    async def _drop_shadow(self, name: str, entry: ModelSync | None) -> None:
+        with contextlib.suppress(NotFound):
+            await self.registry.unload_shadow(name)
+        if entry is not None:
+            entry.shadow = entry.shadow_state = entry.shadow_error = None
+
+    async def _drop_split(self, name: str, entry: ModelSync | None) -> None:
+        split = self.registry.split_for(name)
+        if split is not None and split.source == "fleet":  # a local one stays
+            with contextlib.suppress(NotFound):
+                await self.registry.clear_split(name)
+        if entry is not None:
+            entry.split = entry.split_state = entry.split_error = None
+
+    async def _drop_candidates(self, name: str) -> None:
+        """``name`` left the desired state: its shadow and fleet split go too."""
+        entry = self.models.get(name)
+        await self._drop_shadow(name, entry)
+        await self._drop_split(name, entry)
+
+    async def _restore_candidates(self) -> None:
+        """Worker task, at start: the candidates of the state file set up again (the
+        retained desired is not applied again after a restart: its revision was)."""
+        for name, entry in list(self.models.items()):
+            try:
+                if entry.shadow is not None:
+                    await self._apply_shadow(name, entry, DesiredShadow.from_obj(entry.shadow))
+                if entry.split is not None:
+                    await self._apply_split(name, entry, DesiredSplit.from_obj(entry.split))
+            except protocol.WireError as exc:  # a hand-edited state file
+                log.error("candidates of %s in the state file ignored: %s", name, exc)
+            except Exception:  # a bug: the sync must still start
+                log.exception("candidates of %s not restored", name)
+        self._publish_reported()
+
+    def _shadow_report(self, entry: ModelSync | None) -> ReportedShadow | None:
+        if entry is None or entry.shadow is None:
+            return None
+        state = entry.shadow_state if entry.shadow_state in _SHADOW_STATES else "downloading"
+        return ReportedShadow.model_validate(
+            {"version": entry.shadow["version"], "state": state, "last_error": entry.shadow_error}
+        )
+
+    def _split_report(self, name: str, entry: ModelSync | None) -> ReportedSplit | None:
+        split = self.registry.split_for(name)
+        want = entry.split if entry is not None else None
+        if entry is not None and want is not None and entry.split_state != "serving":
+            state = entry.split_state if entry.split_state in _SPLIT_STATES else "downloading"
+            return ReportedSplit.model_validate(
+                {
+                    "version": want["version"],
+                    "weight": want["weight"],
+                    "source": "fleet",
+                    "state": state,
+                    "last_error": entry.split_error,
+                }
+            )
+        if split is None:
+            return None
+        return ReportedSplit(version=split.version, weight=split.weight, source=split.source)
 
     def _publish_reported(self) -> None:
         # Only when connected: while offline the watcher publishes the then-current
@@ -658,6 +902,25 @@ class DesiredStateSync:
                 return  # stopped, or the login was refused: nothing will connect
             self._publish_reported()
             await self.link.wait_disconnected()
+
+
+_CANDIDATE_FIELDS = (
+    "shadow",
+    "shadow_state",
+    "shadow_error",
+    "split",
+    "split_state",
+    "split_error",
+)
+_SHADOW_STATES = ("downloading", "verifying", "ready", "failed")
+_SPLIT_STATES = ("downloading", "verifying", "serving", "failed")
+
+
+def _candidates(desired: Desired) -> list[tuple[str, DesiredShadow | DesiredSplit]]:
+    out: list[tuple[str, DesiredShadow | DesiredSplit]] = []
+    for name, m in desired.models.items():
+        out += [(name, c) for c in (m.shadow, m.split) if c is not None]
+    return out
 
 
 def _consume(fut: asyncio.Future[None]) -> None:

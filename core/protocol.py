@@ -460,6 +460,8 @@ class Ack(Message):
 class Status(Message):
     """The retained ``status``: the birth message, a clean stop, or the Last Will."""
 
+    # Issue 11, part 5 (fallback policy section above): absent unless the fleet sets one.
+    fallback: FleetFallback | None = Field(None, exclude_if=lambda v: v is None)
     state: Literal["online", "offline"]
     device_id: str = Field(min_length=1, max_length=256)
     # "" (an agent that does not know its version) is sent as is and shown as none.
@@ -528,6 +530,11 @@ class Record(_Wire):
     """One outbox record in a batch. ``data`` is the producer's JSON value (its kind's
     model below); the batch is valid whatever the data, the kind's model is checked
     separately (a bad record is stored raw, not unpacked: fleet/ingest.py)."""
+    # Issue 11, part 5: the fallback policy in force and each setting's source.
+    fallback_effective: FallbackEffective | None = Field(None, exclude_if=lambda v: v is None)
+    fallback_source: dict[Annotated[str, Field(max_length=64)], PolicySource] | None = Field(
+        None, max_length=32, exclude_if=lambda v: v is None
+    )
 
     id: Hex32
     seq: int = Field(ge=0, le=2**63 - 1)

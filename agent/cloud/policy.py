@@ -53,6 +53,8 @@ class FallbackPolicy:
     timeout_ms: int = 300
     # Set when the policy cannot involve the cloud at all, saying why.
     inactive: str | None = None
+    # Where each setting came from: default | bundle | fleet | local (resolve_policy).
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -81,7 +83,27 @@ class FallbackPolicy:
             "max_calls_per_minute": self.max_calls_per_minute,
             "max_in_flight": self.max_in_flight,
             "timeout_ms": self.timeout_ms,
+            "sources": dict(self.sources),
         }
+
+    def effective(self, labels: list[str]) -> dict[str, object]:
+        """The settings the fleet may set, as in force (``reported.fallback_effective``)."""
+        doc = self.describe(labels)
+        keys = ("mode", "configured_mode", "inactive", "confidence_rule")
+        return {
+            **{k: doc[k] for k in keys},
+            "threshold": float(self.threshold),
+            "class_thresholds": {k: float(v) for k, v in dict(doc["class_thresholds"]).items()},  # type: ignore[call-overload]
+            "audit_rate": float(self.audit_rate),
+        }
+
+    def effective_sources(self) -> dict[str, str]:
+        """``reported.fallback_source``: the source of each fleet-settable setting."""
+        return {k: v for k, v in self.sources.items() if k in FLEET_KEYS}
+
+
+# The settings a fleet policy may carry (core.protocol.FleetFallback).
+FLEET_KEYS = ("mode", "confidence_rule", "threshold", "class_thresholds", "audit_rate")
 
 
 def _layers(config: FallbackConfig, name: str) -> list[ModelFallback]:
@@ -90,9 +112,16 @@ def _layers(config: FallbackConfig, name: str) -> list[ModelFallback]:
 
 
 def resolve_policy(
-    manifest: Manifest, config: FallbackConfig, *, cloud_configured: bool
+    manifest: Manifest,
+    config: FallbackConfig,
+    *,
+    cloud_configured: bool,
+    fleet: ModelFallback | None = None,
 ) -> FallbackPolicy:
-    """Built-in defaults < bundle defaults < ``fallback.defaults`` < ``fallback.models[name]``."""
+    """Built-in defaults < bundle defaults < the fleet's policy for this model
+    (``fleet``, from the desired state) < ``fallback.defaults`` <
+    ``fallback.models[name]`` (this box's agent.yaml: a local override stays possible
+    and is reported as ``local``). ``sources`` records which layer set each value."""
     fb = manifest.fallback
     values: dict[str, object] = {
         "mode": fb.mode,
@@ -106,9 +135,17 @@ def resolve_policy(
         "max_in_flight": DEFAULT_MAX_IN_FLIGHT,
         "timeout_ms": config.cloud.timeout_ms,
     }
-    for layer in _layers(config, manifest.name):
+    sources = {k: "default" for k in (*values, "confidence_rule")}
+    sources.pop("rule")
+    for k in ("mode", "confidence_rule", "threshold", "class_thresholds", "cloud_model",
+              "audit_rate"):  # fmt: skip
+        sources[k] = "bundle"
+    layers: list[tuple[str, ModelFallback]] = [("fleet", fleet)] if fleet is not None else []
+    layers += [("local", layer) for layer in _layers(config, manifest.name)]
+    for source, layer in layers:
         for key, value in layer.model_dump(exclude_none=True).items():
             values["rule" if key == "confidence_rule" else key] = value
+            sources[key] = source
     labels = manifest.labels
     by_id: dict[int, float] = {}
     for label, t in dict(values.pop("class_thresholds")).items():  # type: ignore[call-overload]
@@ -124,6 +161,7 @@ def resolve_policy(
         version=manifest.version,
         class_thresholds=by_id,
         inactive=inactive,
+        sources=sources,
         **values,  # type: ignore[arg-type]
     )
 

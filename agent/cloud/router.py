@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.agent.cloud.config import ModelFallback
 from edgefleet.agent.cloud.fallback import (
     CallOutcome,
     CloudFallback,
@@ -64,6 +65,7 @@ from edgefleet.agent.provenance import Provenance
 from edgefleet.agent.serving_registry import ModelRegistry
 from edgefleet.core.bundle.manifest import Manifest
 from edgefleet.core.processing.scoring import Scored, score_off_loop
+from edgefleet.core.protocol import FleetFallback
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,8 @@ class CloudRouter:
                 self.recorder = HardExampleRecorder(self.hard_examples, he.sample_rate, self._rng)
                 self.retry_loop = RetryLoop(self.hard_examples, he, self._retry)
         self._policies: dict[tuple[str, str], FallbackPolicy] = {}
+        # The fleet's policy per model (desired state, agent/sync.py: set_fleet_policy).
+        self._fleet_policies: dict[str, ModelFallback] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
 
@@ -186,12 +190,40 @@ class CloudRouter:
         policy = self._policies.get(key)
         if policy is None:
             policy = resolve_policy(
-                manifest, self.config.fallback, cloud_configured=self.cloud_configured
+                manifest,
+                self.config.fallback,
+                cloud_configured=self.cloud_configured,
+                fleet=self._fleet_policies.get(manifest.name),
             )
             self._policies[key] = policy
             if policy.mode != "edge_only" and policy.inactive and self.cloud_configured:
                 log.info("%s:%s answers locally only: %s", *key, policy.inactive)
         return policy
+
+    def set_fleet_policy(self, model: str, policy: FleetFallback | None) -> bool:
+        """Event loop (the sync's worker): the fleet's fallback settings for ``model``
+        (None or empty: none). Applies to the very next request of every loaded version
+        (the resolved policies of the model are dropped). True when it changed."""
+        new = None
+        if policy is not None and not policy.is_empty():
+            new = ModelFallback.model_validate(policy.to_wire())
+        if self._fleet_policies.get(model) == new:
+            return False
+        if new is None:
+            self._fleet_policies.pop(model, None)
+        else:
+            self._fleet_policies[model] = new
+        for key in [k for k in self._policies if k[0] == model]:
+            del self._policies[key]
+        log.info(
+            "fleet fallback policy for %s: %s",
+            model,
+            new.model_dump(exclude_none=True) if new else "none",
+        )
+        return True
+
+    def fleet_policy(self, model: str) -> ModelFallback | None:
+        return self._fleet_policies.get(model)
 
     def engage(
         self, manifest: Manifest, inputs: Tensors, outputs: Tensors, *, allow_cloud: bool
@@ -431,6 +463,9 @@ class CloudRouter:
             for version, lv in sorted(self.registry.loaded_versions(name).items()):
                 models[f"{name}:{version}"] = self.policy(lv.manifest).describe(lv.manifest.labels)
         doc["policies"] = models
+        doc["fleet_policies"] = {
+            name: p.model_dump(exclude_none=True) for name, p in self._fleet_policies.items()
+        }
         if self.metrics is not None:
             doc["items"] = _items_by_model(self.metrics)
         if self.hard_examples is not None:

@@ -162,6 +162,8 @@ def create_app(config: AgentConfig) -> web.Application:
         stats=fleet.stats if fleet is not None else None,
         telemetry_sink=fleet.outbox.add_one if fleet is not None else None,
     )
+    if fleet is not None and fleet.sync is not None:
+        fleet.sync.policies = app[DATA_PLANE].router  # fleet fallback policies (issue 11)
     for table in (oip.routes, image.routes, admin.routes, openapi.routes, fallback.routes):
         app.add_routes(table)
     if config.server.cors_origins:
