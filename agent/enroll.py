@@ -48,7 +48,6 @@ import re
 import socket
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from edgefleet.core.durable import fsync_dir
+from edgefleet.core.durable import atomic_write
 from edgefleet.core.errors import ConfigError
 from edgefleet.core.names import is_name
 
@@ -541,30 +540,6 @@ def _last_line(node: yaml.Node) -> int:
 
 
 # -------------------------------------------------------------------------- files
-
-
-def atomic_write(path: Path, data: bytes, mode: int, uid: int = -1, gid: int = -1) -> None:
-    """Temp file in the same directory, mode and owner set before the data goes in,
-    fsync, rename over ``path``, fsync the directory.
-
-    ``agent.durable.atomic_write`` with a mode and an owner: the secret must never sit
-    in a file more readable than 0600, not even between a create and a chmod.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        if uid != -1 or gid != -1:
-            os.fchown(fd, uid, gid)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def ensure_dir(path: Path, mode: int, uid: int = -1, gid: int = -1) -> None:
