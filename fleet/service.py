@@ -26,7 +26,6 @@ import secrets
 import signal
 import socket
 import ssl
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -396,7 +395,3 @@ async def serve(cfg: FleetServiceConfig) -> int:
         for sig in handled:
             loop.remove_signal_handler(sig)
     return 0
-
-
-def default_data_dir() -> Path:
-    return Path("fleet-data")

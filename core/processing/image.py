@@ -208,10 +208,6 @@ def set_decode_limits(limits: DecodeLimits) -> None:
     _budget = _Budget(limits)
 
 
-def decode_limits() -> DecodeLimits:
-    return _budget.limits
-
-
 def check_decode_budget(header: ImageHeader, color: str, limits: DecodeLimits) -> None:
     """413 when decoding ``header``'s image would take more than one decode's share."""
     need = header.decode_bytes(color)
