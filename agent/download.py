@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from edgefleet.core.durable import durable_replace
+from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.names import check_name
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ _HASH_READ = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
-class DownloadError(Exception):
+class DownloadError(EdgefleetError):
     """A download failed; ``reason`` is one human line. ``transient``: worth retrying."""
 
     transient = False

@@ -58,7 +58,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from edgefleet.core.durable import atomic_write
-from edgefleet.core.errors import ConfigError
+from edgefleet.core.errors import ConfigError, EdgefleetError
 from edgefleet.core.names import is_name
 
 DEFAULT_CONFIG = Path("/etc/edgefleet/agent.yaml")
@@ -73,7 +73,7 @@ _MAX_ANSWER = 1024 * 1024
 REFUSED, LOCAL, UNREACHABLE = 1, 2, 3
 
 
-class EnrolError(Exception):
+class EnrolError(EdgefleetError):
     """A failed enrolment, with the message for the operator and the exit code."""
 
     def __init__(self, message: str, exit_code: int = REFUSED) -> None:

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.sqlite_writer import SqliteWriter, WriterClosed
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class OutboxStats:
     dropped_high: int
 
 
-class OutboxClosed(RuntimeError):
+class OutboxClosed(EdgefleetError, RuntimeError):
     pass
 
 

@@ -34,6 +34,7 @@ from edgefleet.converters.evaluate import EvalSet, EvaluationError, load_npz, op
 from edgefleet.core.bundle.archive import DEFAULT_MAX_MEMBER_BYTES, read_bundle, write_bundle
 from edgefleet.core.bundle.manifest import MANIFEST_NAME, ClassificationPost, Manifest
 from edgefleet.core.bundle.signing import TrustStore
+from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.processing import classification
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 SUMMARY_SHARES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
-class CalibrationError(Exception):
+class CalibrationError(EdgefleetError):
     """The inputs cannot be calibrated (wrong task, mismatched sizes, no target met)."""
 
 

@@ -23,6 +23,7 @@ from edgefleet.core.backends import Backend, create_backend
 from edgefleet.core.backends.config import BackendConfig
 from edgefleet.core.bundle.archive import sha256_file
 from edgefleet.core.bundle.manifest import OIP_TO_NUMPY, Manifest
+from edgefleet.core.errors import EdgefleetError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ RUNTIME_BY_SUFFIX = {".onnx": "onnx", ".tflite": "litert"}
 EVAL_BATCH = 64
 
 
-class EvaluationError(Exception):
+class EvaluationError(EdgefleetError):
     """The model or the evaluation data cannot be used as given."""
 
 

@@ -32,6 +32,7 @@ from edgefleet.converters.evaluate import (
 )
 from edgefleet.core.bundle.manifest import Manifest
 from edgefleet.core.drift import DEFAULT_BINS
+from edgefleet.core.errors import EdgefleetError
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,11 @@ _GENERATED = ("model_file", "files", "created_at", "created_by")
 _SELFTEST_KEYS = {"atol", "rtol", "argmax_output", "min_argmax_agreement"}
 
 
-class SpecError(Exception):
+class SpecError(EdgefleetError):
     """The model spec (manifest fields) is invalid; the message names the field."""
 
 
-class QualityGateError(Exception):
+class QualityGateError(EdgefleetError):
     """The quantized model lost more accuracy than allowed. No bundle was written."""
 
     def __init__(self, message: str, result: GateResult) -> None:

@@ -25,6 +25,7 @@ from edgefleet.converters.evaluate import (
     load_npz,
     quant_format_of,
 )
+from edgefleet.core.errors import EdgefleetError
 
 if TYPE_CHECKING:  # onnxruntime.quantization pulls in onnx: imported only when quantizing
     from onnxruntime.quantization import CalibrationDataReader, QuantType
@@ -41,7 +42,7 @@ CALIBRATION_BATCH = 32
 DEFAULT_CALIBRATION_SAMPLES = 1000
 
 
-class QuantizationError(Exception):
+class QuantizationError(EdgefleetError):
     """The model cannot be quantized as asked; the message says why and what to do."""
 
 

@@ -13,13 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from edgefleet.core.errors import EdgefleetError
+
 log = logging.getLogger(__name__)
 
 # Opset 17 runs on every ONNX Runtime since 1.13, which is older than any box we support.
 DEFAULT_OPSET = 17
 
 
-class SklearnConversionError(Exception):
+class SklearnConversionError(EdgefleetError):
     pass
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from edgefleet.core.errors import EdgefleetError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
@@ -24,7 +26,7 @@ INSTALL_HINT = (
 )
 
 
-class TorchExportError(Exception):
+class TorchExportError(EdgefleetError):
     pass
 
 

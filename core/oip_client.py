@@ -36,6 +36,7 @@ import orjson
 
 from edgefleet.core import __version__
 from edgefleet.core.bundle.manifest import NUMPY_TO_OIP, OIP_TO_NUMPY
+from edgefleet.core.errors import EdgefleetError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ _MAX_DIMS = 8
 T = TypeVar("T")
 
 
-class CloudError(Exception):
+class CloudError(EdgefleetError):
     """The cloud did not give a usable answer; ``reason`` is the fallback reason."""
 
     reason = "cloud_error"

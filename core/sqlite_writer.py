@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edgefleet.core.errors import EdgefleetError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 GROUP_COMMIT_MAX = 256  # jobs committed in one transaction at most
 
 
-class WriterClosed(RuntimeError):
+class WriterClosed(EdgefleetError, RuntimeError):
     """The writer was closed (or never opened) when a job was submitted."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from edgefleet.core.errors import EdgefleetError
 
-class LinkError(Exception):
+
+class LinkError(EdgefleetError):
     """Base of the connection's errors."""
 
 
