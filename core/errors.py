@@ -48,6 +48,10 @@ class EdgeError(EdgefleetError):
         super().__init__(message)
         self.message = message
 
+    def headers(self) -> dict[str, str] | None:
+        """HTTP headers the answer carries (e.g. ``Retry-After``); None: none."""
+        return None
+
 
 class BadRequest(EdgeError):
     """The caller sent something we cannot use (malformed JSON, wrong shape...)."""
@@ -73,6 +77,11 @@ class Unavailable(EdgeError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after is None:
+            return None
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
 
 class BundleError(EdgeError):

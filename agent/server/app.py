@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -23,8 +22,7 @@ from edgefleet.agent.server.tls import warn_if_exposed
 from edgefleet.agent.serving_registry import ModelRegistry
 from edgefleet.agent.store import ModelStore
 from edgefleet.core.bundle.signing import TrustStore
-from edgefleet.core.errors import EdgeError, Unavailable
-from edgefleet.core.http import error_response
+from edgefleet.core.http import error_middleware, error_response
 from edgefleet.core.processing.image import DecodeLimits, set_decode_limits
 
 if TYPE_CHECKING:
@@ -42,32 +40,15 @@ def _route_name(request: web.Request) -> str:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as ``{"error": ...}`` with the status its class names."""
-    metrics = request.app[SERVICES].metrics
-    try:
-        response = await handler(request)
-    except EdgeError as exc:
-        headers = None
-        if isinstance(exc, Unavailable) and exc.retry_after is not None:
-            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-        log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-        response = error_response(exc.message, exc.status, headers)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SERVICES].config.server.max_body_bytes
-        log.info("%s %s -> 413: body over %d bytes", request.method, request.path, limit)
-        response = error_response(f"request body larger than the {limit} byte limit", 413)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = error_response(exc.reason, exc.status)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        log.exception("bug while serving %s %s", request.method, request.path)
-        response = error_response(f"internal error ({type(exc).__name__})", 500)
-    metrics.http_requests.inc(_route_name(request), str(response.status))
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts every answer by route and status (outermost: errors are answers by now)."""
+    response = await handler(request)
+    request.app[SERVICES].metrics.http_requests.inc(_route_name(request), str(response.status))
     return response
+
+
+def _body_limit(request: web.Request) -> int:
+    return request.app[SERVICES].config.server.max_body_bytes
 
 
 @web.middleware
@@ -140,7 +121,8 @@ def create_app(config: AgentConfig) -> web.Application:
     # at start: without one, the auth layer is not installed at all (one coroutine frame
     # less on every request of the hot path).
     middlewares: list[Middleware] = [
-        error_middleware,
+        metrics_middleware,
+        error_middleware(_body_limit),
         request_guard.middleware(request_guard.RequestGuard(server), connections),
     ]
     if server.auth_token:
