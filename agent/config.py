@@ -153,8 +153,22 @@ class ModelRuntimeConfig(Section):
     batching: BatchingOverride = Field(default_factory=BatchingOverride)
 
 
+class ShadowConfig(Section):
+    """The shadow runner (agent/shadow.py): what a shadow candidate may take from the box."""
+
+    queue_size: int = Field(64, ge=1, description="items waiting; past it new ones are dropped")
+    cpu_budget: float = Field(
+        0.25, gt=0, le=64, description="share of one core the shadow may use (rolling window)"
+    )
+    budget_window_s: float = Field(10.0, gt=0, le=3600)
+    hard_examples_per_minute: int = Field(
+        60, ge=0, description="disagreements kept as hard examples, at most"
+    )
+
+
 class RuntimeConfig(BackendConfig):
     executor_threads: int = Field(0, ge=0, description="inference threads; 0: one per core")
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     # Keyed by model name, not by bundle, so it also covers versions the fleet installs.
     per_model: dict[str, ModelRuntimeConfig] = Field(default_factory=dict)

@@ -37,6 +37,7 @@ and a detector's box decoding in the inference executor.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,6 +53,8 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.metrics import Metrics
 from edgefleet.agent.provenance import Provenance
 from edgefleet.agent.serving_registry import LoadedVersion, ModelRegistry
+from edgefleet.agent.shadow import KIND as SHADOW_KIND
+from edgefleet.agent.shadow import ShadowRunner
 from edgefleet.agent.telemetry_stats import InferenceStats
 from edgefleet.core.bundle.manifest import Manifest
 from edgefleet.core.errors import EdgeError
@@ -94,6 +97,11 @@ class InferenceRequest(Generic[C]):
     scores: bool = False
     # ``time.perf_counter()`` at the request's arrival; None: when ``infer`` is called.
     received: float | None = None
+    # The app's routing key for a traffic split (agent/split.py), read only when the
+    # model has a split and the request names no version: a coroutine, because the
+    # OIP adapter finds it in the body (``parameters.routing_key``). It raises
+    # ``BadRequest`` for a bad key.
+    routing_key: Callable[[], Awaitable[str | None]] | None = None
 
 
 @dataclass
@@ -131,25 +139,44 @@ class DataPlane:
         self.local_source = "cloud" if config.profile == "cloud" else "edge"
         self.router = CloudRouter(config, registry, metrics, executor, telemetry_sink)
         self._unscored: set[tuple[str, str]] = set()  # versions whose scoring failed, logged
+        # Shadow candidates (agent/shadow.py): offered the active answers, after them.
+        self.shadow = ShadowRunner(
+            config.runtime.shadow,
+            registry,
+            metrics,
+            hard_examples=config.fallback.hard_examples if config.profile == "edge" else None,
+            store_path=config.store.path,
+        )
+        if stats is not None:
+            stats.add_source(SHADOW_KIND, self.shadow.take)
 
     async def lifecycle(self, app: object) -> AsyncIterator[None]:
         """An aiohttp cleanup context (started after the models load, stopped before
-        they unload): the cloud router's background work."""
+        they unload): the cloud router's background work, the shadow runner."""
         await self.router.start()
+        self.shadow.start(self.router.hard_examples)
         try:
             yield
         finally:
+            await self.shadow.close()
             await self.router.close()
 
     async def infer(self, request: InferenceRequest[C]) -> InferenceResponse[C]:
         """Resolve, decode, run, score, involve the cloud, record (see the module doc)."""
         received = time.perf_counter() if request.received is None else request.received
-        lv = self.registry.resolve(request.model, request.version)
+        key = None
+        if (
+            request.version is None
+            and request.routing_key is not None
+            and self.registry.split_for(request.model) is not None
+        ):
+            key = await request.routing_key()
+        lv = self.registry.resolve(request.model, request.version, routing_key=key)
         m = lv.manifest
         stats = self.stats
         try:
             given = await request.decode(m)
-            outputs, prov, scored = await self._answer(lv, given, received, request.scores)
+            outputs, prov, scored, edge = await self._answer(lv, given, received, request.scores)
         except Exception:
             if stats is not None:
                 stats.record_error(m.name, m.version, time.perf_counter() - received)
@@ -160,6 +187,8 @@ class DataPlane:
             confidence = scored.least_confident() if scored is not None else None
             stats.record(m.name, m.version, latency_s, prov.source, prov.fallback, confidence)
             stats.observe(m, lv.directory, given.tensors, scored)  # drift: binned off the loop
+        if self.registry.shadow_for(m.name) is not None:
+            self._offer_shadow(lv, given, edge, prov.edge_ms)
         return InferenceResponse(
             m,
             lv.backend.info.provider,
@@ -172,12 +201,13 @@ class DataPlane:
 
     async def _answer(
         self, lv: LoadedVersion, given: ModelInput[C], received: float, wants_scores: bool
-    ) -> tuple[Tensors, Provenance, Scored | None]:
+    ) -> tuple[Tensors, Provenance, Scored | None, Tensors]:
+        """The answer, its provenance and scores, and the edge model's own outputs."""
         m = lv.manifest
         inputs = given.tensors
         try:
             started = time.perf_counter()
-            outputs = await lv.runner.infer(inputs)
+            outputs = edge = await lv.runner.infer(inputs)
             prov = Provenance(
                 source=self.local_source,
                 edge_model=m.name,
@@ -209,7 +239,22 @@ class DataPlane:
             # fault and not a bug of the server's; logged here, with the model's name.
             log.error("%s:%s: inference failed", m.name, m.version, exc_info=exc)
             raise EdgeError(f"internal error ({type(exc).__name__})") from exc
-        return outputs, prov, scored
+        return outputs, prov, scored, edge
+
+    def _offer_shadow(
+        self, lv: LoadedVersion, given: ModelInput[C], edge: Tensors, edge_ms: float
+    ) -> None:
+        """Hand the active version's answer to the shadow runner once this request's
+        answer is on its way (``call_soon``: after the handler returns, never awaited).
+        Only answers of the active version: a split's canary or a named version is
+        not what the candidate would replace."""
+        m = lv.manifest
+        state = self.registry.known_state(m.name)
+        if state.active != m.version:
+            return
+        asyncio.get_running_loop().call_soon(
+            self.shadow.offer, m, given.tensors, edge, edge_ms, given.image
+        )
 
     async def _score_for_stats(self, m: Manifest, outputs: Tensors) -> Scored | None:
         """Scores wanted only for the fleet's histogram: a failure loses the confidence

@@ -198,6 +198,33 @@ class Metrics:
             "counter",
             (*mv, "provider"),
         )
+        # Shadow candidates (agent/shadow.py): items per outcome, per (model, active
+        # version, candidate); the latency ratio since the candidate was loaded.
+        shadow = (*mv, "candidate")
+        self.shadow_items = Counter(
+            "edgefleet_shadow_items_total",
+            "Shadow items by outcome (agreed, disagreed, dropped, error)",
+            "counter",
+            (*shadow, "outcome"),
+        )
+        self.shadow_latency_ratio = Gauge(
+            "edgefleet_shadow_latency_ratio",
+            "Candidate model time / active model time over the compared items",
+            "gauge",
+            shadow,
+        )
+        self.shadow_cpu = Counter(
+            "edgefleet_shadow_cpu_seconds_total",
+            "CPU time the shadow runner's worker spent (its budget's measure)",
+            "counter",
+            ("model", "candidate"),
+        )
+        self.shadow_queue = Gauge(
+            "edgefleet_shadow_queue_depth",
+            "Shadow items waiting for the shadow runner's worker",
+            "gauge",
+            (),
+        )
 
     def register(self, metric: _Metric | Histogram) -> None:
         """Add a series defined elsewhere (e.g. agent/cloud/metrics.py) to ``render``."""
@@ -219,6 +246,10 @@ class Metrics:
             self.batch_size,
             self.queue_waiting,
             self.provider_fallbacks,
+            self.shadow_items,
+            self.shadow_latency_ratio,
+            self.shadow_cpu,
+            self.shadow_queue,
         ):
             lines.extend(m.render())
         for extra in self._registered:

@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +39,7 @@ from edgefleet.agent.batcher import (
 from edgefleet.agent.config import BatchingConfig, ModelEntry, RuntimeConfig
 from edgefleet.agent.metrics import Metrics
 from edgefleet.agent.runner import ModelRunner, ServingHandle
+from edgefleet.agent.split import Split, SplitSource, to_canary
 from edgefleet.agent.store import ModelState, ModelStore
 from edgefleet.core.backends import Backend, accelerators, create_backend
 from edgefleet.core.bundle.manifest import Manifest
@@ -62,6 +65,38 @@ class LoadedVersion:
     @property
     def key(self) -> tuple[str, str]:
         return self.manifest.name, self.manifest.version
+
+
+@dataclass
+class ShadowVersion:
+    """A shadow candidate (issue 11): installed, loaded and self-tested like any
+    version, but not in the serving table: never resolved, activated or labelled.
+
+    Only the shadow runner's worker thread (agent/shadow.py) runs ``backend``, while
+    holding ``lock``; unloading takes the lock too and sets ``closed`` first, so a
+    candidate is never unloaded under a running inference. ``sample_rate`` may change
+    in place (the event loop writes it, the loop reads it).
+    """
+
+    manifest: Manifest
+    directory: Path
+    backend: Backend
+    self_test: str
+    loaded_at: float
+    sample_rate: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+def _close_shadow(sv: ShadowVersion) -> None:
+    # A worker thread (io executor): waits for the shadow runner's item in progress.
+    with sv.lock:
+        sv.closed = True
+        sv.backend.unload()
 
 
 @dataclass
@@ -115,6 +150,13 @@ class ModelRegistry:
         self.accelerators: dict[str, Any] = {}
         # Configured bundles (agent config ``models:``) refused at start: path -> why.
         self.config_errors: dict[str, str] = {}
+        # Issue 11: shadow candidates (not served) and traffic splits, per model.
+        self._shadows: dict[str, ShadowVersion] = {}
+        self._splits: dict[str, Split] = {}
+        self._rng = random.Random()
+        # Called (event loop, model name) after a split is set or ended: the sync
+        # reports it to the fleet.
+        self.split_listeners: list[Callable[[str], None]] = []
 
     async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -352,9 +394,13 @@ class ModelRegistry:
                 await self._retire(name, old)
 
     async def _retire(self, name: str, version: str) -> None:
-        """Unload ``version`` unless it still serves under a label, after it drains."""
+        """Unload ``version`` unless it still serves (active, a label's or the split's
+        canary), after it drains."""
         state = await self._state(name)
         if version == state.active or version in state.labels.values():
+            return
+        split = self._splits.get(name)
+        if split is not None and split.version == version:
             return
         lv = self._loaded.get(name, {}).pop(version, None)
         if lv is None:
@@ -388,8 +434,14 @@ class ModelRegistry:
 
     # ---- lookups (event loop, no I/O) ------------------------------------------
 
-    def resolve(self, name: str, version: str | None = None) -> LoadedVersion:
-        """The loaded version answering ``name`` at ``version`` (a version or a label)."""
+    def resolve(
+        self, name: str, version: str | None = None, *, routing_key: str | None = None
+    ) -> LoadedVersion:
+        """The loaded version answering ``name`` at ``version`` (a version or a label).
+
+        Without a version: the active one, or the split's canary for the split's share
+        of requests (agent/split.py; sticky per ``routing_key``) while it is loaded.
+        """
         state = self._states.get(name)
         versions = self._loaded.get(name)
         if state is None:
@@ -398,6 +450,14 @@ class ModelRegistry:
             target = state.active
             if target is None or not versions or target not in versions:
                 raise Unavailable(f"model {name!r} has no version ready to serve")
+            split = self._splits.get(name)
+            if (
+                split is not None
+                and split.version != target
+                and split.version in versions
+                and to_canary(split, name, routing_key, self._rng)
+            ):
+                return versions[split.version]
         else:
             target = state.labels.get(version, version)
             if target not in (versions or {}):
@@ -446,7 +506,123 @@ class ModelRegistry:
             self.metrics.model_ready.remove(name, version, "false" if is_active else "true")
             self.metrics.model_ready.set(name, version, "true" if is_active else "false", value=1)
 
+    # ---- shadow candidates and traffic splits (issue 11) ----------------------
+
+    def _load_shadow_blocking(self, name: str, version: str) -> tuple[Manifest, Path, Backend, str]:
+        """Worker thread: load and self-test ``version`` for the shadow runner. One
+        intra-op thread: the shadow runs on the runner's one worker thread, whose CPU
+        time (``time.thread_time``) is its budget, and must not fan out over the cores
+        the active version needs."""
+        directory = self.store.version_dir(name, version)
+        manifest = self.store.manifest(name, version)
+        runtime = self.runtime.model_copy(
+            update={
+                "onnx": self.runtime.onnx.model_copy(update={"intra_op_threads": 1}),
+                "litert": self.runtime.litert.model_copy(update={"num_threads": 1}),
+            }
+        )
+        backend = create_backend(directory / manifest.model_file, manifest, runtime, 1)
+        try:
+            backend.load()
+            summary = run_self_test(backend, manifest, directory)
+        except BaseException:
+            backend.unload()
+            raise
+        return manifest, directory, backend, summary
+
+    async def load_shadow(self, name: str, version: str, sample_rate: float) -> ShadowVersion:
+        """Load ``version`` (installed) as ``name``'s shadow candidate, replacing another
+        one; the same version again only takes the new ``sample_rate``. Raises
+        ``NotFound`` (not installed) or ``ModelLoadError`` (load or self-test failed);
+        the previous candidate then stays."""
+        async with self._lock(name):
+            await self._state(name)  # NotFound for an unknown model
+            current = self._shadows.get(name)
+            if current is not None and current.version == version:
+                current.sample_rate = sample_rate
+                return current
+            try:
+                manifest, directory, backend, summary = await self._blocking(
+                    self._load_shadow_blocking, name, version
+                )
+            except EdgeError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(f"{name}:{version} failed to load: {exc}") from exc
+            sv = ShadowVersion(manifest, directory, backend, summary, time.time(), sample_rate)
+            self._shadows[name] = sv
+            log.info(
+                "%s:%s loaded as shadow (sample rate %g), self-test %s",
+                name,
+                version,
+                sample_rate,
+                summary,
+            )
+            if current is not None:
+                await self._blocking(_close_shadow, current)
+            return sv
+
+    async def unload_shadow(self, name: str) -> bool:
+        """Drop ``name``'s shadow candidate; False when it had none."""
+        async with self._lock(name):
+            sv = self._shadows.pop(name, None)
+            if sv is None:
+                return False
+            await self._blocking(_close_shadow, sv)
+            log.info("unloaded shadow %s:%s", name, sv.version)
+            return True
+
+    def shadow_for(self, name: str) -> ShadowVersion | None:
+        """The model's shadow candidate (event loop, no I/O)."""
+        return self._shadows.get(name)
+
+    async def set_split(
+        self, name: str, version: str, weight: float, source: SplitSource = "fleet"
+    ) -> Split:
+        """Serve installed ``version`` to ``weight`` of ``name``'s requests (agent/split.py).
+
+        The canary is loaded and self-tested like a labelled version first; until then
+        (and if that fails: ``ModelLoadError``, the old split stays) nothing changes.
+        """
+        split = Split(version, weight, source)  # ValueError for a weight out of 0..1
+        async with self._lock(name):
+            state = await self._state(name)
+            await self._blocking(self.store.version_dir, name, version)  # 404 if absent
+            await self._ensure_loaded(name, version)
+            old = self._splits.get(name)
+            self._splits[name] = split
+            log.info("%s: version %s serves %.3g of requests (%s)", name, version, weight, source)
+            if old is not None and old.version not in (version, state.active):
+                await self._retire(name, old.version)
+        self._split_changed(name)
+        return split
+
+    async def clear_split(self, name: str) -> Split | None:
+        """End ``name``'s split (its canary unloads unless it serves otherwise)."""
+        async with self._lock(name):
+            await self._state(name)
+            old = self._splits.pop(name, None)
+            if old is not None:
+                log.info("%s: split to version %s ended", name, old.version)
+                await self._retire(name, old.version)
+        if old is not None:
+            self._split_changed(name)
+        return old
+
+    def _split_changed(self, name: str) -> None:
+        for listener in self.split_listeners:
+            try:
+                listener(name)
+            except Exception:  # a listener's bug must not undo the split
+                log.exception("split listener failed for %s", name)
+
+    def split_for(self, name: str) -> Split | None:
+        """The model's split (event loop, no I/O)."""
+        return self._splits.get(name)
+
     async def close(self) -> None:
+        for name in list(self._shadows):
+            await self._blocking(_close_shadow, self._shadows.pop(name))
         for name in list(self._loaded):
             for lv in self._loaded.pop(name).values():
                 await lv.runner.drain(5.0)

@@ -285,6 +285,8 @@ class DesiredStateSync:
         # The cloud router, set by the app (agent/server/app.py) before start(): fleet
         # fallback policies are applied there and reported from there.
         self.policies: FallbackPolicies | None = None
+        # A split set or ended locally (PUT /v1/models/{m}/split) is reported at once.
+        registry.split_listeners.append(lambda name: self._publish_reported())
 
     # ---------------------------------------------------------------- lifecycle
 

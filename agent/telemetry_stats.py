@@ -87,6 +87,9 @@ _N_CONFIDENCE = len(CONFIDENCE_BOUNDS) + 1
 
 # Writes a batch of records (``Outbox.add``); injectable for the unit tests.
 RecordSink = Callable[[Iterable[NewRecord]], Awaitable[Any]]
+# Another producer of windowed records flushed with these (agent/shadow.py's
+# ``shadow_stats``): called on the event loop once a window, returns the records' data.
+RecordSource = Callable[[], list[dict[str, Any]]]
 
 
 class _Window:
@@ -322,6 +325,12 @@ class InferenceStats:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.drift = DriftMonitor()
+        self._sources: list[tuple[str, RecordSource]] = []
+
+    def add_source(self, kind: str, take: RecordSource) -> None:
+        """Flush ``take()``'s records as ``kind`` with every window (the same interval
+        and outbox write; on a clean stop, the last partial window too)."""
+        self._sources.append((kind, take))
 
     # ---- hot path (event loop, every request) -------------------------------------------
 
@@ -419,6 +428,14 @@ class InferenceStats:
         records = [NewRecord(KIND, d, Priority.LOW) for d in docs]
         records += [NewRecord(DRIFT_KIND, d, Priority.LOW) for d in drift_docs]
         docs += drift_docs
+        for kind, take in self._sources:
+            try:
+                more = take()
+            except Exception:  # a defect of one producer must not lose the others
+                log.exception("%s records not built", kind)
+                continue
+            records += [NewRecord(kind, d, Priority.LOW) for d in more]
+            docs += more
         if not docs:
             return 0  # a quiet window sends nothing
         try:

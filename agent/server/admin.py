@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edgefleet.agent.server.context import services
+from edgefleet.agent.server.context import data_plane, services
 from edgefleet.core.errors import BadRequest, PayloadTooLarge
 from edgefleet.core.http import json_response, read_json_object
 
@@ -51,6 +51,7 @@ def model_status(request: web.Request, name: str) -> dict[str, Any]:
                 "batching": lv.runner.describe(),
             }
         versions.append(row)
+    split = registry.split_for(name)
     return {
         "name": name,
         "active": state.active,
@@ -58,6 +59,12 @@ def model_status(request: web.Request, name: str) -> dict[str, Any]:
         "labels": state.labels,
         "last_error": state.last_error,
         "versions": versions,
+        # Issue 11: the shadow candidate (not served) with its agreement figures since
+        # start, and the traffic split in force (agent/shadow.py, agent/split.py).
+        "shadow": data_plane(request).shadow.describe(name),
+        "split": None
+        if split is None
+        else {"version": split.version, "weight": split.weight, "source": split.source},
     }
 
 
@@ -145,6 +152,39 @@ async def set_label(request: web.Request) -> web.Response:
     registry.known_state(name)
     await registry.set_label(name, label, version)
     return json_response({"name": name, "label": label, "version": version})
+
+
+@routes.put("/v1/models/{model}/split")
+async def set_split(request: web.Request) -> web.Response:
+    """Serve ``version`` (installed) to ``weight`` (0..1) of the requests that name no
+    version (agent/split.py); replaces the fleet's split until its next desired state."""
+    name = request.match_info["model"]
+    doc = await read_json_object(request)
+    version, weight = doc.get("version"), doc.get("weight")
+    if not isinstance(version, str) or not version:
+        raise BadRequest("body needs a string 'version'")
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise BadRequest("body needs a number 'weight' in 0..1")
+    if not 0.0 <= weight <= 1.0:
+        raise BadRequest(f"weight {weight} is not in 0..1")
+    registry = services(request).registry
+    state = registry.known_state(name)
+    if version == state.active:
+        raise BadRequest(f"version {version} is the active version of {name}: nothing to split")
+    split = await registry.set_split(name, version, float(weight), "local")
+    return json_response(
+        {"name": name, "version": split.version, "weight": split.weight, "source": split.source}
+    )
+
+
+@routes.delete("/v1/models/{model}/split")
+async def clear_split(request: web.Request) -> web.Response:
+    """End the model's split (the fleet's too, until its next desired state)."""
+    name = request.match_info["model"]
+    registry = services(request).registry
+    registry.known_state(name)
+    old = await registry.clear_split(name)
+    return json_response({"name": name, "split": None, "ended": old is not None})
 
 
 @routes.get("/metrics")

@@ -17,6 +17,7 @@ from aiohttp import web
 from edgefleet.agent.dataplane import InferenceRequest, InferenceResponse, ModelInput
 from edgefleet.agent.provenance import Provenance
 from edgefleet.agent.server.context import data_plane, services
+from edgefleet.agent.split import http_routing_key
 from edgefleet.core.bundle.manifest import ClassificationPost, Manifest
 from edgefleet.core.errors import BadRequest
 from edgefleet.core.http import json_response
@@ -90,8 +91,16 @@ async def predict_image(request: web.Request) -> web.Response:
             {spec.input: tensor}, ImageQuery(transform, top_k), allow_cloud=allow_cloud, image=data
         )
 
+    async def routing_key() -> str | None:  # a traffic split's (agent/split.py)
+        try:
+            return http_routing_key(request.headers, request.query)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+
     answer = await data_plane(request).infer(
-        InferenceRequest(request.match_info["model"], version, decode, scores=True)
+        InferenceRequest(
+            request.match_info["model"], version, decode, scores=True, routing_key=routing_key
+        )
     )
     m = answer.manifest
     return json_response(

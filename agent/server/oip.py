@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from edgefleet.agent.dataplane import InferenceRequest, ModelInput
@@ -21,6 +22,7 @@ from edgefleet.agent.server.tensors import (
     encode_response,
 )
 from edgefleet.agent.serving_registry import LoadedVersion
+from edgefleet.agent.split import check_routing_key, http_routing_key
 from edgefleet.core import __version__
 from edgefleet.core.bundle.manifest import Manifest
 from edgefleet.core.errors import BadRequest, NotFound, Unavailable
@@ -120,7 +122,12 @@ async def infer(request: web.Request) -> web.Response:
         return ModelInput(req.inputs, req, allow_cloud=_allow_cloud(req.parameters))
 
     answer = await data_plane(request).infer(
-        InferenceRequest(request.match_info["model"], _version_param(request), decode)
+        InferenceRequest(
+            request.match_info["model"],
+            _version_param(request),
+            decode,
+            routing_key=lambda: _routing_key(request),
+        )
     )
     m = answer.manifest
     head = {
@@ -141,6 +148,30 @@ async def infer(request: web.Request) -> web.Response:
         content_type="application/octet-stream",
         headers={HEADER_LENGTH: str(header_len)},
     )
+
+
+async def _routing_key(request: web.Request) -> str | None:
+    """A traffic split's routing key (agent/split.py): the ``X-Routing-Key`` header,
+    ``?routing_key=``, or the request's ``parameters.routing_key``. Read only when
+    the model has a split: the body's JSON (its header part, for binary tensors) is
+    then parsed once more, for the parameters alone; a body that does not parse is
+    left for the decoder to refuse."""
+    try:
+        key = http_routing_key(request.headers, request.query)
+        if key is not None:
+            return key
+        body = await request.read()
+        n = request.headers.get(HEADER_LENGTH)
+        try:
+            doc = orjson.loads(body[: int(n)] if n is not None else body)
+        except (ValueError, orjson.JSONDecodeError):
+            return None
+        params = doc.get("parameters") if isinstance(doc, dict) else None
+        if not isinstance(params, dict) or "routing_key" not in params:
+            return None
+        return check_routing_key(params["routing_key"], "parameter 'routing_key'")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def provenance_parameters(prov: Provenance) -> dict[str, Any]:
