@@ -135,6 +135,8 @@ class DataPlane:
         self.metrics = metrics
         self.executor = executor
         self.stats = stats
+        if stats is not None:
+            metrics.register(stats.drift.gauge)  # edgefleet_drift_psi on /metrics
         # The cloud profile is the end of the line: it answers itself, as "cloud".
         self.local_source = "cloud" if config.profile == "cloud" else "edge"
         self.router = CloudRouter(config, registry, metrics, executor, telemetry_sink)

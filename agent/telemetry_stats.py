@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from edgefleet.agent.metrics import Gauge
 from edgefleet.agent.outbox import NewRecord, Priority
 from edgefleet.core import drift, protocol
 from edgefleet.core.bundle.manifest import Manifest
@@ -162,6 +163,28 @@ class DriftMonitor:
         self._versions: dict[tuple[str, str], _DriftVersion] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.current: dict[tuple[str, str], dict[str, Any]] = {}
+        # Registered with the agent's /metrics by the data plane; set at each flush.
+        self.gauge = Gauge(
+            "edgefleet_drift_psi",
+            "Input drift of the last window with figures: PSI against the bundle's reference"
+            " profile; feature max or mean over the inputs, output: the answers",
+            "gauge",
+            ("model", "version", "feature"),
+        )
+
+    def status(self, manifest: Manifest) -> dict[str, Any]:
+        """The version's current drift, for its model metadata: the last record's
+        figures, or null figures and why."""
+        key = (manifest.name, manifest.version)
+        doc = self.current.get(key)
+        if doc is None:
+            reason = "no drift window yet"
+            if manifest.reference_profile is None:
+                reason = drift.NO_PROFILE
+            doc = {"samples": 0, "drift_reason": reason}
+        figures = ("psi_max", "psi_mean", "psi_output", "js_max", "js_output")
+        out = {k: doc.get(k) for k in ("window_start", "window_s", "samples", *figures)}
+        return out | {"drift_reason": doc.get("drift_reason")}
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -254,6 +277,8 @@ class DriftMonitor:
         for key, v in list(self._versions.items()):
             if v.seen == 0:
                 del self._versions[key]
+                for feature in ("max", "mean", "output"):
+                    self.gauge.remove(*key, feature)
                 continue
             if v.job is not None:
                 with contextlib.suppress(Exception):
@@ -299,7 +324,12 @@ class DriftMonitor:
             if score is None or score.reason is None:
                 v.window_start, v.window_t0 = now, t1
             out.append(doc)
-            self.current[key] = doc
+            if doc["drift_reason"] is None or key not in self.current:
+                self.current[key] = doc  # too few samples keep the last figures shown
+            for feature in ("max", "mean", "output"):
+                value = doc[f"psi_{feature}"]
+                if value is not None:
+                    self.gauge.set(*key, feature, value=value)
         return out
 
     async def close(self) -> None:

@@ -88,9 +88,18 @@ def model_metadata(lv: LoadedVersion, request: web.Request) -> dict[str, Any]:
             "fallback": m.fallback.model_dump(),
             # The bundle's defaults with this agent's config laid over them.
             "fallback_effective": data_plane(request).router.policy(m).describe(m.labels),
+            # Input drift against the bundle's reference profile (agent/telemetry_stats.py).
+            "drift": _drift(request, m),
             "metrics": m.metrics,
         },
     }
+
+
+def _drift(request: web.Request, m: Manifest) -> dict[str, Any]:
+    stats = data_plane(request).stats
+    if stats is None:  # the aggregates run with a fleet link only
+        return {"samples": 0, "drift_reason": "no fleet link: drift is not computed"}
+    return stats.drift.status(m)
 
 
 @routes.get("/v2/models/{model}")

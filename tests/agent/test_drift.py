@@ -16,6 +16,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from edgefleet.agent.fleet_link import FLEET
 from edgefleet.agent.telemetry_stats import DRIFT_KIND, DriftMonitor
 from edgefleet.converters.bundler import build_bundle
 from edgefleet.converters.gate import prepare_spec
@@ -23,7 +24,7 @@ from edgefleet.core import protocol
 from edgefleet.core.bundle.signing import load_private_key
 from edgefleet.core.drift import NO_PROFILE
 from models.digits import EDGE_SPEC, INPUT, load_split
-from tests.support.brokers import Mosquitto
+from tests.support.brokers import Mosquitto, eventually
 from tests.support.brokers import agent_fleet_section as fleet_section
 from tests.support.tiny import agent_config
 
@@ -197,3 +198,42 @@ def test_impossible_drift_figures_are_refused(mutate: Any, reason: str) -> None:
     protocol.DriftStats.from_obj(good)
     with pytest.raises(protocol.WireError, match=reason):
         protocol.DriftStats.from_obj(mutate(dict(good)))
+
+
+async def test_current_drift_in_model_metadata_and_metrics(
+    mosquitto: Mosquitto, start_agent: Any, digits: Any, keys: Any, tmp_path: Path
+) -> None:
+    old = digits_bundle(digits, keys, tmp_path, "e0", profile=False)
+    new = digits_bundle(digits, keys, tmp_path, "e1", profile=True)
+    fleet = fleet_section(mosquitto.port, tmp_path)
+    fleet["telemetry"]["stats_interval_s"] = 0.2
+    agent = await start_agent(agent_config(tmp_path, keys, [old], device_id=DEV, fleet=fleet))
+    meta_url = f"{agent.base}/v2/models/digits-edge"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(meta_url) as r:
+            drift = (await r.json())["parameters"]["drift"]
+        assert drift["psi_max"] is None and drift["drift_reason"] == NO_PROFILE
+        await activate(session, agent.base, new)
+        await send(session, agent.base, 16.0 - load_split().x_test[:150])
+        monitor = agent.app[FLEET].stats.drift
+        key = ("digits-edge", "e1")
+        await eventually(lambda: monitor.current.get(key, {}).get("psi_max"), within=10)
+        async with session.get(meta_url) as r:
+            drift = (await r.json())["parameters"]["drift"]
+        # The windows turn while the requests come: the first with 100 items has figures.
+        assert 100 <= drift["samples"] <= 150 and drift["drift_reason"] is None
+        assert drift["psi_max"] > 5 and drift["psi_mean"] > 1 and drift["psi_output"] > 0.5
+        async with session.get(f"{agent.base}/metrics") as r:
+            text = await r.text()
+        for feature in ("max", "mean", "output"):
+            line = next(
+                ln
+                for ln in text.splitlines()
+                if ln.startswith(
+                    f'edgefleet_drift_psi{{model="digits-edge",version="e1",feature="{feature}"}}'
+                )
+            )
+            assert float(line.split()[-1]) == pytest.approx(drift[f"psi_{feature}"], rel=1e-4)
+        assert 'version="e0"' not in "".join(
+            ln for ln in text.splitlines() if ln.startswith("edgefleet_drift_psi")
+        )
