@@ -35,6 +35,7 @@ from edgefleet.core import __version__
 from edgefleet.core.errors import BadRequest, EdgeError, NotFound
 from edgefleet.core.http import error_response, json_response, read_json_object
 from edgefleet.core.mqtt.errors import LinkClosed, PublishTimeout
+from edgefleet.fleet import gates
 from edgefleet.fleet.bundle_registry import BundleFile, Registry
 from edgefleet.fleet.devices import Devices, Unauthorized
 
@@ -561,10 +562,22 @@ async def assign(request: web.Request) -> web.Response:
         value = ""
     else:
         raise BadRequest(f"unknown target {kind!r}: use device, group or all")
+    unknown = sorted(set(doc) - _ASSIGN_KEYS - _PLAN_KEYS)
+    if unknown:
+        # A typo ("gate") must not start a rollout without its gates.
+        raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))}")
     share = doc.get("max_failure_share", api.max_failure_share)
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
         raise BadRequest("max_failure_share must be a number in 0..1")
+    plan = _plan_of(doc, float(share))
     bus = api.need_bus()
+    if plan is not None:
+        if kind == "device":
+            raise BadRequest("a rollout plan applies to a group or all devices, not to one device")
+        rollout = await _bus_call(
+            lambda: bus.rollouts.start(model, version, target_kind=kind, target=value, plan=plan)
+        )
+        return json_response(_jsonable(rollout), 201)
     if doc.get("waves") is None:
         assignment_id = await _bus_call(
             lambda: bus.desired.assign(model, version, target_kind=kind, target=value)
@@ -587,6 +600,30 @@ async def assign(request: web.Request) -> web.Response:
         )
     )
     return json_response(_jsonable(rollout), 201)
+
+
+_ASSIGN_KEYS = frozenset({"model", "version", "target", "waves", "max_failure_share", "plan"})
+# Plan fields (fleet/gates.py Plan) that may also be given at the top level.
+_PLAN_KEYS = frozenset(gates.Plan.model_fields) - {"waves", "max_failure_share"}
+
+
+def _plan_of(doc: dict[str, Any], share: float) -> gates.Plan | None:
+    """The rollout plan of an assignment body: ``plan`` (an object), or plan fields at
+    the top level beside ``waves``; None for a plain assignment or a plain waves
+    rollout. ``BadRequest`` (400) with the first problem: nothing is stored."""
+    top = {k: doc[k] for k in _PLAN_KEYS if k in doc}
+    if "plan" in doc:
+        if top or "waves" in doc:
+            raise BadRequest("give the plan either as plan or as top-level fields, not both")
+        body = doc["plan"]
+        if isinstance(body, dict) and "max_failure_share" not in body:
+            body = {**body, "max_failure_share": share}
+        return gates.parse_plan(body)
+    if not top:
+        return None
+    if doc.get("waves") is None:
+        raise BadRequest("a rollout plan needs waves, e.g. [1, '10%', '100%']")
+    return gates.parse_plan({**top, "waves": doc["waves"], "max_failure_share": share})
 
 
 @routes.get("/v1/rollouts")

@@ -464,6 +464,47 @@ def parse_waves_arg(text: str) -> list[int | str]:
     return waves
 
 
+def plan_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--plan plan.yaml`` (docs/fleet.md, "Rollout plans and gates") with the plan
+    flags on top; None when neither is given (a plain assignment or waves rollout).
+    The fleet validates the result (HTTP 400 with the first problem)."""
+    plan: dict[str, Any] = {}
+    if args.plan:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(args.plan).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--plan {args.plan}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--plan {args.plan}: a YAML mapping with waves, gates, ...")
+        plan = dict(loaded)
+    if args.gate:
+        plan["gates"] = list(args.gate)
+    for flag, key in (
+        ("on_fail", "on_fail"),
+        ("min_requests", "min_requests"),
+        ("promote", "promote"),
+    ):
+        if getattr(args, flag) is not None:
+            plan[key] = getattr(args, flag)
+    shadow = dict(plan.get("shadow") or {})
+    for flag, key in (
+        ("shadow_devices", "devices"),
+        ("shadow_min_items", "min_items"),
+        ("shadow_min_duration", "min_duration_s"),
+        ("shadow_sample_rate", "sample_rate"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            shadow[key] = int(value) if key == "devices" and value.isdigit() else value
+    if args.shadow_gate:
+        shadow["gates"] = list(args.shadow_gate)
+    if shadow:
+        plan["shadow"] = shadow
+    return plan or None
+
+
 def cmd_assign(args: argparse.Namespace, client: Client) -> int:
     if args.device:
         target: dict[str, Any] = {"device": args.device}
@@ -481,6 +522,13 @@ def cmd_assign(args: argparse.Namespace, client: Client) -> int:
             ) from None
     if args.max_failure_share is not None:
         body["max_failure_share"] = args.max_failure_share
+    plan = plan_from_args(args)
+    if plan is not None:
+        if "waves" in body:
+            plan["waves"] = body.pop("waves")
+        if "waves" not in plan:
+            raise ConfigError("a rollout plan needs waves: --waves 1,10%,100% or waves: in --plan")
+        body["plan"] = plan
     doc = client.post("/v1/assignments", body)
 
     def human(d: dict[str, Any]) -> None:
@@ -496,6 +544,7 @@ def cmd_assign(args: argparse.Namespace, client: Client) -> int:
 
 
 _TERMINAL = ("completed", "stopped", "rolled_back")
+_FAILED = ("stopped", "rolled_back")
 
 
 def _wave_counts(w: dict[str, Any]) -> str:
@@ -533,6 +582,32 @@ def print_rollout(r: dict[str, Any]) -> None:
         print(f"  failed {f.get('device_id')}: {f.get('reason')}")
     if len(failures) > 20:
         print(f"  … and {len(failures) - 20} more failures")
+    plan = r.get("plan")
+    if isinstance(plan, dict):
+        stage = r.get("stage")
+        print(f"  stage: {stage}; on a failed gate: {plan.get('on_fail')}")
+        if plan.get("shadow"):
+            print(f"  shadow on: {', '.join(r.get('shadow_devices') or []) or '-'}")
+        for d in r.get("decisions") or []:
+            where = "shadow" if d.get("stage") == "shadow" else f"wave {d.get('wave')}"
+            print(f"  {where}: gates {d.get('outcome')}")
+            for g in d.get("gates") or []:
+                print(f"    {g.get('outcome')}: {g.get('gate')}: {g.get('why')}")
+    ev = r.get("evidence")
+    if isinstance(ev, dict):
+        print(f"  evidence ({ev.get('action')}): gate {ev.get('gate')!r}")
+        for g in ev.get("failed") or []:
+            c, b = g.get("canary") or {}, g.get("baseline") or {}
+            print(
+                f"    canary {c.get('value')} (n={c.get('n')},"
+                f" 95% {c.get('low')}..{c.get('high')}),"
+                f" baseline {b.get('value')} (n={b.get('n')}), threshold {g.get('threshold')}"
+            )
+        served = ev.get("devices_served") or []
+        print(
+            f"    served by {ev.get('devices_served_count', len(served))} device(s):"
+            f" {', '.join(served) or '-'}"
+        )
 
 
 def cmd_rollout_status(args: argparse.Namespace, client: Client) -> int:
@@ -541,6 +616,8 @@ def cmd_rollout_status(args: argparse.Namespace, client: Client) -> int:
             doc = client.get(f"/v1/rollouts/{_q(args.id)}")
         else:
             doc = client.get("/v1/rollouts")
+        # For scripts: a stopped or rolled-back rollout is a failure (exit 3).
+        failed = 3 if args.id and doc.get("state") in _FAILED else 0
         if args.json:
             print(json.dumps(doc, indent=2, sort_keys=True), flush=True)
         elif args.id:
@@ -564,10 +641,10 @@ def cmd_rollout_status(args: argparse.Namespace, client: Client) -> int:
                 )
             table(rows)
         if not args.watch:
-            return 0
+            return failed
         rollouts = [doc] if args.id else doc.get("rollouts", [])
         if rollouts and all(r.get("state") in _TERMINAL for r in rollouts):
-            return 0
+            return failed
         sys.stdout.flush()
         time.sleep(args.interval)
         if not args.json:
@@ -851,6 +928,20 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--all", action="store_true")
     s.add_argument("--waves", help="staged rollout, e.g. 1,10%%,100%%")
     s.add_argument("--max-failure-share", type=float)
+    s.add_argument("--plan", help="rollout plan YAML (docs/fleet.md, Rollout plans and gates)")
+    s.add_argument(
+        "--gate",
+        action="append",
+        help="gate on every serving wave, e.g. 'error_rate <= baseline + 0.01' (repeatable)",
+    )
+    s.add_argument("--on-fail", choices=["stop", "rollback"], help="default rollback")
+    s.add_argument("--min-requests", type=int, help="canary requests per wave before deciding")
+    s.add_argument("--promote", help="label moved to the version on success (default stable)")
+    s.add_argument("--shadow-devices", help="shadow stage first: a count or a share like 10%%")
+    s.add_argument("--shadow-gate", action="append", help="e.g. 'shadow_agreement >= 0.97'")
+    s.add_argument("--shadow-min-items", type=int, help="compared items before deciding")
+    s.add_argument("--shadow-min-duration", type=float, help="bake time, seconds")
+    s.add_argument("--shadow-sample-rate", type=float, help="share of requests (default 1)")
 
     rollout = sub.add_parser("rollout", help="staged rollouts").add_subparsers(
         dest="sub", required=True

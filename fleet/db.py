@@ -213,7 +213,61 @@ def _m2_revocation(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE devices ADD COLUMN revoked_at REAL")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_revocation]
+def _m3_rollout_gates(db: sqlite_utils.Database) -> None:
+    # Issue 11, gated rollouts (fleet/gates.py, fleet/rollouts.py). A rollout's plan (JSON,
+    # NULL for a plain waves rollout), its stage (shadow | serving), when the shadow
+    # stage and the first serving wave started, and the evidence of the gate that
+    # stopped or rolled it back (JSON).
+    for column, kind in (
+        ("plan", "TEXT"),
+        ("stage", "TEXT"),
+        ("stage_started_at", "REAL"),
+        ("serving_started_at", "REAL"),
+        ("evidence", "TEXT"),
+    ):
+        db.execute(f"ALTER TABLE rollouts ADD COLUMN {column} {kind}")
+    # 1: the device runs the candidate in shadow during the shadow stage.
+    db.execute("ALTER TABLE rollout_devices ADD COLUMN shadow INTEGER NOT NULL DEFAULT 0")
+    # Every gate decision that passed or failed a stage (not the waits).
+    db.table("rollout_decisions").create(
+        {
+            "id": int,
+            "rollout_id": str,
+            "stage": str,  # shadow | wave
+            "wave": int,
+            "outcome": str,  # pass | fail
+            "evidence": str,  # JSON list: one fleet.gates.Evidence per gate
+            "at": float,
+        },
+        pk="id",
+    )
+    db.table("rollout_decisions").create_index(["rollout_id"])
+    # Rate signals unpacked from telemetry records for the gates: ``k`` of ``n`` items
+    # (agreeing of compared), per record, device, model, version and signal.
+    # shadow_agreement: ``version`` is the candidate, ``other`` the active version;
+    # cloud_agreement: from fallback_stats agreement rows (audited and escalated).
+    db.table("signal_counts").create(
+        {
+            "record_id": str,
+            "device_id": str,
+            "model": str,
+            "version": str,
+            "other": str,
+            "signal": str,
+            "k": int,
+            "n": int,
+            "received_at": float,
+        },
+        pk=("record_id", "model", "version", "signal"),
+    )
+    db.table("signal_counts").create_index(["model", "version", "signal", "received_at"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _m1_initial,
+    _m2_revocation,
+    _m3_rollout_gates,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

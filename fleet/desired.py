@@ -89,6 +89,8 @@ class Snapshot:
     reached: set[tuple[str, str]]  # (rollout id, device id) of live rollouts
     versions: dict[tuple[str, str], tuple[str, int]]  # (name, version) → (sha256, size)
     labels: dict[str, dict[str, str]]  # model → label → version
+    # (model, device) → (candidate version, sample rate): shadow stages of live rollouts
+    shadows: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> Snapshot:
@@ -114,10 +116,20 @@ class Snapshot:
             for r in conn.execute(
                 "SELECT rd.rollout_id, rd.device_id FROM rollout_devices rd"
                 " JOIN rollouts r ON r.id = rd.rollout_id"
-                f" WHERE r.state IN ({placeholders}) AND rd.state != 'waiting'",
+                # rolled_back rows: devices a gate stop withdrew (sticky abort)
+                f" WHERE r.state IN ({placeholders})"
+                " AND rd.state NOT IN ('waiting', 'rolled_back')",
                 ROLLOUT_LIVE,
             )
         }
+        shadows: dict[tuple[str, str], tuple[str, float]] = {}
+        for model, version, device_id, plan in conn.execute(
+            "SELECT r.model, r.version, rd.device_id, r.plan FROM rollouts r"
+            " JOIN rollout_devices rd ON rd.rollout_id = r.id"
+            " WHERE r.state IN ('running', 'paused') AND r.stage = 'shadow' AND rd.shadow = 1"
+        ):
+            rate = float(((loads(plan) or {}).get("shadow") or {}).get("sample_rate", 1.0))
+            shadows[(model, device_id)] = (version, rate)
         versions = {
             (r[0], r[1]): (r[2], int(r[3]))
             for r in conn.execute("SELECT name, version, sha256, size FROM model_versions")
@@ -125,7 +137,7 @@ class Snapshot:
         labels: dict[str, dict[str, str]] = {}
         for name, label, version in conn.execute("SELECT name, label, version FROM model_labels"):
             labels.setdefault(name, {})[label] = version
-        return cls(models, reached, versions, labels)
+        return cls(models, reached, versions, labels, shadows)
 
     def applies(self, a: Assignment, device_id: str) -> bool:
         if a.rollout_id is None:
@@ -236,6 +248,21 @@ def check_target(kind: str, target: str) -> tuple[str, str]:
     return kind, target
 
 
+def resolve_version_in(conn: sqlite3.Connection, model: str, version: str) -> str:
+    """``version`` if the registry has it, else the version the fleet label ``version``
+    names now (``edge-fleet assign digits-edge staging``); unchanged when neither (the
+    caller's ``insert_assignment`` then refuses it). Any thread."""
+    found = conn.execute(
+        "SELECT 1 FROM model_versions WHERE name = ? AND version = ?", (model, version)
+    ).fetchone()
+    if found is not None:
+        return version
+    row = conn.execute(
+        "SELECT version FROM model_labels WHERE name = ? AND label = ?", (model, version)
+    ).fetchone()
+    return version if row is None else str(row[0])
+
+
 def insert_assignment(
     conn: sqlite3.Connection,
     model: str,
@@ -244,7 +271,9 @@ def insert_assignment(
     target: str,
     rollout_id: str | None,
 ) -> int:
-    """Writer thread. Checks the version exists (and the device, for a device target)."""
+    """Writer thread. Checks the version exists (and the device, for a device target);
+    ``version`` may be a fleet label (``resolve_version_in``)."""
+    version = resolve_version_in(conn, model, version)
     found = conn.execute(
         "SELECT 1 FROM model_versions WHERE name = ? AND version = ?", (model, version)
     ).fetchone()
@@ -412,8 +441,27 @@ class DesiredStates:
                 # elsewhere then changes only the documents it concerns.
                 labels={k: v for k, v in snap.labels.get(name, {}).items() if v == a.version},
                 rollout=a.rollout_id,
+                shadow=self._shadow(snap, name, device_id, a.version),
             )
         return models
+
+    def _shadow(
+        self, snap: Snapshot, model: str, device_id: str, version: str
+    ) -> protocol.DesiredShadow | None:
+        """The shadow candidate of a rollout's shadow stage for this device, if any."""
+        found = snap.shadows.get((model, device_id))
+        if found is None or found[0] == version:
+            return None
+        info = snap.versions.get((model, found[0]))
+        if info is None:
+            return None
+        return protocol.DesiredShadow(
+            version=found[0],
+            url=self.bundle_url(model, found[0]),
+            sha256=info[0],
+            size=info[1],
+            sample_rate=found[1],
+        )
 
     # ------------------------------------------------------------------ loop side
 

@@ -112,6 +112,7 @@ class IngestStats:
     bad_stats: int = 0  # inference_stats records stored raw only: invalid data
     bad_event_records: int = 0  # event records stored raw only: not a valid event
     bad_fallback_stats: int = 0  # fallback_stats records stored raw only: invalid data
+    bad_shadow_stats: int = 0  # shadow_stats records stored raw only: invalid data
     write_errors: int = 0  # write jobs that failed (nothing acked)
     rejected: dict[str, int] = field(default_factory=dict)  # reason → messages
     rejected_by_leaf: dict[str, int] = field(default_factory=dict)  # leaf → messages
@@ -267,6 +268,43 @@ class BatchMsg:
     bad_events: int
     bad_fallback: int
     received_at: float
+    signals: list[tuple[Any, ...]] = field(default_factory=list)  # signal_counts rows
+    bad_shadow: int = 0
+
+
+def signal_rows(
+    record_id: str, device_id: str, data: protocol.FallbackStats | protocol.ShadowStats, t: float
+) -> list[tuple[Any, ...]]:
+    """The rate signals the rollout gates read (fleet/gates.py), as ``signal_counts``
+    rows: cloud agreement per model version from ``fallback_stats``, shadow agreement
+    per (model, candidate) from ``shadow_stats``."""
+    if isinstance(data, protocol.ShadowStats):
+        if not data.compared:
+            return []
+        return [
+            (
+                record_id,
+                device_id,
+                data.model,
+                data.candidate,
+                data.version,
+                "shadow_agreement",
+                data.agreed,
+                data.compared,
+                t,
+            )
+        ]
+    agree: dict[tuple[str, str], list[int]] = {}
+    for a in data.agreement:
+        kn = agree.setdefault((a.model, a.version), [0, 0])
+        kn[1] += a.n
+        if a.agree == "true":
+            kn[0] += a.n
+    return [
+        (record_id, device_id, m, v, None, "cloud_agreement", k, n, t)
+        for (m, v), (k, n) in agree.items()
+        if n
+    ]
 
 
 def batch_msg(b: protocol.TelemetryBatch, t: float) -> BatchMsg:
@@ -277,7 +315,8 @@ def batch_msg(b: protocol.TelemetryBatch, t: float) -> BatchMsg:
     rows: list[tuple[Any, ...]] = []
     stats: list[tuple[Any, ...]] = []
     events: list[tuple[Any, ...]] = []
-    bad_stats = bad_events = bad_fallback = 0
+    bad_stats = bad_events = bad_fallback = bad_shadow = 0
+    signals: list[tuple[Any, ...]] = []
     for i, r in enumerate(b.records):
         text = orjson.dumps(r.data).decode()
         if len(text) > protocol.MAX_RECORD_BYTES:
@@ -301,11 +340,31 @@ def batch_msg(b: protocol.TelemetryBatch, t: float) -> BatchMsg:
                 bad_events += 1
         elif r.kind == "fallback_stats":
             try:
-                protocol.FallbackStats.from_obj(r.data)
+                fb = protocol.FallbackStats.from_obj(r.data)
             except protocol.WireError:
                 bad_fallback += 1
+                continue
+            signals.extend(signal_rows(r.id, device_id, fb, t))
+        elif r.kind == "shadow_stats":
+            try:
+                sh = protocol.ShadowStats.from_obj(r.data)
+            except protocol.WireError:
+                bad_shadow += 1
+                continue
+            signals.extend(signal_rows(r.id, device_id, sh, t))
     return BatchMsg(
-        device_id, b.batch_id, ids, rows, stats, events, bad_stats, bad_events, bad_fallback, t
+        device_id,
+        b.batch_id,
+        ids,
+        rows,
+        stats,
+        events,
+        bad_stats,
+        bad_events,
+        bad_fallback,
+        t,
+        signals,
+        bad_shadow,
     )
 
 
@@ -619,6 +678,11 @@ class Ingest:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [row for b in stored for row in b.stats],
             )
+            conn.executemany(
+                "INSERT OR IGNORE INTO signal_counts (record_id, device_id, model, version,"
+                " other, signal, k, n, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [row for b in stored for row in b.signals],
+            )
             new_events = self._insert_events_in(conn, [row for b in stored for row in b.events])
             self._touch_in(conn, {b.device_id: b.received_at for b in stored})
             return known, inserted, new_events
@@ -634,6 +698,7 @@ class Ingest:
         s.bad_stats += sum(b.bad_stats for b in stored)
         s.bad_event_records += sum(b.bad_events for b in stored)
         s.bad_fallback_stats += sum(b.bad_fallback for b in stored)
+        s.bad_shadow_stats += sum(b.bad_shadow for b in stored)
         self._unknown(topics.TELEMETRY, [b.device_id for b in items if b.device_id not in known])
         # Committed: only now may the device delete these records from its outbox.
         for b in stored:

@@ -48,6 +48,26 @@ Rules, in one place:
 - **One at a time**: a new rollout of a model is refused while another rollout of the
   same model is running, paused or stopped (finish, resume or roll it back first).
   A plain assignment (no waves) is always allowed; the newest one wins.
+
+**Plans and gates** (issue 11; ``fleet/gates.py`` holds the format and the
+statistics, docs/fleet.md "Rollout plans and gates" the contract). A rollout started
+with a ``Plan`` may begin with a **shadow** stage (``stage = 'shadow'``, wave 0): its
+devices (``rollout_devices.shadow = 1``, chosen among the targeted devices that run a
+version of the model) get the candidate as ``shadow`` in their desired document; the
+stage ends when its gates pass after ``min_duration_s`` and ``min_items`` compared
+items, and wave 1 is pushed. Each **serving wave** then advances only when today's
+rules hold *and* the plan's gates pass on the evidence gathered since the wave
+started (canary: the rollout's devices' telemetry for the new version; baseline: the
+same devices' telemetry for any other version of the model since the first serving
+wave started). A gate is checked on every decision (every ``reported``, every
+``tick()``), while devices are still pending too, so a bad version is stopped as soon
+as the evidence is clear. A failed gate stops or rolls back the rollout (``on_fail``),
+storing the evidence (``rollouts.evidence``, ``rollout_decisions``) with the devices
+that served the version. **Sticky**: after a gate stop, devices that had not
+activated the version are withdrawn (their rows ``rolled_back``: the assignment no
+longer applies to them); a device that reports it still wants an aborted version
+gets its stored, corrected desired document again. A plan rollout that completes
+moves the plan's ``promote`` label (default ``stable``) to its version.
 """
 
 from __future__ import annotations
@@ -63,6 +83,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from edgefleet.core.errors import BadRequest, EdgeError, NotFound
+from edgefleet.fleet import gates
 from edgefleet.fleet.db import FleetDB, dumps, loads, now
 from edgefleet.fleet.desired import (
     DesiredStates,
@@ -70,8 +91,10 @@ from edgefleet.fleet.desired import (
     _groups_of,
     check_target,
     insert_assignment,
+    resolve_version_in,
     target_devices,
 )
+from edgefleet.fleet.telemetry_math import InferenceStatsData, merge_inference_stats
 
 log = logging.getLogger(__name__)
 
@@ -148,27 +171,38 @@ class Rollouts:
         *,
         target_kind: Literal["group", "all"],
         target: str = "",
-        waves: Sequence[int | str],
+        waves: Sequence[int | str] = (),
         max_failure_share: float = 0.2,
         wave_timeout_s: float | None = None,
+        plan: gates.Plan | None = None,
     ) -> dict[str, Any]:
-        """Snapshot the targeted devices, place them in waves, push wave 1.
+        """Snapshot the targeted devices, place them in waves, push wave 1 (or, with a
+        plan that has one, start the shadow stage).
 
-        Raises ``UnknownModelVersion`` (404), ``BadRequest`` (bad waves or target, no
-        device to roll out to) or ``RolloutConflict`` (409: another rollout of the
-        model is not finished).
+        With ``plan``, its waves, ``max_failure_share`` and ``wave_timeout_s`` replace
+        the arguments. ``version`` may be a fleet label (``staging``): the version it
+        names now is rolled out. Raises ``UnknownModelVersion`` (404), ``BadRequest``
+        (bad waves or target, no device to roll out to, a shadow stage without a
+        baseline) or ``RolloutConflict`` (409: another rollout of the model is not
+        finished). Nothing is stored when it raises.
         """
         if target_kind not in ("group", "all"):
             raise BadRequest("a staged rollout targets a group or all devices")
         kind, target = check_target(target_kind, target)
-        plan = parse_waves(waves)
+        if plan is not None:
+            waves = plan.waves
+            max_failure_share = plan.max_failure_share
+            wave_timeout_s = plan.wave_timeout_s
+        wave_plan = parse_waves(waves)
         if isinstance(max_failure_share, bool) or not 0 <= max_failure_share <= 1:
             raise BadRequest("max_failure_share must be between 0 and 1")
         if wave_timeout_s is not None and not wave_timeout_s > 0:
             raise BadRequest("wave_timeout_s must be positive")
         rid = new_rollout_id()
+        requested = version
 
         def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], Docs]:
+            version = resolve_version_in(conn, model, requested)
             busy = conn.execute(
                 "SELECT id, state FROM rollouts WHERE model = ?"
                 " AND state IN ('running', 'paused', 'stopped')",
@@ -184,8 +218,8 @@ class Rollouts:
             conn.execute(
                 "INSERT INTO rollouts (id, model, version, target_kind, target, waves,"
                 " max_failure_share, state, current_wave, wave_started_at, wave_timeout_s,"
-                " reason, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 0, NULL, ?, NULL, ?, ?)",
+                " reason, created_at, updated_at, plan, stage, stage_started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 0, NULL, ?, NULL, ?, ?, ?, ?, ?)",
                 (
                     rid,
                     model,
@@ -196,6 +230,9 @@ class Rollouts:
                     max_failure_share,
                     wave_timeout_s,
                     t,
+                    t,
+                    None if plan is None else dumps(plan.model_dump(mode="json")),
+                    "shadow" if plan is not None and plan.shadow is not None else "serving",
                     t,
                 ),
             )
@@ -234,7 +271,7 @@ class Rollouts:
             devices.sort(key=order)
             rows = []
             i = 0
-            for wave, size in enumerate(wave_sizes(plan, len(devices)), start=1):
+            for wave, size in enumerate(wave_sizes(wave_plan, len(devices)), start=1):
                 for d in devices[i : i + size]:
                     prev_doc = loads(info.get(d, (0, None))[1]) or {}
                     prev = (prev_doc.get("models") or {}).get(model, {}).get("version")
@@ -245,14 +282,17 @@ class Rollouts:
                 " previous_version, reason, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            reached = self._push_wave_in(conn, rid, 1, t)
+            if plan is not None and plan.shadow is not None:
+                reached = self._start_shadow_in(conn, rid, model, version, devices, plan.shadow)
+            else:
+                reached = self._push_wave_in(conn, rid, 1, t)
             reached |= self._advance_in(conn, rid, t)
             docs = self.desired.refresh_in(conn, sorted(reached))
             return self._describe_in(conn, rid), docs
 
         result, docs = await self.db.write(job)
         self.desired.send(docs)
-        log.info("rollout %s: %s %s to %s %s", rid, model, version, kind, target or "")
+        log.info("rollout %s: %s %s to %s %s", rid, model, result["version"], kind, target or "")
         return result
 
     async def on_reported(self, device_ids: Iterable[str]) -> None:
@@ -275,9 +315,31 @@ class Rollouts:
             reached: set[str] = set()
             for rid in sorted(touched):
                 reached |= self._advance_in(conn, rid, t)
-            return self.desired.refresh_in(conn, sorted(reached))
+            docs = self.desired.refresh_in(conn, sorted(reached))
+            fresh = {d for d, _ in docs}
+            return docs + [doc for doc in self._stale_in(conn, ids) if doc[0] not in fresh]
 
         self.desired.send(await self.db.write(job))
+
+    def _stale_in(self, conn: sqlite3.Connection, ids: Sequence[str]) -> Docs:
+        """Sticky aborts: devices whose ``reported`` still wants the version of a
+        stopped or rolled-back rollout that their stored desired document no longer
+        names (a device back from days offline with a stale desired): their stored
+        document again (same revision; the broker's retained copy is replaced too)."""
+        rows = conn.execute(
+            "SELECT DISTINCT d.id, d.desired FROM devices d"
+            " JOIN device_models dm ON dm.device_id = d.id"
+            " JOIN rollouts r ON r.model = dm.model AND r.version = dm.desired"
+            " JOIN rollout_devices rd ON rd.rollout_id = r.id AND rd.device_id = d.id"
+            " WHERE d.id IN (SELECT value FROM json_each(?)) AND d.desired IS NOT NULL"
+            " AND r.state IN ('stopped', 'rolled_back') AND rd.state != 'succeeded'"
+            " AND json_extract(d.desired, '$.models.\"' || dm.model || '\".version')"
+            " IS NOT dm.desired",
+            (dumps(list(ids)),),
+        ).fetchall()
+        if rows:
+            log.info("republishing the corrected desired of %d device(s)", len(rows))
+        return [(r[0], str(r[1]).encode()) for r in rows]
 
     async def on_event(self, events: Iterable[Mapping[str, Any]]) -> None:
         """Failure events give failed rollout devices their reason (the ``reported``
@@ -338,6 +400,17 @@ class Rollouts:
                 current = conn.execute(
                     "SELECT current_wave FROM rollouts WHERE id = ?", (rollout_id,)
                 ).fetchone()[0]
+                # The operator overrides the stop: devices a gate stop withdrew get the
+                # version again with the next wave.
+                reached |= {
+                    r[0]
+                    for r in conn.execute(
+                        "UPDATE rollout_devices SET state = 'pending', updated_at = ?"
+                        " WHERE rollout_id = ? AND wave <= ? AND state = 'rolled_back'"
+                        " RETURNING device_id",
+                        (t, rollout_id, current),
+                    )
+                }
                 reached |= self._next_wave_in(conn, rollout_id, current, t)
             elif state != "running":
                 raise RolloutConflict(f"rollout {rollout_id} is {state}: nothing to resume")
@@ -436,8 +509,34 @@ class Rollouts:
         ).fetchone()[0]
         if last is None or current >= last:
             self._set_state_in(conn, rid, "completed", None)
-            return set()
+            return self._promote_in(conn, rid, t)
         return self._push_wave_in(conn, rid, current + 1, t)
+
+    def _promote_in(self, conn: sqlite3.Connection, rid: str, t: float) -> set[str]:
+        """A plan rollout completed: its ``promote`` label moves to the version. Returns
+        the devices whose documents carry the model's labels (to refresh)."""
+        model, version, plan_text = conn.execute(
+            "SELECT model, version, plan FROM rollouts WHERE id = ?", (rid,)
+        ).fetchone()
+        label = (loads(plan_text) or {}).get("promote")
+        if not label:
+            return set()
+        conn.execute(
+            "INSERT INTO model_labels (name, label, version, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name, label) DO UPDATE SET version = excluded.version,"
+            " updated_at = excluded.updated_at",
+            (model, label, version, t),
+        )
+        log.info("rollout %s: %s %s promoted to %r", rid, model, version, label)
+        return {
+            r[0]
+            for r in conn.execute("SELECT device_id FROM device_models WHERE model = ?", (model,))
+        } | {
+            r[0]
+            for r in conn.execute(
+                "SELECT device_id FROM rollout_devices WHERE rollout_id = ?", (rid,)
+            )
+        }
 
     def _evaluate_in(self, conn: sqlite3.Connection, rid: str, device_id: str, t: float) -> bool:
         """Compare a reached device's reported model with the rollout; True if it changed."""
@@ -482,13 +581,34 @@ class Rollouts:
         reached: set[str] = set()
         while True:
             r = conn.execute(
-                "SELECT state, current_wave, max_failure_share, wave_started_at, wave_timeout_s"
-                " FROM rollouts WHERE id = ?",
+                "SELECT state, current_wave, max_failure_share, wave_started_at, wave_timeout_s,"
+                " plan, stage FROM rollouts WHERE id = ?",
                 (rid,),
             ).fetchone()
             if r is None or r[0] != "running":
                 return reached
-            _, wave, max_share, started, timeout = r
+            _, wave, max_share, started, timeout, plan_text, stage = r
+            plan = None if plan_text is None else gates.Plan.model_validate(loads(plan_text))
+            if stage == "shadow" and plan is not None and plan.shadow is not None:
+                shadow_outcome, shadow_ev = self._shadow_gates_in(conn, rid, plan.shadow, t)
+                if shadow_outcome == "fail":
+                    return reached | self._abort_in(conn, rid, plan, "shadow", 0, shadow_ev, t)
+                if shadow_outcome == "wait":
+                    return reached
+                self._decision_in(conn, rid, "shadow", 0, "pass", shadow_ev, t)
+                conn.execute(
+                    "UPDATE rollouts SET stage = 'serving', serving_started_at = ? WHERE id = ?",
+                    (t, rid),
+                )
+                reached |= self._shadow_devices_in(conn, rid)
+                reached |= self._next_wave_in(conn, rid, 0, t)
+                continue
+            gate_outcome: gates.Outcome = "pass"
+            evidence: Sequence[gates.Evidence] = ()
+            if plan is not None and plan.gates and wave >= 1:
+                gate_outcome, evidence = self._wave_gates_in(conn, rid, plan, started or t)
+                if gate_outcome == "fail":
+                    return reached | self._abort_in(conn, rid, plan, "wave", wave, evidence, t)
             counts = dict(
                 conn.execute(
                     "SELECT state, count(*) FROM rollout_devices"
@@ -510,7 +630,208 @@ class Rollouts:
                     self._stop_in(conn, rid, wave, failed, done, max_share)
                     return reached
                 log.info("rollout %s: wave %d timed out with %d pending", rid, wave, pending)
+            if gate_outcome == "wait":
+                return reached  # the devices are done, the evidence is not yet
+            if evidence:
+                self._decision_in(conn, rid, "wave", wave, "pass", evidence, t)
             reached |= self._next_wave_in(conn, rid, wave, t)
+
+    # ------------------------------------------------------------------ gates
+
+    def _start_shadow_in(
+        self,
+        conn: sqlite3.Connection,
+        rid: str,
+        model: str,
+        version: str,
+        devices: Sequence[str],
+        shadow: gates.ShadowStage,
+    ) -> set[str]:
+        """Pick the shadow devices among those that run another version of the model
+        (in rollout order: online first); ``BadRequest`` when there is none."""
+        running = {
+            r[0]
+            for r in conn.execute(
+                "SELECT device_id FROM device_models WHERE model = ? AND active IS NOT NULL"
+                " AND active != ? AND device_id IN (SELECT value FROM json_each(?))",
+                (model, version, dumps(list(devices))),
+            )
+        }
+        eligible = [d for d in devices if d in running]
+        if not eligible:
+            raise BadRequest(
+                f"a shadow stage needs a baseline: no targeted device runs a version of"
+                f" {model} yet (roll it out without a shadow stage first)"
+            )
+        (share,) = parse_waves([shadow.devices])
+        size = share if isinstance(share, int) else math.ceil(share * len(eligible) - 1e-9)
+        size = min(max(size, 1), len(eligible))
+        chosen = eligible[:size]
+        conn.execute(
+            "UPDATE rollout_devices SET shadow = 1"
+            " WHERE rollout_id = ? AND device_id IN (SELECT value FROM json_each(?))",
+            (rid, dumps(chosen)),
+        )
+        log.info("rollout %s: shadow stage on %d devices", rid, len(chosen))
+        return set(chosen)
+
+    def _shadow_devices_in(self, conn: sqlite3.Connection, rid: str) -> set[str]:
+        return {
+            r[0]
+            for r in conn.execute(
+                "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND shadow = 1",
+                (rid,),
+            )
+        }
+
+    def _shadow_gates_in(
+        self, conn: sqlite3.Connection, rid: str, shadow: gates.ShadowStage, t: float
+    ) -> tuple[gates.Outcome, Sequence[gates.Evidence]]:
+        model, version, started = conn.execute(
+            "SELECT model, version, stage_started_at FROM rollouts WHERE id = ?", (rid,)
+        ).fetchone()
+        k, n = conn.execute(
+            "SELECT coalesce(sum(k), 0), coalesce(sum(n), 0) FROM signal_counts"
+            " WHERE model = ? AND version = ? AND signal = 'shadow_agreement'"
+            " AND received_at >= ? AND device_id IN"
+            " (SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND shadow = 1)",
+            (model, version, started, rid),
+        ).fetchone()
+        evidence = [
+            gates.decide_rate(gates.parse_gate(g), gates.Counts(k, n), None, shadow.min_items, 1)
+            for g in shadow.gates
+        ]
+        outcome = _combine(evidence)
+        if outcome == "pass" and t - started < shadow.min_duration_s:
+            for ev in evidence:
+                ev.outcome = "wait"
+                ev.why += f"; baking until {shadow.min_duration_s:g} s have passed"
+            outcome = "wait"
+        return outcome, evidence
+
+    def _wave_gates_in(
+        self, conn: sqlite3.Connection, rid: str, plan: gates.Plan, wave_started: float
+    ) -> tuple[gates.Outcome, Sequence[gates.Evidence]]:
+        model, version, serving_started = conn.execute(
+            "SELECT model, version, coalesce(serving_started_at, created_at) FROM rollouts"
+            " WHERE id = ?",
+            (rid,),
+        ).fetchone()
+        canary = _Figures.load(conn, rid, model, version, True, wave_started)
+        baseline = _Figures.load(conn, rid, model, version, False, serving_started)
+        evidence: list[gates.Evidence] = []
+        for gate in plan.gated:
+            if gate.signal == "p95_ms":
+                ev = gates.decide_p95(
+                    gate,
+                    canary.latency,
+                    baseline.latency,
+                    plan.min_requests,
+                    plan.min_baseline_requests,
+                )
+            elif gate.signal == "drift_psi":
+                ev = gates.decide_mean(gate, canary.drift, baseline.drift, 1)
+            else:
+                c, b = canary.rate(gate.signal), baseline.rate(gate.signal)
+                min_n = plan.min_audited if gate.signal == "cloud_agreement" else plan.min_requests
+                min_b = (
+                    plan.min_audited
+                    if gate.signal == "cloud_agreement"
+                    else plan.min_baseline_requests
+                )
+                ev = gates.decide_rate(gate, c, b, min_n, min_b)
+            evidence.append(ev)
+        return _combine(evidence), evidence
+
+    def _decision_in(
+        self,
+        conn: sqlite3.Connection,
+        rid: str,
+        stage: str,
+        wave: int,
+        outcome: str,
+        evidence: Sequence[gates.Evidence],
+        t: float,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO rollout_decisions (rollout_id, stage, wave, outcome, evidence, at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (rid, stage, wave, outcome, dumps([e.to_json() for e in evidence]), t),
+        )
+
+    def _abort_in(
+        self,
+        conn: sqlite3.Connection,
+        rid: str,
+        plan: gates.Plan,
+        stage: str,
+        wave: int,
+        evidence: Sequence[gates.Evidence],
+        t: float,
+    ) -> set[str]:
+        """A gate failed: store the evidence, then stop or roll back (``plan.on_fail``).
+        Returns the devices whose desired documents must be recomputed."""
+        model, version, kind, target = conn.execute(
+            "SELECT model, version, target_kind, target FROM rollouts WHERE id = ?", (rid,)
+        ).fetchone()
+        failed = [e for e in evidence if e.outcome == "fail"]
+        served = sorted(
+            {
+                r[0]
+                for r in conn.execute(
+                    "SELECT device_id FROM rollout_devices WHERE rollout_id = ?"
+                    " AND state = 'succeeded'",
+                    (rid,),
+                )
+            }
+            | {
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT device_id FROM inference_stats WHERE model = ?"
+                    " AND version = ? AND device_id IN"
+                    " (SELECT device_id FROM rollout_devices WHERE rollout_id = ?)",
+                    (model, version, rid),
+                )
+            }
+        )
+        where = "the shadow stage" if stage == "shadow" else f"wave {wave}"
+        first = failed[0]
+        reason = f"gate {first.gate!r} failed in {where}: {first.why}"
+        doc = {
+            "stage": stage,
+            "wave": wave,
+            "gate": first.gate,
+            "failed": [e.to_json() for e in failed],
+            "gates": [e.to_json() for e in evidence],
+            "devices_served": served[:MAX_FAILURES_LISTED],
+            "devices_served_count": len(served),
+            "action": plan.on_fail,
+            "at": t,
+        }
+        conn.execute("UPDATE rollouts SET evidence = ? WHERE id = ?", (dumps(doc), rid))
+        self._decision_in(conn, rid, stage, wave, "fail", evidence, t)
+        ids = {
+            r[0]
+            for r in conn.execute(
+                "SELECT device_id FROM rollout_devices WHERE rollout_id = ?", (rid,)
+            )
+        }
+        if plan.on_fail == "rollback":
+            self._set_state_in(conn, rid, "rolled_back", reason + "; rolled back")
+            conn.execute(
+                "UPDATE rollout_devices SET state = 'rolled_back', updated_at = ?"
+                " WHERE rollout_id = ? AND state != 'waiting'",
+                (t, rid),
+            )
+            return ids | set(target_devices(conn, kind, target or ""))
+        self._set_state_in(conn, rid, "stopped", reason + "; stopped")
+        # Sticky: devices that had not activated the version no longer get it.
+        conn.execute(
+            "UPDATE rollout_devices SET state = 'rolled_back', updated_at = ?"
+            " WHERE rollout_id = ? AND state IN ('pending', 'failed')",
+            (t, rid),
+        )
+        return ids
 
     def _stop_in(
         self, conn: sqlite3.Connection, rid: str, wave: int, failed: int, of: int, share: float
@@ -526,7 +847,8 @@ class Rollouts:
     def _describe_in(self, conn: sqlite3.Connection, rid: str) -> dict[str, Any]:
         r = conn.execute(
             "SELECT id, model, version, target_kind, target, waves, max_failure_share, state,"
-            " current_wave, wave_started_at, wave_timeout_s, reason, created_at, updated_at"
+            " current_wave, wave_started_at, wave_timeout_s, reason, created_at, updated_at,"
+            " plan, stage, stage_started_at, serving_started_at, evidence"
             " FROM rollouts WHERE id = ?",
             (rid,),
         ).fetchone()
@@ -574,4 +896,114 @@ class Rollouts:
             "counts": totals,
             "per_wave": [waves[k] for k in sorted(waves)],
             "failures": failures,
+            "plan": loads(r[14]),
+            "stage": r[15],
+            "stage_started_at": r[16],
+            "serving_started_at": r[17],
+            "shadow_devices": sorted(self._shadow_devices_in(conn, rid)),
+            "evidence": loads(r[18]),
+            "decisions": [
+                {"stage": st, "wave": w, "outcome": o, "gates": loads(e), "at": at}
+                for st, w, o, e, at in conn.execute(
+                    "SELECT stage, wave, outcome, evidence, at FROM rollout_decisions"
+                    " WHERE rollout_id = ? ORDER BY id",
+                    (rid,),
+                )
+            ],
         }
+
+
+def _combine(evidence: Sequence[gates.Evidence]) -> gates.Outcome:
+    """Fail if any gate fails, pass if every gate passes, else wait."""
+    outcomes = {e.outcome for e in evidence}
+    if "fail" in outcomes:
+        return "fail"
+    return "pass" if outcomes <= {"pass"} else "wait"
+
+
+class _Figures:
+    """One cohort's telemetry for the gates (writer thread): the canary (the rollout's
+    devices, the new version) or the baseline (the same devices, any other version)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.asked_cloud = 0
+        self.latency: list[int] = []
+        self.agree = gates.Counts(0, 0)
+        self.drift: list[float] = []
+
+    @classmethod
+    def load(
+        cls,
+        conn: sqlite3.Connection,
+        rid: str,
+        model: str,
+        version: str,
+        canary: bool,
+        since: float,
+    ) -> _Figures:
+        f = cls()
+        same = "=" if canary else "!="
+        cohort = "SELECT device_id FROM rollout_devices WHERE rollout_id = ?"
+        records: list[InferenceStatsData] = [
+            loads(r[0])
+            for r in conn.execute(
+                f"SELECT data FROM inference_stats WHERE model = ? AND version {same} ?"
+                f" AND received_at >= ? AND device_id IN ({cohort})",
+                (model, version, since, rid),
+            )
+        ]
+        m = merge_inference_stats(records)
+        f.requests, f.errors = m["requests"], m["errors"]
+        f.latency = list(m["latency_ms"]["counts"])
+        # Asked the cloud: answered by it (wholly or partly), or wanted it and had to
+        # answer alone (a fallback reason).
+        f.asked_cloud = (
+            m["sources"].get("cloud", 0)
+            + m["sources"].get("mixed", 0)
+            + sum(m["fallback"].values())
+        )
+        k, n = conn.execute(
+            "SELECT coalesce(sum(k), 0), coalesce(sum(n), 0) FROM signal_counts"
+            f" WHERE model = ? AND version {same} ? AND signal = 'cloud_agreement'"
+            f" AND received_at >= ? AND device_id IN ({cohort})",
+            (model, version, since, rid),
+        ).fetchone()
+        f.agree = gates.Counts(int(k), int(n))
+        f.drift = _drift_scores(conn, rid, model, version, canary, since)
+        return f
+
+    def rate(self, signal: str) -> gates.Counts:
+        answered = self.requests - self.errors
+        if signal == "error_rate":
+            return gates.Counts(self.errors, self.requests)
+        if signal == "fallback_rate":
+            return gates.Counts(min(self.asked_cloud, answered), answered)
+        if signal == "cloud_agreement":
+            return self.agree
+        raise ValueError(f"no rate {signal!r} for a serving wave")
+
+
+def _drift_scores(
+    conn: sqlite3.Connection, rid: str, model: str, version: str, canary: bool, since: float
+) -> list[float]:
+    """Each cohort device's latest drift score since ``since`` (none: no evidence).
+
+    Drift scores are stored by the signals work (issue 11, part 3); until its table
+    exists there is no evidence and a drift gate waits."""
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'drift_scores'"
+    ).fetchone()
+    if found is None:
+        return []
+    same = "=" if canary else "!="
+    rows = conn.execute(
+        "SELECT device_id, score FROM drift_scores d WHERE model = ? AND version"
+        f" {same} ? AND received_at >= ? AND device_id IN"
+        " (SELECT device_id FROM rollout_devices WHERE rollout_id = ?)"
+        " ORDER BY received_at",
+        (model, version, since, rid),
+    ).fetchall()
+    latest = {d: float(s) for d, s in rows if s is not None}
+    return list(latest.values())
