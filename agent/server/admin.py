@@ -187,6 +187,34 @@ async def clear_split(request: web.Request) -> web.Response:
     return json_response({"name": name, "split": None, "ended": old is not None})
 
 
+@routes.put("/v1/models/{model}/shadow")
+async def set_shadow(request: web.Request) -> web.Response:
+    """Run installed ``version`` in shadow on ``sample_rate`` (0..1) of the active
+    version's answers (agent/shadow.py): for a local trial or a benchmark; the fleet
+    sets it with ``models.<m>.shadow``, and its next desired state replaces this."""
+    name = request.match_info["model"]
+    doc = await read_json_object(request)
+    version, rate = doc.get("version"), doc.get("sample_rate", 1.0)
+    if not isinstance(version, str) or not version:
+        raise BadRequest("body needs a string 'version'")
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+        raise BadRequest("'sample_rate' must be a number in 0..1")
+    registry = services(request).registry
+    if version == registry.known_state(name).active:
+        raise BadRequest(f"version {version} is the active version of {name}: nothing to compare")
+    sv = await registry.load_shadow(name, version, float(rate))
+    return json_response({"name": name, "version": sv.version, "sample_rate": sv.sample_rate})
+
+
+@routes.delete("/v1/models/{model}/shadow")
+async def clear_shadow(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    registry = services(request).registry
+    registry.known_state(name)
+    ended = await registry.unload_shadow(name)
+    return json_response({"name": name, "shadow": None, "ended": ended})
+
+
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(

@@ -595,3 +595,35 @@ async def test_shadow_and_split_from_the_desired_state_end_to_end(
             status, doc = await infer(session, agent.base, x)
             assert (status, doc["model_version"]) == (200, "1")
     assert agent.app[FLEET].sync is not None
+
+
+async def test_the_local_api_starts_and_ends_a_shadow(
+    start_agent: Any, make_tiny_bundle: Any, keys: Any, tmp_path: Path
+) -> None:
+    agent = await start_agent(
+        agent_config(tmp_path, keys, [make_tiny_bundle("1")], runtime={"shadow": ROOMY})
+    )
+    await agent.app[SERVICES].registry.install(make_tiny_bundle("s2", weights=W2))
+    url = f"{agent.base}/v1/models/tiny/shadow"
+    async with aiohttp.ClientSession() as session:
+        for bad, status, message in (
+            ({"version": "s2", "sample_rate": 2}, 400, "sample_rate"),
+            ({"version": "s2", "sample_rate": True}, 400, "sample_rate"),
+            ({"sample_rate": 0.5}, 400, "version"),
+            ({"version": "1"}, 400, "active version"),
+            ({"version": "9"}, 404, "9"),
+        ):
+            async with session.put(url, json=bad) as r:
+                assert r.status == status and message in (await r.json())["error"]
+        assert runner_of(agent).describe("tiny") is None
+        async with session.put(url, json={"version": "s2", "sample_rate": 1}) as r:
+            assert (r.status, await r.json()) == (
+                200,
+                {"name": "tiny", "version": "s2", "sample_rate": 1.0},
+            )
+        x = TEST_X[:3]
+        assert (await infer(session, agent.base, x))[0] == 200
+        await eventually(lambda: totals(agent).get("compared") == 3, within=WITHIN)
+        async with session.delete(url) as r:
+            assert (r.status, (await r.json())["ended"]) == (200, True)
+        assert runner_of(agent).describe("tiny") is None
