@@ -5,7 +5,9 @@
 
 1. resolve the model and version (a version or a label) to a loaded version: an
    unknown one raises ``NotFound``, one not loaded ``Unavailable``; neither is
-   counted anywhere (there is no version to count it against);
+   counted anywhere (there is no version to count it against). With a traffic
+   split (agent/split.py), the split's share of the requests that name no version
+   goes to its canary (sticky per routing key, read only then);
 2. start the request's clock (``received``, or now) and let the protocol adapter
    decode its payload against that version's manifest (``InferenceRequest.decode``:
    the inputs, types and shapes the model takes);
@@ -18,7 +20,9 @@
 6. record the request: the ``edgefleet_request_duration_seconds`` histogram and,
    with a fleet link, the per-version window of ``InferenceStats``
    (``agent/telemetry_stats.py``): one answer (its source, fallback reason and the
-   confidence of its least sure item, by the model's confidence rule) or one error.
+   confidence of its least sure item, by the model's confidence rule) or one error;
+7. with a shadow candidate (agent/shadow.py), hand the active version's own outputs
+   to the shadow runner with ``call_soon``: after the answer, never awaited.
 
 A failure after step 1 is an error of that version, counted and re-raised: errors
 of the core's tree (``edgefleet.core.errors``) as they are; anything else the model

@@ -302,7 +302,9 @@ class ShadowStats(_Wire):
     bounds. ``conf_delta_sum``/``conf_delta_sumsq``: the sum and sum
     of squares over compared items of (candidate top-1 confidence - active top-1
     confidence), each delta in [-1, 1]; ``*_latency_ms_sum``: the model time of the
-    two versions on the compared items (their ratio: the latency ratio). ``task``:
+    two versions, summed over the compared requests (a batch once; the candidate's
+    compute against the active version's runner time, queue included; their ratio:
+    the latency ratio). ``task``:
     ``classification``, ``detection`` or ``tensor`` (top-1 of the first output).
     """
 

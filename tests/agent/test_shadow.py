@@ -627,3 +627,66 @@ async def test_the_local_api_starts_and_ends_a_shadow(
         async with session.delete(url) as r:
             assert (r.status, (await r.json())["ended"]) == (200, True)
         assert runner_of(agent).describe("tiny") is None
+
+
+async def test_shadow_and_split_come_back_after_a_restart(
+    mosquitto: Mosquitto,
+    peer: Peer,
+    start_agent: Any,
+    bundles: BundleServer,
+    make_tiny_bundle: Any,
+    keys: Any,
+    tmp_path: Path,
+) -> None:
+    """The retained desired is not applied again after a restart (its revision was
+    processed): the sync's state file brings the candidates back, without a download."""
+    v1 = make_tiny_bundle("1")
+    s2 = make_tiny_bundle("s2", weights=W2).read_bytes()
+    cfg = agent_config(
+        tmp_path,
+        keys,
+        [v1],
+        device_id=DEV,
+        fleet=fleet_section(mosquitto.port, tmp_path),
+        runtime={"shadow": ROOMY},
+    )
+    first = await start_agent(cfg)
+    await wait_for(lambda: last_tiny(peer).get("active") == "1", lambda: last_tiny(peer))
+    active = bundle_entry(bundles, v1.read_bytes(), "1")
+    candidate = bundle_entry(bundles, s2, "s2")
+    model = {
+        **active,
+        "shadow": {**candidate, "sample_rate": 1.0},
+        "split": {**candidate, "weight": 1.0},
+    }
+    peer.publish(topics.device_topic(DEV, "desired"), desired(1, {"tiny": model}), retain=True)
+    await wait_for(
+        lambda: (
+            last_tiny(peer).get("shadow", {}).get("state") == "ready"
+            and last_tiny(peer).get("split", {}).get("state") == "serving"
+        ),
+        lambda: last_tiny(peer),
+    )
+    downloads = len(bundles.requests)
+    await first.runner.cleanup()
+
+    second = await start_agent(cfg)
+    registry = second.app[SERVICES].registry
+    await wait_for(
+        lambda: registry.shadow_for("tiny") is not None and registry.split_for("tiny") is not None,
+        lambda: last_tiny(peer),
+    )
+    assert len(bundles.requests) == downloads  # installed already: nothing fetched again
+    async with aiohttp.ClientSession() as session:
+        status, doc = await infer(session, second.base, TEST_X[:2])
+        assert (status, doc["model_version"]) == (200, "s2")  # weight 1: the canary
+        status, doc = await infer(session, second.base, TEST_X[:2], version="1")
+        assert (status, doc["model_version"]) == (200, "1")
+    await wait_for(lambda: totals(second).get("compared") == 2, lambda: totals(second))
+    await wait_for(
+        lambda: (
+            last_tiny(peer).get("shadow", {}).get("state") == "ready"
+            and last_tiny(peer).get("split", {}).get("weight") == 1.0
+        ),
+        lambda: last_tiny(peer),
+    )
