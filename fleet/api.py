@@ -49,6 +49,8 @@ _SEND_CHUNK = 256 * 1024
 # --------------------------------------------------------------------------- auth
 
 READ, WRITE, DEVICES, DOWNLOAD = "read", "write", "devices", "download"
+# Devices only (HTTP Basic device credentials), no role has it: hard-example uploads.
+DEVICE_UPLOAD = "device_upload"
 # Who may do what (issue 6). `read`: look (dashboards, monitoring). `operator`: change
 # what runs where (uploads are safe to give it: the registry accepts only bundles
 # signed by trusted keys, and the signing key is what really decides what may run).
@@ -145,6 +147,7 @@ class FleetApi:
     auth: Authenticator
     bus: Any | None = None  # fleet.bus.FleetBus; None: the MQTT side is not running
     max_failure_share: float = 0.2
+    hard_examples: Any | None = None  # fleet.hard_examples.HardExamples (issue 11)
 
     def need_bus(self) -> Any:
         if self.bus is None:
@@ -217,7 +220,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     api = _api(request)
     header = request.headers.get("Authorization", "")
     principal = api.auth.bearer(header)
-    if principal is None and permission == DOWNLOAD and (creds := _basic(header)) is not None:
+    basic_ok = permission in (DOWNLOAD, DEVICE_UPLOAD)
+    if principal is None and basic_ok and (creds := _basic(header)) is not None:
         if await api.devices.check_secret(*creds):
             principal = Principal(creds[0], "device", device_id=creds[0])
         else:
@@ -225,6 +229,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if principal is None:
         if permission == DOWNLOAD:
             raise Unauthorized("a bearer token or the device's Basic credentials are required")
+        if permission == DEVICE_UPLOAD:
+            raise Unauthorized("the device's Basic credentials are required")
         raise Unauthorized("missing or wrong bearer token")
     if principal.device_id is None and not principal.may(permission):
         raise Forbidden(f"{principal.name} ({principal.role}) may not {permission}")
@@ -687,6 +693,174 @@ async def events(request: web.Request) -> web.Response:
     device, model = request.query.get("device"), request.query.get("model")
     found = await _bus_call(lambda: bus.telemetry.events(device=device, model=model, limit=limit))
     return json_response({"events": _jsonable(found)})
+
+
+# fallback policies (issue 11, part 5: fleet/policies.py)
+
+
+def _target_of(doc: dict[str, Any]) -> tuple[str, str]:
+    """``{"device": id}``, ``{"group": g}`` or ``{"all": true}`` → (kind, target)."""
+    target = doc.get("target")
+    if not isinstance(target, dict) or len(target) != 1:
+        raise BadRequest('target must be one of {"device": id}, {"group": g}, {"all": true}')
+    ((kind, value),) = target.items()
+    if kind in ("device", "group"):
+        if not isinstance(value, str) or not value:
+            raise BadRequest(f"target.{kind} must be a non-empty string")
+        return kind, value
+    if kind == "all":
+        if value is not True:
+            raise BadRequest("target.all must be true")
+        return kind, ""
+    raise BadRequest(f"unknown target {kind!r}: use device, group or all")
+
+
+def _policies(request: web.Request) -> Any:
+    from edgefleet.fleet.policies import FallbackPolicies
+
+    return FallbackPolicies(_api(request).need_bus().desired)
+
+
+@routes.get("/v1/policies")
+@requires(READ)
+async def list_policies(request: web.Request) -> web.Response:
+    """Every fleet fallback policy (``?model=`` for one model's)."""
+    found = await _policies(request).list(request.query.get("model"))
+    return json_response({"policies": found})
+
+
+@routes.put("/v1/policies/{model}")
+@requires(WRITE)
+async def set_policy(request: web.Request) -> web.Response:
+    """``{"target": {...}, "fallback": {"mode": ..., "threshold": ...}}``: merged into
+    the target's policy (a ``null`` setting is removed), pushed to the devices."""
+    doc = await read_json_object(request)
+    kind, target = _target_of(doc)
+    settings = doc.get("fallback")
+    if not isinstance(settings, dict):
+        raise BadRequest("fallback must be an object of settings")
+    model = request.match_info["model"]
+    return json_response(await _policies(request).set(model, kind, target, settings))
+
+
+@routes.post("/v1/policies/{model}/clear")
+@requires(WRITE)
+async def clear_policy(request: web.Request) -> web.Response:
+    """``{"target": {...}}``: remove that target's policy for the model (404 if none)."""
+    kind, target = _target_of(await read_json_object(request))
+    model = request.match_info["model"]
+    return json_response(await _policies(request).clear(model, kind, target))
+
+
+# hard examples (issue 11, part 6: fleet/hard_examples.py)
+
+_HE_CHUNK = 64 * 1024
+
+
+def _hard_examples(request: web.Request) -> Any:
+    store = _api(request).hard_examples
+    if store is None:
+        raise ServiceUnavailable("this fleet keeps no hard examples")
+    return store
+
+
+@routes.put("/v1/hard-examples/{id}")
+@requires(DEVICE_UPLOAD)
+async def upload_hard_example(request: web.Request) -> web.Response:
+    """A device's kept case (body: core.hard_example_wire upload; id: its sha256).
+    201 stored, 200 already stored, 400/403/413/507 refused with the reason."""
+    store = _hard_examples(request)
+    principal = request[PRINCIPAL]
+    if principal.device_id is None:
+        raise Forbidden("hard examples are uploaded by devices")
+    limit = store.max_example_bytes
+    if request.content_length is not None and request.content_length > limit:
+        from edgefleet.fleet.hard_examples import PayloadTooLarge
+
+        raise PayloadTooLarge(
+            f"hard example of {request.content_length} bytes, over the fleet's {limit} byte"
+            " limit per example"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(_HE_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            from edgefleet.fleet.hard_examples import PayloadTooLarge
+
+            raise PayloadTooLarge(f"hard example over the fleet's {limit} byte limit per example")
+        chunks.append(chunk)
+    doc = await store.upload(request.match_info["id"], principal.device_id, b"".join(chunks))
+    return json_response(doc, 201 if doc["stored"] else 200)
+
+
+@routes.head("/v1/hard-examples/{id}")
+@requires(DEVICE_UPLOAD)
+async def has_hard_example(request: web.Request) -> web.Response:
+    """200 when this device's example is stored (nothing to send), else 404."""
+    from edgefleet.fleet.hard_examples import check_id
+
+    hid = check_id(request.match_info["id"])
+    found = await _hard_examples(request).has(hid, request[PRINCIPAL].device_id)
+    return web.Response(status=200 if found else 404)
+
+
+def _query_bool(request: web.Request, key: str) -> bool | None:
+    raw = request.query.get(key)
+    if raw is None:
+        return None
+    if raw not in ("true", "false"):
+        raise BadRequest(f"{key} must be true or false")
+    return raw == "true"
+
+
+@routes.get("/v1/hard-examples")
+@requires(READ)
+async def list_hard_examples(request: web.Request) -> web.Response:
+    """``?model=&version=&reason=&device=&labelled=true|false&prefix=&limit=``."""
+    q = request.query
+    found = await _hard_examples(request).list(
+        model=q.get("model"),
+        version=q.get("version"),
+        reason=q.get("reason"),
+        device=q.get("device"),
+        labelled=_query_bool(request, "labelled"),
+        prefix=q.get("prefix"),
+        limit=_query_int(request, "limit", 100, 1, 100_000),
+    )
+    return json_response({"hard_examples": found})
+
+
+@routes.get("/v1/hard-examples/{id}", allow_head=False)
+@requires(READ)
+async def get_hard_example(request: web.Request) -> web.Response:
+    return json_response(await _hard_examples(request).get(request.match_info["id"]))
+
+
+@routes.get("/v1/hard-examples/{id}/image")
+@requires(READ)
+async def hard_example_image(request: web.Request) -> web.Response:
+    body, content_type = await _hard_examples(request).image(request.match_info["id"])
+    return web.Response(body=body, content_type=content_type)
+
+
+@routes.get("/v1/hard-examples/{id}/tensors")
+@requires(READ)
+async def hard_example_tensors(request: web.Request) -> web.Response:
+    body = await _hard_examples(request).tensors(request.match_info["id"])
+    return web.Response(body=body, content_type="application/octet-stream")
+
+
+@routes.put("/v1/hard-examples/{id}/label")
+@requires(WRITE)
+async def label_hard_example(request: web.Request) -> web.Response:
+    """``{"label": "7"}`` (one of the model version's labels) or ``{"label": null}``."""
+    doc = await read_json_object(request)
+    if "label" not in doc:
+        raise BadRequest("give label (a string, or null to clear it)")
+    store = _hard_examples(request)
+    who = request[PRINCIPAL].name
+    return json_response(await store.label(request.match_info["id"], doc["label"], who))
 
 
 def _jsonable(value: Any) -> Any:

@@ -965,6 +965,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.add_argument("--model")
     s.add_argument("--limit", type=int, default=50)
+
+    from edgefleet.fleet.cli_quality import add_parsers  # it imports this module
+
+    add_parsers(sub, client)  # policy ..., hard-examples ... (issue 11)
     return p
 
 

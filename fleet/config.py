@@ -231,6 +231,13 @@ class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class HardExamplesConfig(_Section):
+    """Hard examples uploaded by devices (fleet/hard_examples.py), under data_dir."""
+
+    max_bytes: int = Field(2 * 1024**3, gt=0, description="storage budget: 507 past it")
+    max_example_bytes: int = Field(8 * 1024**2, gt=0, description="one upload: 413 past it")
+
+
 class FleetServiceConfig(_Section):
     data_dir: ConfigPath = Path("/var/lib/edgefleet/fleet")
     http: HttpConfig = Field(default_factory=HttpConfig)
@@ -243,6 +250,7 @@ class FleetServiceConfig(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     broker_accounts: BrokerAccountsConfig = Field(default_factory=BrokerAccountsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    hard_examples: HardExamplesConfig = Field(default_factory=HardExamplesConfig)
 
     @model_validator(mode="after")
     def _one_broker(self) -> FleetServiceConfig:
@@ -259,6 +267,10 @@ class FleetServiceConfig(_Section):
     @property
     def bundle_dir(self) -> Path:
         return self.data_dir / "bundles"
+
+    @property
+    def hard_examples_dir(self) -> Path:
+        return self.data_dir / "hard-examples"
 
     @property
     def token_file(self) -> Path:

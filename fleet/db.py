@@ -263,10 +263,57 @@ def _m3_rollout_gates(db: sqlite_utils.Database) -> None:
     db.table("signal_counts").create_index(["model", "version", "signal", "received_at"])
 
 
+def _m4_policies_and_hard_examples(db: sqlite_utils.Database) -> None:
+    # Issue 11, part 5: fallback policies per model for a device, a group or all
+    # (fleet/policies.py); merged into each device's desired (fleet/desired.py).
+    db.table("fallback_policies").create(
+        {
+            "model": str,
+            "target_kind": str,  # device | group | all
+            "target": str,  # device id, group name, or "" for all
+            "policy": str,  # JSON: core.protocol.FleetFallback
+            "updated_at": float,
+        },
+        pk=("model", "target_kind", "target"),
+    )
+    # Issue 11, part 6: hard examples uploaded by devices (fleet/hard_examples.py); the
+    # upload's bytes are a file under <data_dir>/hard-examples, named by its sha256.
+    db.table("hard_examples").create(
+        {
+            "id": str,  # sha256 of the uploaded body
+            "device_id": str,
+            "model": str,
+            "version": str,
+            "reason": str,  # unsure | escalated | audit | shadow ... (the device's kind)
+            "status": str,  # the device's: answered | expired | pending
+            "created_at": float,  # device clock
+            "received_at": float,
+            "bytes": int,
+            "has_image": int,
+            "edge_class": int,
+            "edge_confidence": float,
+            "cloud_model": str,
+            "cloud_version": str,
+            "cloud_class": int,
+            "cloud_confidence": float,
+            "agree": int,
+            "label": str,
+            "label_id": int,  # the label's index in the model version's labels
+            "labelled_by": str,
+            "labelled_at": float,
+            "meta": str,  # JSON: the upload's header
+        },
+        pk="id",
+    )
+    db.table("hard_examples").create_index(["model", "version", "reason"])
+    db.table("hard_examples").create_index(["device_id"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_revocation,
     _m3_rollout_gates,
+    _m4_policies_and_hard_examples,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

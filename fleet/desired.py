@@ -32,13 +32,16 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from edgefleet.core import protocol
 from edgefleet.core.errors import BadRequest, NotFound
 from edgefleet.core.mqtt import topics
 from edgefleet.core.names import check_group
 from edgefleet.fleet.db import FleetDB, dumps, loads, next_revision, now
+
+if TYPE_CHECKING:
+    from edgefleet.fleet.policies import PolicyRow
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,8 @@ class Snapshot:
     reached: set[tuple[str, str]]  # (rollout id, device id) of live rollouts
     versions: dict[tuple[str, str], tuple[str, int]]  # (name, version) → (sha256, size)
     labels: dict[str, dict[str, str]]  # model → label → version
+    # Fallback policies by model (fleet/policies.py), merged per device in compute().
+    policies: dict[str, list[PolicyRow]] = field(default_factory=dict)
     # (model, device) → (candidate version, sample rate): shadow stages of live rollouts
     shadows: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
 
@@ -137,7 +142,9 @@ class Snapshot:
         labels: dict[str, dict[str, str]] = {}
         for name, label, version in conn.execute("SELECT name, label, version FROM model_labels"):
             labels.setdefault(name, {})[label] = version
-        return cls(models, reached, versions, labels, shadows)
+        from edgefleet.fleet.policies import load_policies  # it imports this module
+
+        return cls(models, reached, versions, labels, load_policies(conn), shadows)
 
     def applies(self, a: Assignment, device_id: str) -> bool:
         if a.rollout_id is None:
@@ -419,6 +426,8 @@ class DesiredStates:
         self, snap: Snapshot, device_id: str, groups: Iterable[str]
     ) -> dict[str, protocol.DesiredModel]:
         """The ``models`` part of a device's document (pure, writer thread)."""
+        from edgefleet.fleet.policies import effective as policy_effective  # (a cycle)
+
         gs = list(groups)
         models: dict[str, protocol.DesiredModel] = {}
         for name in snap.candidate_models(device_id, gs):
@@ -441,6 +450,7 @@ class DesiredStates:
                 # elsewhere then changes only the documents it concerns.
                 labels={k: v for k, v in snap.labels.get(name, {}).items() if v == a.version},
                 rollout=a.rollout_id,
+                fallback=policy_effective(snap.policies.get(name, ()), device_id, gs),
                 shadow=self._shadow(snap, name, device_id, a.version),
             )
         return models

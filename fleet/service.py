@@ -41,6 +41,7 @@ from edgefleet.fleet.bundle_registry import Registry
 from edgefleet.fleet.config import FleetServiceConfig
 from edgefleet.fleet.db import FleetDB
 from edgefleet.fleet.devices import Devices, EnrolmentInfo
+from edgefleet.fleet.hard_examples import HardExamples
 
 log = logging.getLogger("edgefleet.fleet")
 
@@ -237,6 +238,12 @@ class FleetService:
             auth,
             bus=self.bus,
             max_failure_share=cfg.rollouts.max_failure_share,
+            hard_examples=HardExamples(
+                self.db,
+                cfg.hard_examples_dir,
+                cfg.hard_examples.max_bytes,
+                cfg.hard_examples.max_example_bytes,
+            ),
         )
         self.runner = web.AppRunner(create_app(api), handle_signals=False, shutdown_timeout=5.0)
         await self.runner.setup()

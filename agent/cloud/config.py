@@ -82,6 +82,21 @@ class ModelFallback(Section):
         return v
 
 
+class HardExampleUploadConfig(Section):
+    """Kept cases to the fleet (agent/cloud/hard_example_upload.py): with a ``fleet``
+    section only, over HTTPS with the device credentials, to the enrolled fleet only."""
+
+    enabled: bool = True
+    max_bytes_per_s: int = Field(
+        32 * 1024, gt=0, description="bandwidth budget: upload bodies per second, on average"
+    )
+    window_s: float = Field(1.0, gt=0, le=3600, description="the budget is kept per window")
+    interval_s: float = Field(10.0, gt=0, description="look for new cases this often when idle")
+    batch: int = Field(32, ge=1, le=1000, description="cases read from the store per round")
+    timeout_s: float = Field(60.0, gt=0, description="per upload request")
+    max_backoff_s: float = Field(300.0, gt=0, description="a fleet down or full: retry after")
+
+
 class HardExamplesConfig(Section):
     """Cases that went, or should have gone, to the cloud, kept for retraining."""
 
@@ -99,6 +114,7 @@ class HardExamplesConfig(Section):
     retry_batch: int = Field(8, ge=1, description="cases retried per round")
     retention_s: float = Field(24 * 3600.0, gt=0, description="failed cases retried this long")
     max_attempts: int = Field(10, ge=1)
+    upload: HardExampleUploadConfig = Field(default_factory=HardExampleUploadConfig)
 
 
 class FallbackConfig(Section):

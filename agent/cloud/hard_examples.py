@@ -17,13 +17,15 @@ status so the event loop can update the gauges (metrics are loop-only).
 outcomes to: it picks the rows worth keeping and passes them to the store a moment
 after the answer that made them is on its way.
 
-Until the fleet's outbox lands this is the local store; uploading reads from here.
+The uploader (``agent/cloud/hard_example_upload.py``) reads the rows that are final
+(``answered`` or ``expired``) from here and deletes each one only once the fleet said
+it stored it; a row the fleet refused for good is marked (``upload_refused``) and
+left to the caps. Tensors are stored with ``core.hard_example_wire.pack``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import random
@@ -39,6 +41,7 @@ import numpy as np
 
 from edgefleet.agent.cloud.config import HardExamplesConfig
 from edgefleet.agent.cloud.fallback import take_rows
+from edgefleet.core.hard_example_wire import pack, unpack
 from edgefleet.core.processing.scoring import Scored
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,8 @@ CREATE TABLE IF NOT EXISTS hard_examples (
     edge_outputs BLOB NOT NULL,      -- same format
     cloud_outputs BLOB,              -- same format
     image BLOB,                      -- the original JPEG/PNG, when small enough
-    bytes INTEGER NOT NULL
+    bytes INTEGER NOT NULL,
+    upload_refused TEXT              -- why the fleet refused it for good (not retried)
 );
 CREATE INDEX IF NOT EXISTS hard_examples_due ON hard_examples (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS hard_examples_created ON hard_examples (created_at);
@@ -85,43 +89,6 @@ _LIST_COLUMNS = (
     " reason, attempts, edge_class, edge_confidence, cloud_class, cloud_confidence, agree,"
     " bytes, image IS NOT NULL AS has_image"
 )
-
-
-_MAGIC = b"EFT1"
-
-
-def pack(arrays: dict[str, np.ndarray]) -> bytes:
-    """Tensors as ``EFT1`` + header length + JSON header (dtype, shape) + raw bytes.
-
-    Not npz: zipfile is pure Python and would hold the GIL for a millisecond in the
-    writer thread while the event loop wants it. Readable with ``unpack`` or by hand.
-    """
-    header: dict[str, dict[str, Any]] = {}
-    chunks: list[bytes] = []
-    for name, value in arrays.items():
-        arr = np.ascontiguousarray(value)
-        header[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape)}
-        chunks.append(arr.tobytes())
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([_MAGIC, len(head).to_bytes(4, "little"), head, *chunks])
-
-
-def unpack(blob: bytes) -> dict[str, np.ndarray]:
-    if blob[:4] != _MAGIC:
-        raise ValueError("not a packed tensor blob")
-    n = int.from_bytes(blob[4:8], "little")
-    header = json.loads(blob[8 : 8 + n])
-    out: dict[str, np.ndarray] = {}
-    offset = 8 + n
-    for name, spec in header.items():
-        dtype = np.dtype(spec["dtype"])
-        if dtype.hasobject:  # never: a blob must not be able to make Python objects
-            raise ValueError(f"tensor {name!r} has an object dtype")
-        count = int(np.prod(spec["shape"], dtype=np.int64))
-        size = count * dtype.itemsize
-        out[name] = np.frombuffer(blob, dtype, count, offset).reshape(spec["shape"]).copy()
-        offset += size
-    return out
 
 
 @dataclass
@@ -166,6 +133,35 @@ class PendingExample:
 
 
 Counts = dict[str, int]
+
+_UPLOAD_COLUMNS = (
+    "id, created_at, model, version, cloud_model, cloud_version, kind, status, edge_class,"
+    " edge_confidence, cloud_class, cloud_confidence, agree, inputs, edge_outputs,"
+    " cloud_outputs, image"
+)
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    """One stored hard example as the uploader sends it (blobs as stored)."""
+
+    id: int
+    created_at: float
+    model: str
+    version: str
+    cloud_model: str | None
+    cloud_version: str | None
+    kind: str
+    status: str
+    edge_class: int | None
+    edge_confidence: float | None
+    cloud_class: int | None
+    cloud_confidence: float | None
+    agree: int | None
+    inputs: bytes
+    edge_outputs: bytes
+    cloud_outputs: bytes | None
+    image: bytes | None
 
 
 class HardExampleStore:
@@ -256,6 +252,9 @@ class HardExampleStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(hard_examples)")}
+        if "upload_refused" not in columns:  # a store from before uploads (issue 11)
+            conn.execute("ALTER TABLE hard_examples ADD COLUMN upload_refused TEXT")
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -497,6 +496,57 @@ class HardExampleStore:
             return int(cur.rowcount)
 
         return await self._call(work)
+
+    # ---- uploads (agent/cloud/hard_example_upload.py) -----------------------------
+
+    async def uploadable(self, limit: int, after_id: int = 0) -> list[UploadRow]:
+        """Final rows not refused by the fleet, oldest first, from ``after_id`` on."""
+
+        def work(conn: sqlite3.Connection) -> list[UploadRow]:
+            rows = conn.execute(
+                f"SELECT {_UPLOAD_COLUMNS} FROM hard_examples"
+                " WHERE status != 'pending' AND upload_refused IS NULL AND id > ?"
+                " ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+            return [UploadRow(*r) for r in rows]
+
+        return await self._call(work)
+
+    async def delete(self, row_ids: Sequence[int]) -> int:
+        """Rows the fleet acknowledged; returns how many were still there."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN")
+            try:
+                gone = 0
+                for row_id in row_ids:
+                    row = conn.execute(
+                        "DELETE FROM hard_examples WHERE id = ? RETURNING bytes", (row_id,)
+                    ).fetchone()
+                    if row is not None:
+                        gone += 1
+                        self._rows -= 1
+                        self._bytes -= int(row[0])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if gone:
+                self._after_change(conn)
+            return gone
+
+        return await self._call(work)
+
+    async def refuse_upload(self, row_id: int, reason: str) -> None:
+        """The fleet refused this row for good (400/413): never sent again."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE hard_examples SET upload_refused = ? WHERE id = ?", (reason[:500], row_id)
+            )
+
+        await self._call(work)
 
     async def counts(self) -> Counts:
         return await self._call(self._counts)

@@ -45,6 +45,7 @@ from edgefleet.agent.cloud.fallback import (
     expectation,
     take_rows,
 )
+from edgefleet.agent.cloud.hard_example_upload import HardExampleUploader
 from edgefleet.agent.cloud.hard_examples import (
     Case,
     HardExampleRecorder,
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
 # Background loops that run for the agent's life (idle() does not wait for them).
-_LOOPS = ("hard-example retries", "fallback telemetry")
+_LOOPS = ("hard-example retries", "fallback telemetry", "hard-example upload")
 
 
 class CloudRouter:
@@ -97,6 +98,7 @@ class CloudRouter:
         self.hard_examples: HardExampleStore | None = None
         self.recorder: HardExampleRecorder | None = None
         self.retry_loop: RetryLoop | None = None
+        self.uploader: HardExampleUploader | None = None
         self._rng = random.Random()
         if self.cloud_configured:
             self.metrics = CloudMetrics(metrics)
@@ -114,6 +116,11 @@ class CloudRouter:
                 )
                 self.recorder = HardExampleRecorder(self.hard_examples, he.sample_rate, self._rng)
                 self.retry_loop = RetryLoop(self.hard_examples, he, self._retry)
+                if he.upload.enabled and config.fleet is not None and config.device_id:
+                    # Kept cases to the fleet (agent/cloud/hard_example_upload.py).
+                    self.uploader = HardExampleUploader(
+                        self.hard_examples, he.upload, config.device_id, config.fleet
+                    )
         self._policies: dict[tuple[str, str], FallbackPolicy] = {}
         # The fleet's policy per model (desired state, agent/sync.py: set_fleet_policy).
         self._fleet_policies: dict[str, ModelFallback] = {}
@@ -144,10 +151,13 @@ class CloudRouter:
                 self.hard_examples = None
                 self.recorder = None
                 self.retry_loop = None
+                self.uploader = None
         if self.retry_loop is not None:
             self._spawn(self.retry_loop.run(), "hard-example retries")
         if self.telemetry is not None:
             self._spawn(self.telemetry.run(), "fallback telemetry")
+        if self.uploader is not None:
+            self._spawn(self.uploader.run(), "hard-example upload")
 
     async def close(self) -> None:
         self._closing = True
@@ -470,6 +480,8 @@ class CloudRouter:
             doc["items"] = _items_by_model(self.metrics)
         if self.hard_examples is not None:
             doc["hard_examples"] = await self.hard_examples.stats()
+            if self.uploader is not None:
+                doc["hard_examples"]["upload"] = self.uploader.describe()
         return doc
 
 
