@@ -74,7 +74,9 @@ log = logging.getLogger(__name__)
 KIND = "inference_stats"
 DRIFT_KIND = "drift_stats"
 DRIFT_BATCH = 16  # requests binned per job in the drift thread
-DRIFT_MAX_QUEUED = 256  # requests waiting per version; more are dropped and counted
+# Requests waiting per version; more are dropped and counted. Bounds the memory a
+# lagging drift thread holds: 64 requests of a 128x128 RGB float input are 12 MiB.
+DRIFT_MAX_QUEUED = 64
 
 # Bucket upper bounds ("le", inclusive) of the wire format (core/protocol.py); each
 # histogram's counts have one more entry, for "above the last bound".
@@ -207,11 +209,12 @@ class DriftMonitor:
             reason = None if manifest.reference_profile is not None else drift.NO_PROFILE
             v = self._versions[key] = _DriftVersion(directory, reason)
         first = next(iter(inputs.values()), None)
-        v.seen += int(first.shape[0]) if first is not None and first.ndim else 1
+        n = int(first.shape[0]) if first is not None and first.ndim else 1
+        v.seen += n
         if v.reason is not None:
             return
         if len(v.queued) >= DRIFT_MAX_QUEUED:
-            v.dropped += 1
+            v.dropped += n
             return
         top = conf = None
         if scored is not None:
@@ -298,6 +301,7 @@ class DriftMonitor:
                 "window_start": round(v.window_start, 3),
                 "window_s": round(t1 - v.window_t0, 3),
                 "features": v.features,
+                "dropped": v.dropped,
             }
             if score is None:
                 fields |= {"samples": v.seen, "drift_reason": v.reason or drift.NO_PROFILE}
@@ -318,7 +322,7 @@ class DriftMonitor:
                 log.error("drift stats of %s:%s not sent: %s", *key, exc)
                 continue
             if v.dropped:
-                log.info("%s:%s: %d requests not binned for drift (busy)", *key, v.dropped)
+                log.info("%s:%s: %d items not binned for drift (busy)", *key, v.dropped)
             v.seen = v.dropped = 0
             # A window ends with figures or for good reasons; too few samples carry over.
             if score is None or score.reason is None:
@@ -494,6 +498,7 @@ class InferenceStats:
         """Flush the last partial window and end the task. Idempotent."""
         task, self._task = self._task, None
         if task is None:
+            await self.drift.close()
             return
         self._stopping.set()
         try:

@@ -370,6 +370,7 @@ class DriftStats(_Wire):
     window_start: float = Field(ge=0.0, le=1e11)
     window_s: float = Field(ge=0.0, le=MAX_WINDOW_S)
     samples: Count
+    dropped: Count = 0  # items not binned: the agent's drift thread was behind
     features: Count = 0
     psi_max: Psi | None = None
     psi_mean: Psi | None = None

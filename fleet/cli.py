@@ -673,9 +673,29 @@ def _ms(value: Any, above: Any = False) -> str:
     return f">{value:g}" if above else f"{value:g}"
 
 
+def _drift(d: Any) -> str:
+    """``max/mean/output`` PSI of a version's ``drift`` (docs/fleet.md), or "-"."""
+    if not isinstance(d, dict) or (d.get("psi_max") is None and d.get("psi_output") is None):
+        return "-"
+    return "/".join("-" if d.get(k) is None else f"{d[k]:.2f}" for k in DRIFT_KEYS)
+
+
+DRIFT_KEYS = ("psi_max", "psi_mean", "psi_output")
+
+
 def print_telemetry(doc: Any) -> None:
     rows: list[Sequence[Any]] = [
-        ("MODEL", "VERSION", "REQUESTS", "ERRORS", "P50-MS", "P95-MS", "DEVICES", "LAST-SEEN")
+        (
+            "MODEL",
+            "VERSION",
+            "REQUESTS",
+            "ERRORS",
+            "P50-MS",
+            "P95-MS",
+            "DRIFT-PSI(MAX/MEAN/OUT)",
+            "DEVICES",
+            "LAST-SEEN",
+        )
     ]
     for r in _telemetry_rows(doc):
         rows.append(
@@ -686,6 +706,7 @@ def print_telemetry(doc: Any) -> None:
                 r.get("errors"),
                 _ms(r.get("p50_ms"), r.get("p50_above")),
                 _ms(r.get("p95_ms"), r.get("p95_above")),
+                _drift(r.get("drift")),
                 r.get("devices"),
                 ago(r.get("last_seen")),
             )

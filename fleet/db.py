@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.sqlite_writer import Reader, SqliteWriter
 
 T = TypeVar("T")
@@ -309,16 +310,46 @@ def _m4_policies_and_hard_examples(db: sqlite_utils.Database) -> None:
     db.table("hard_examples").create_index(["device_id"])
 
 
+def _m5_drift_stats(db: sqlite_utils.Database) -> None:
+    # Issue 11, part 3: drift_stats records unpacked, one row per (device, model,
+    # version, window), for the views (fleet/telemetry.py) and the rollout gates'
+    # drift_psi. Figures are NULL (with drift_reason) for a bundle without a reference
+    # profile or a window with too few items.
+    db.table("drift_stats").create(
+        {
+            "id": str,  # the telemetry record's id
+            "device_id": str,
+            "model": str,
+            "version": str,
+            "window_start": float,  # device clock
+            "window_s": float,
+            "samples": int,
+            "psi_max": float,
+            "psi_mean": float,
+            "psi_output": float,
+            "js_max": float,
+            "js_output": float,
+            "drift_reason": str,
+            "received_at": float,  # fleet clock
+            "data": str,  # JSON: the record's data
+        },
+        pk="id",
+    )
+    db.table("drift_stats").create_index(["model", "version", "received_at"])
+    db.table("drift_stats").create_index(["device_id", "model", "version"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_revocation,
     _m3_rollout_gates,
     _m4_policies_and_hard_examples,
+    _m5_drift_stats,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class SchemaTooNew(RuntimeError):
+class SchemaTooNew(EdgefleetError, RuntimeError):
     pass
 
 

@@ -74,6 +74,7 @@ from edgefleet.core.mqtt import topics
 from edgefleet.core.mqtt.messages import Handler, Message
 from edgefleet.fleet.db import FleetDB, dumps, now
 from edgefleet.fleet.rollouts import Rollouts
+from edgefleet.fleet.telemetry_math import DRIFT_COLUMNS, drift_rows
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class IngestStats:
     bad_stats: int = 0  # inference_stats records stored raw only: invalid data
     bad_event_records: int = 0  # event records stored raw only: not a valid event
     bad_fallback_stats: int = 0  # fallback_stats records stored raw only: invalid data
+    bad_drift_stats: int = 0  # drift_stats records stored raw only: invalid data
     bad_shadow_stats: int = 0  # shadow_stats records stored raw only: invalid data
     write_errors: int = 0  # write jobs that failed (nothing acked)
     rejected: dict[str, int] = field(default_factory=dict)  # reason → messages
@@ -270,6 +272,9 @@ class BatchMsg:
     received_at: float
     signals: list[tuple[Any, ...]] = field(default_factory=list)  # signal_counts rows
     bad_shadow: int = 0
+    # drift_stats rows and invalid drift records (fleet.telemetry_math.drift_rows)
+    drift: list[tuple[Any, ...]] = field(default_factory=list)
+    bad_drift: int = 0
 
 
 def signal_rows(
@@ -486,6 +491,7 @@ class Ingest:
             else:
                 assert isinstance(m, protocol.TelemetryBatch)
                 item = batch_msg(m, t)
+                item.drift, item.bad_drift = drift_rows(m, t)
         except Reject as r:
             self._reject(leaf, msg.topic, r)
             return
@@ -683,6 +689,11 @@ class Ingest:
                 " other, signal, k, n, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [row for b in stored for row in b.signals],
             )
+            conn.executemany(
+                f"INSERT OR IGNORE INTO drift_stats ({DRIFT_COLUMNS})"
+                f" VALUES ({', '.join('?' * len(DRIFT_COLUMNS.split(',')))})",
+                [row for b in stored for row in b.drift],
+            )
             new_events = self._insert_events_in(conn, [row for b in stored for row in b.events])
             self._touch_in(conn, {b.device_id: b.received_at for b in stored})
             return known, inserted, new_events
@@ -698,6 +709,7 @@ class Ingest:
         s.bad_stats += sum(b.bad_stats for b in stored)
         s.bad_event_records += sum(b.bad_events for b in stored)
         s.bad_fallback_stats += sum(b.bad_fallback for b in stored)
+        s.bad_drift_stats += sum(b.bad_drift for b in stored)
         s.bad_shadow_stats += sum(b.bad_shadow for b in stored)
         self._unknown(topics.TELEMETRY, [b.device_id for b in items if b.device_id not in known])
         # Committed: only now may the device delete these records from its outbox.

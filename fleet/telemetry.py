@@ -10,6 +10,12 @@ event loop or waits behind ingest writes.
 ``since`` (fleet clock, seconds) limits a view to records whose window started at or
 after it (device clocks: good enough for "the last day"); without it a view reads
 every record. Long-lived fleets will want roll-ups of old windows: not built yet.
+
+Each model version's summary also carries ``drift`` (``merge_drift`` over the
+``drift_stats`` table: the newest figures of each device, worst device's PSI), with
+null figures and a ``reason`` ("no reference profile", "too few samples (...)", "no
+drift_stats records") when there are none. ``drift`` lists the per-(device,
+version, window) rows, which the rollout gates read for ``drift_psi``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from edgefleet.fleet.db import FleetDB, loads
-from edgefleet.fleet.telemetry_math import InferenceStatsData, merge_inference_stats
+from edgefleet.fleet.telemetry_math import (
+    DriftSummary,
+    InferenceStatsData,
+    merge_drift,
+    merge_inference_stats,
+)
 
 MAX_EVENTS = 1000
 
@@ -37,6 +48,53 @@ class _Seen:
             self.devices.add(r[2])
             self.last_seen = r[3] if self.last_seen is None else max(self.last_seen, r[3])
             yield loads(r[4])
+
+
+_DRIFT_SELECT = (
+    "SELECT model, version, device_id, window_start, window_s, samples, psi_max, psi_mean,"
+    " psi_output, js_max, js_output, drift_reason, received_at FROM drift_stats"
+)
+_DRIFT_KEYS = (
+    "model",
+    "version",
+    "device_id",
+    "window_start",
+    "window_s",
+    "samples",
+    "psi_max",
+    "psi_mean",
+    "psi_output",
+    "js_max",
+    "js_output",
+    "drift_reason",
+    "received_at",
+)
+
+
+def _drift_rows(
+    conn: sqlite3.Connection, where: list[str], args: list[Any]
+) -> Iterator[dict[str, Any]]:
+    sql = _DRIFT_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+    for r in conn.execute(sql + " ORDER BY model, version, window_start", args):
+        yield dict(zip(_DRIFT_KEYS, r, strict=True))
+
+
+def _drift_by_version(
+    conn: sqlite3.Connection, where: list[str], args: list[Any]
+) -> dict[tuple[str, str], DriftSummary]:
+    rows = _drift_rows(conn, where, args)
+    return {
+        key: merge_drift(group)
+        for key, group in itertools.groupby(rows, key=lambda r: (r["model"], r["version"]))
+    }
+
+
+def _with_drift(
+    summaries: list[dict[str, Any]], drift: dict[tuple[str, str], DriftSummary]
+) -> list[dict[str, Any]]:
+    for s in summaries:
+        s["drift"] = drift.get((s["model"], s["version"])) or merge_drift(())
+    return summaries
 
 
 def _summaries(rows: Iterator[sqlite3.Row]) -> list[dict[str, Any]]:
@@ -73,7 +131,9 @@ class TelemetryViews:
             if since is not None:
                 sql += " WHERE window_start >= ?"
                 args = (since,)
-            return _summaries(conn.execute(sql + " ORDER BY model, version", args))
+            out = _summaries(conn.execute(sql + " ORDER BY model, version", args))
+            where = ["window_start >= ?"] if since is not None else []
+            return _with_drift(out, _drift_by_version(conn, where, list(args)))
 
         return await self.db.read(q)
 
@@ -89,7 +149,34 @@ class TelemetryViews:
             if since is not None:
                 sql += " AND window_start >= ?"
                 args = (device_id, since)
-            return _summaries(conn.execute(sql + " ORDER BY model, version", args))
+            out = _summaries(conn.execute(sql + " ORDER BY model, version", args))
+            where = ["device_id = ?"] + (["window_start >= ?"] if since is not None else [])
+            return _with_drift(out, _drift_by_version(conn, where, list(args)))
+
+        return await self.db.read(q)
+
+    async def drift(
+        self,
+        model: str,
+        version: str | None = None,
+        *,
+        device_id: str | None = None,
+        since: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """The stored ``drift_stats`` rows of ``model`` (one per device, version and
+        window; oldest window first): the figure a ``drift_psi`` gate reads."""
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            where: list[str] = ["model = ?"]
+            args: list[Any] = [model]
+            for column, value in (("version", version), ("device_id", device_id)):
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    args.append(value)
+            if since is not None:
+                where.append("window_start >= ?")
+                args.append(since)
+            return list(_drift_rows(conn, where, args))
 
         return await self.db.read(q)
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
+import orjson
+
 from edgefleet.core import protocol
 
 # The bucket bounds of schema 1: the wire contract's (core/protocol.py). A record with
@@ -174,4 +176,97 @@ def merge_inference_stats(records: Iterable[InferenceStatsData]) -> StatsSummary
         "confidence": {"le": list(CONFIDENCE_BOUNDS), "counts": confidence},
         "sources": sources,
         "fallback": fallback,
+    }
+
+
+# ---------------------------------------------------------------------- drift_stats
+
+# The drift_stats table's columns (fleet/db.py), in the order of ``drift_rows``' rows.
+DRIFT_COLUMNS = (
+    "id, device_id, model, version, window_start, window_s, samples, psi_max, psi_mean,"
+    " psi_output, js_max, js_output, drift_reason, received_at, data"
+)
+DRIFT_FIGURES = ("psi_max", "psi_mean", "psi_output", "js_max", "js_output")
+
+
+def drift_rows(b: protocol.TelemetryBatch, t: float) -> tuple[list[tuple[Any, ...]], int]:
+    """The ``drift_stats`` rows of a valid batch (``DRIFT_COLUMNS``), and how many of
+    its drift records were invalid (stored raw only, counted by the ingest as
+    ``bad_drift_stats``: negative PSI, a mean over the max, figures without samples...)."""
+    rows: list[tuple[Any, ...]] = []
+    bad = 0
+    for r in b.records:
+        if r.kind != "drift_stats":
+            continue
+        try:
+            d = protocol.DriftStats.from_obj(r.data)
+        except protocol.WireError:
+            bad += 1
+            continue
+        doc = d.to_wire()
+        rows.append(
+            (
+                r.id,
+                b.device_id,
+                d.model,
+                d.version,
+                d.window_start,
+                d.window_s,
+                d.samples,
+                *(doc[f] for f in DRIFT_FIGURES),
+                d.drift_reason,
+                t,
+                orjson.dumps(doc).decode(),
+            )
+        )
+    return rows, bad
+
+
+class DriftSummary(TypedDict):
+    """A model version's drift across devices (``merge_drift``): each device's newest
+    record with figures; the worst device's ``psi_max`` and ``psi_output``, the mean
+    over devices of ``psi_mean``; ``reason`` when no device has figures."""
+
+    psi_max: float | None
+    psi_mean: float | None
+    psi_output: float | None
+    js_max: float | None
+    js_output: float | None
+    samples: int
+    devices: int
+    window_end: float | None  # newest window end among them (device clocks)
+    reason: str | None
+
+
+def merge_drift(records: Iterable[Mapping[str, Any]]) -> DriftSummary:
+    """``records``: validated ``drift_stats`` data with ``device_id``, in any order."""
+    newest: dict[str, Mapping[str, Any]] = {}
+    reasons: dict[str, int] = {}
+    for r in records:
+        if r.get("psi_max") is None and r.get("psi_output") is None:
+            reason = str(r.get("drift_reason") or "no figures")
+            reasons[reason] = reasons.get(reason, 0) + 1
+            continue
+        dev = str(r["device_id"])
+        if dev not in newest or r["window_start"] > newest[dev]["window_start"]:
+            newest[dev] = r
+    rs = list(newest.values())
+
+    def worst(key: str) -> float | None:
+        vals = [float(r[key]) for r in rs if r.get(key) is not None]
+        return max(vals) if vals else None
+
+    means = [float(r["psi_mean"]) for r in rs if r.get("psi_mean") is not None]
+    return {
+        "psi_max": worst("psi_max"),
+        "psi_mean": round(sum(means) / len(means), 6) if means else None,
+        "psi_output": worst("psi_output"),
+        "js_max": worst("js_max"),
+        "js_output": worst("js_output"),
+        "samples": sum(int(r["samples"]) for r in rs),
+        "devices": len(rs),
+        "window_end": max((r["window_start"] + r["window_s"] for r in rs), default=None),
+        "reason": None
+        if rs
+        else (max(reasons, key=lambda k: reasons[k]) if reasons else "no drift_stats records"),
     }
