@@ -223,7 +223,8 @@ def export_dataset(client: Client, out: Path, filters: dict[str, Any]) -> dict[s
         hid = str(r["id"])
         doc = client.get(f"/v1/hard-examples/{hid}")
         raw, _ = get_bytes(client, f"/v1/hard-examples/{hid}/tensors")
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+        buf = io.BytesIO(raw)
+        with np.load(buf, allow_pickle=False) as npz:  # never unpickle fleet data
             for name in npz.files:
                 if name.startswith("input."):
                     inputs.setdefault(name.removeprefix("input."), []).append(npz[name])
