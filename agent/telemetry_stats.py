@@ -118,7 +118,7 @@ class StatsCounters:
     records_lost: int = 0  # built but the outbox refused them (closed, disk error)
 
 
-Batch = tuple[Mapping[str, np.ndarray], np.ndarray | None, np.ndarray | None]
+Batch = tuple[Mapping[str, np.ndarray], Scored | None]
 
 
 class _DriftVersion:
@@ -216,10 +216,7 @@ class DriftMonitor:
         if len(v.queued) >= DRIFT_MAX_QUEUED:
             v.dropped += n
             return
-        top = conf = None
-        if scored is not None:
-            top, conf = scored.top_class, scored.confidence
-        v.queued.append((inputs, top, conf))
+        v.queued.append((inputs, scored))
         if v.job is None and len(v.queued) >= DRIFT_BATCH:
             self._submit(v)
 
@@ -257,8 +254,17 @@ class DriftMonitor:
                 return f"reference profile unreadable: {type(exc).__name__}: {exc}"
             v.counts = drift.DriftCounts(profile)
             v.features = sum(len(p.features) for p in profile.inputs)
-        for inputs, top, conf in items:
-            v.counts.add(inputs, top, conf)
+        rule = v.counts.profile.confidence.rule if v.counts.profile.confidence else None
+        for inputs, scored in items:
+            if scored is None:
+                v.counts.add(inputs)
+                continue
+            if rule is not None and scored.rule != rule:
+                # A version calibrated to another confidence rule than its profile's
+                # (edge-convert calibrate): judge the answers by the profile's rule.
+                with contextlib.suppress(ValueError, KeyError):
+                    scored = scored.under(rule)
+            v.counts.add(inputs, scored.top_class, scored.confidence)
         return None
 
     def _score(self, v: _DriftVersion) -> drift.DriftScore | None:

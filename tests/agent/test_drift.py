@@ -199,3 +199,27 @@ async def test_current_drift_in_model_metadata_and_metrics(
         assert 'version="e0"' not in "".join(
             ln for ln in text.splitlines() if ln.startswith("edgefleet_drift_psi")
         )
+
+
+def test_answers_are_judged_by_the_profile_confidence_rule(
+    digits: Any, keys: Any, tmp_path: Path
+) -> None:
+    """A version calibrated to another rule (edge-convert calibrate keeps the profile):
+    its answers' confidences are counted by the profile's rule, the buckets it was made
+    with, not by the version's own."""
+    from edgefleet.agent.telemetry_stats import _DriftVersion
+    from edgefleet.core.bundle.archive import read_bundle
+    from edgefleet.core.bundle.signing import TrustStore
+    from edgefleet.core.processing.scoring import score
+
+    bundle = digits_bundle(digits, keys, tmp_path, "d6", profile=True)
+    contents = read_bundle(bundle, tmp_path / "x", TrustStore.from_files([keys[1]]))
+    m = contents.manifest
+    v = _DriftVersion(contents.directory, None)
+    probs = np.array([[0.75, 0.25] + [0.0] * 8], dtype=np.float32)
+    margin = score(m, {"probabilities": probs}, rule="margin")  # 0.5, where top1 says 0.75
+    assert DriftMonitor._bin(v, [({INPUT: load_split().x_test[:1]}, margin)]) is None
+    assert v.counts is not None and v.counts.profile.confidence is not None
+    assert v.counts.profile.confidence.rule == m.confidence.rule == "top1"
+    assert v.counts.confidence is not None
+    assert v.counts.confidence.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]  # 0.75: le 0.8
