@@ -17,12 +17,14 @@ import orjson
 import pytest
 
 from edgefleet.agent.fleet_link import FLEET
+from edgefleet.agent.server.context import SERVICES
 from edgefleet.core.mqtt import topics
+from edgefleet.fleet.cli import main as fleet_main
 from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto, Peer
 from tests.support.cloud_helpers import TOKEN as CLOUD_TOKEN
 from tests.support.cloud_helpers import cloud_config, infer
-from tests.support.quality_fleet import Fleet, fleet_config, fleet_section, until
+from tests.support.quality_fleet import TOKEN, Fleet, fleet_config, fleet_section, until
 from tests.support.tiny import TEST_X, agent_config
 
 X1 = TEST_X[:1]
@@ -159,11 +161,16 @@ async def test_a_pushed_threshold_takes_effect_device_beats_group_beats_all(
         "/v1/policies/tiny",
         json={"target": {"all": True}, "fallback": {"threshold": 0.5, "audit_rate": 0.0}},
     )
-    await fleet.call(
-        "PUT",
-        "/v1/policies/tiny",
-        json={"target": {"group": "north"}, "fallback": {"threshold": 0.2}},
+    # The manager CLI (its main, in a thread: a blocking client) sets the group's.
+    cli = ["--url", fleet.base, "--token", TOKEN]
+    rc = await asyncio.to_thread(
+        fleet_main, ["policy", "set", "tiny", "--group", "north", "--threshold", "0.2", *cli]
     )
+    assert rc == 0
+    rc = await asyncio.to_thread(
+        fleet_main, ["policy", "set", "tiny", "--group", "north", "--threshold", "2", *cli]
+    )
+    assert rc == 1  # the fleet refused it (400), said on stderr
     await fleet.call(
         "PUT",
         "/v1/policies/tiny",
@@ -282,3 +289,32 @@ def _cloud_calls(agent: Any) -> int:
 
 async def _async(value: Any) -> Any:
     return value
+
+
+async def test_a_fleet_policy_survives_an_agent_restart(
+    fleet: Fleet, store: Any, start_agent: Any
+) -> None:
+    """The retained desired is not applied again after a restart (its revision was
+    processed): the policy must come back from the sync's state file."""
+    agent, name = await store()
+    await fleet.call(
+        "PUT",
+        "/v1/policies/tiny",
+        json={"target": {"device": name}, "fallback": {"mode": "edge_only"}},
+    )
+    async with aiohttp.ClientSession() as session:
+        await until(
+            lambda: _status(session, agent.base),
+            check=lambda d: d["policies"]["tiny:1"]["mode"] == "edge_only",
+        )
+        config = agent.app[SERVICES].config
+        await agent.runner.cleanup()  # the agent stops ...
+        again = await start_agent(config)  # ... and starts again on the same store
+        sync = again.app[FLEET].sync
+        await until(lambda: _async(sync.stats.desired_received), check=lambda n: n >= 1)
+        assert sync.stats.revisions_processed == 0  # the retained desired was not applied
+        local = await _status(session, again.base)
+        assert local["policies"]["tiny:1"]["mode"] == "edge_only"
+        assert local["policies"]["tiny:1"]["sources"]["mode"] == "fleet"
+        status, doc, _ = await infer(session, again.base, X1)
+        assert status == 200 and doc["parameters"]["source"] == "edge"

@@ -222,3 +222,27 @@ async def _eventually(
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"not reached within {within} s; last: {doc}") from None
+
+
+def test_the_budget_arithmetic_per_window() -> None:
+    """The ledger rule on its own, with a clock the test moves (no sleeping)."""
+    from edgefleet.agent.cloud.hard_example_upload import BandwidthBudget
+
+    t = [100.0]
+    budget = BandwidthBudget(1000, 1.0, clock=lambda: t[0])
+    assert budget.delay(600) == 0.0
+    budget.spend(600)
+    assert budget.delay(400) == 0.0
+    budget.spend(400)
+    assert budget.delay(1) == pytest.approx(1.0)  # this window is full: the next one
+    t[0] = 101.2
+    assert budget.delay(1) == 0.0
+    # A case larger than a window goes alone, and the windows it overran stay empty.
+    t[0] = 103.0
+    assert budget.delay(2500) == 0.0
+    budget.spend(2500)
+    t[0] = 104.5
+    assert budget.delay(1) == pytest.approx(1.5)
+    t[0] = 106.0
+    assert budget.delay(1000) == 0.0
+    assert budget.ledger == {100: 1000, 103: 2500}
