@@ -25,7 +25,8 @@ Within a valid batch, records of a known kind whose ``data`` fails its model
 (``protocol.InferenceStats``, ``protocol.Event``, ``protocol.FallbackStats``) are
 still stored raw in ``telemetry`` and acked (so they do not block the device's outbox
 forever) but not unpacked into the views; they are counted in
-``bad_stats``/``bad_event_records``/``bad_fallback_stats``. Every record is stored
+``bad_stats``/``bad_event_records``/``bad_fallback_stats`` (``bad_drift_stats``:
+invalid ``drift_stats``, also logged, rate-limited). Every record is stored
 with ``INSERT OR IGNORE`` by id; the ack (``protocol.Ack``: all of the batch's ids,
 duplicates included) is published only after the write committed.
 
@@ -491,7 +492,11 @@ class Ingest:
             else:
                 assert isinstance(m, protocol.TelemetryBatch)
                 item = batch_msg(m, t)
-                item.drift, item.bad_drift = drift_rows(m, t)
+                item.drift, item.bad_drift, why = drift_rows(m, t)
+                if why is not None:
+                    self._complaints.warn(
+                        "telemetry/drift_stats", "invalid drift_stats from %s: %s", m.device_id, why
+                    )
         except Reject as r:
             self._reject(leaf, msg.topic, r)
             return

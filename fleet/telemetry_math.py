@@ -189,19 +189,24 @@ DRIFT_COLUMNS = (
 DRIFT_FIGURES = ("psi_max", "psi_mean", "psi_output", "js_max", "js_output")
 
 
-def drift_rows(b: protocol.TelemetryBatch, t: float) -> tuple[list[tuple[Any, ...]], int]:
-    """The ``drift_stats`` rows of a valid batch (``DRIFT_COLUMNS``), and how many of
-    its drift records were invalid (stored raw only, counted by the ingest as
-    ``bad_drift_stats``: negative PSI, a mean over the max, figures without samples...)."""
+def drift_rows(
+    b: protocol.TelemetryBatch, t: float
+) -> tuple[list[tuple[Any, ...]], int, str | None]:
+    """The ``drift_stats`` rows of a valid batch (``DRIFT_COLUMNS``), how many of its
+    drift records were invalid (stored raw only, counted by the ingest as
+    ``bad_drift_stats``: negative PSI, a mean over the max, figures without samples...)
+    and the first one's problem (for the ingest's rate-limited log)."""
     rows: list[tuple[Any, ...]] = []
     bad = 0
+    why: str | None = None
     for r in b.records:
         if r.kind != "drift_stats":
             continue
         try:
             d = protocol.DriftStats.from_obj(r.data)
-        except protocol.WireError:
+        except protocol.WireError as exc:
             bad += 1
+            why = why or f"record {r.id}: {exc.detail}"
             continue
         doc = d.to_wire()
         rows.append(
@@ -219,7 +224,7 @@ def drift_rows(b: protocol.TelemetryBatch, t: float) -> tuple[list[tuple[Any, ..
                 orjson.dumps(doc).decode(),
             )
         )
-    return rows, bad
+    return rows, bad, why
 
 
 class DriftSummary(TypedDict):

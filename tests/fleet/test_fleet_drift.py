@@ -99,7 +99,11 @@ def drift(
 
 
 async def test_drift_is_stored_per_window_and_shown_per_version(
-    db: FleetDB, bus: FleetBus, sims: Any, capsys: pytest.CaptureFixture[str]
+    db: FleetDB,
+    bus: FleetBus,
+    sims: Any,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     await add_device(db, "a")
     await add_device(db, "b")
@@ -143,6 +147,9 @@ async def test_drift_is_stored_per_window_and_shown_per_version(
     await until(lambda: len(a.acks) == 1 and len(b.acks) == 1)
     s = bus.stats
     assert (s.bad_drift_stats, s.bad_stats) == (3, 1)
+    # Logged once (rate-limited), with the first record's problem.
+    logged = [r.getMessage() for r in caplog.records if "invalid drift_stats" in r.getMessage()]
+    assert len(logged) == 1 and "from a" in logged[0] and "psi_max" in logged[0], logged
     assert s.rejected_total == 0  # the batches themselves were fine, and acked
     rows = await query(
         db,
