@@ -160,6 +160,7 @@ class DataPlane:
         """An aiohttp cleanup context (started after the models load, stopped before
         they unload): the cloud router's background work, the shadow runner."""
         await self.router.start()
+        self.shadow.on_own_store = self.router.adopt_hard_examples  # uploads (issue 11)
         self.shadow.start(self.router.hard_examples)
         try:
             yield

@@ -60,7 +60,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -375,6 +375,9 @@ class ShadowRunner:
             self._own = HardExampleStore(path, hard_examples)
         self._own_task: asyncio.Task[None] | None = None
         self._own_started = False
+        # Called with our own store once it opened (the data plane: the router uploads
+        # its cases to the fleet, agent/cloud/hard_example_upload.py).
+        self.on_own_store: Callable[[HardExampleStore], None] | None = None
         self._waiting_examples: list[NewExample] = []
 
     # ---- lifecycle (event loop) ------------------------------------------------------
@@ -591,6 +594,8 @@ class ShadowRunner:
             return
         self._own_started = True
         self._store = self._own
+        if self.on_own_store is not None:
+            self.on_own_store(self._own)
         waiting, self._waiting_examples = self._waiting_examples, []
         if waiting:
             self._store.add(waiting)

@@ -159,6 +159,19 @@ class CloudRouter:
         if self.uploader is not None:
             self._spawn(self.uploader.run(), "hard-example upload")
 
+    def adopt_hard_examples(self, store: HardExampleStore) -> None:
+        """Upload another store's cases too (event loop): the shadow runner's own store,
+        opened when no cloud is configured (agent/shadow.py). Only when this agent has
+        a fleet section and no uploader yet (the router's own store is the same file)."""
+        cfg = self.config
+        upload = cfg.fallback.hard_examples.upload
+        if self.uploader is not None or cfg.fleet is None or not cfg.device_id:
+            return
+        if not upload.enabled or self._closing:
+            return
+        self.uploader = HardExampleUploader(store, upload, cfg.device_id, cfg.fleet)
+        self._spawn(self.uploader.run(), "hard-example upload")
+
     async def close(self) -> None:
         self._closing = True
         tasks = list(self._tasks)

@@ -19,13 +19,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edgefleet.agent.server.context import DATA_PLANE
+from edgefleet.agent.server.context import DATA_PLANE, SERVICES
 from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto, free_port
 from tests.support.cloud_helpers import TOKEN as CLOUD_TOKEN
 from tests.support.cloud_helpers import cloud_config, infer, wait_for
 from tests.support.quality_fleet import Fleet, fleet_config, fleet_section
-from tests.support.tiny import TEST_X, agent_config
+from tests.support.tiny import TEST_X, W2, agent_config, tiny_reference
 
 
 @pytest.fixture
@@ -203,6 +203,51 @@ async def test_the_bandwidth_budget_holds_in_every_window(fleets: Any, edge: Any
     assert sum(ledger.values()) == uploader.stats.bytes_sent == sum(r["bytes"] for r in rows)
     assert max(ledger.values()) <= budget.allowance, ledger
     assert len(ledger) >= -(-uploader.stats.bytes_sent // budget.allowance)
+
+
+async def test_shadow_disagreements_reach_the_fleet_without_a_cloud(
+    fleets: Any,
+    start_agent: Any,
+    make_tiny_bundle: Any,
+    keys: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    """No cloud configured: the shadow runner keeps its disagreements in its own store
+    (agent/shadow.py), and the router uploads that store's cases too."""
+    fleet = await fleets()
+    await fleet.call("POST", "/v1/models", data=make_tiny_bundle("1").read_bytes())
+    enrolled = await fleet.enrol("shop-9", ["north"])
+    config = agent_config(
+        tmp_path / "shop-9",
+        keys,
+        [make_tiny_bundle("1")],
+        device_id="shop-9",
+        fleet=fleet_section(enrolled, tmp_path),
+        runtime={"shadow": {"queue_size": 10_000, "cpu_budget": 64}},
+        fallback={"hard_examples": {"upload": {"interval_s": 0.2}}},
+    )
+    agent = await start_agent(config)
+    registry = agent.app[SERVICES].registry
+    await registry.install(make_tiny_bundle("s2", weights=W2))
+    await registry.load_shadow("tiny", "s2", 1.0)
+    x = TEST_X
+    differ = tiny_reference(x).argmax(axis=1) != tiny_reference(x, W2).argmax(axis=1)
+    assert differ.any()
+    async with aiohttp.ClientSession() as session:
+        for i in range(len(x)):
+            body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                "data": x[i].tolist()}]}  # fmt: skip
+            async with session.post(f"{agent.base}/v2/models/tiny/infer", json=body) as r:
+                assert r.status == 200
+    rows = await _eventually(
+        lambda: fleet_rows(fleet), lambda rows: len(rows) == int(differ.sum()), within=30
+    )
+    assert {(r["device_id"], r["reason"], r["version"], r["cloud_version"]) for r in rows} == {
+        ("shop-9", "shadow_disagreement", "1", "s2")
+    }
+    assert router(agent).uploader is not None
+    store = router(agent).uploader.store
+    await _eventually(lambda: store.list(limit=100), lambda left: left == [])
 
 
 def agent_secret(agent: Any) -> str:
