@@ -102,10 +102,12 @@ class HardExamples:
                 f"hard example of {len(body)} bytes, over the fleet's"
                 f" {self.max_example_bytes} byte limit per example"
             )
+        # The hash first: "already have it" makes the device delete its copy, so it
+        # must be about these very bytes.
+        if await asyncio.to_thread(_sha256, body) != hid:
+            raise BadRequest("the body's sha256 is not the id in the URL")
         if await self.has(hid):
             return {"id": hid, "stored": False, "already": True}
-        if hashlib.sha256(body).hexdigest() != hid:
-            raise BadRequest("the body's sha256 is not the id in the URL")
         try:
             header, _ = await asyncio.to_thread(decode_upload, body)
         except ValueError as exc:
@@ -327,6 +329,10 @@ def _tensors_json(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         name: {"shape": list(a.shape), "dtype": a.dtype.str, "data": a.ravel().tolist()}
         for name, a in arrays.items()
     }
+
+
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
 
 
 def _write(path: Path, body: bytes) -> None:

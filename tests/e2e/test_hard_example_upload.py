@@ -46,9 +46,9 @@ async def fleets(
     running: list[FleetService] = []
     async with aiohttp.ClientSession() as session:
 
-        async def start() -> Fleet:
+        async def start(**extra: Any) -> Fleet:
             svc = await FleetService(
-                fleet_config(tmp_path, keys, mosquitto.port, http_port=fleet_port)
+                fleet_config(tmp_path, keys, mosquitto.port, http_port=fleet_port, **extra)
             ).start()
             running.append(svc)
             async with asyncio.timeout(10):
@@ -248,6 +248,76 @@ async def test_shadow_disagreements_reach_the_fleet_without_a_cloud(
     assert router(agent).uploader is not None
     store = router(agent).uploader.store
     await _eventually(lambda: store.list(limit=100), lambda left: left == [])
+
+
+def big_case(image_bytes: int, i: int = 0) -> Any:
+    """A hard example with a PNG of about ``image_bytes`` (the image endpoint keeps the
+    original up to fallback.hard_examples.max_image_bytes)."""
+    from edgefleet.agent.cloud.hard_examples import NewExample
+
+    x = TEST_X[i : i + 1]
+    probs = tiny_reference(x)
+    return NewExample(
+        model="tiny",
+        version="1",
+        cloud_model="tiny-cloud",
+        kind="unsure",
+        status="answered",
+        inputs={"x": x},
+        edge_outputs={"probs": probs},
+        edge_class=int(probs.argmax()),
+        edge_confidence=float(probs.max()),
+        cloud_version="1",
+        cloud_outputs={"probs": probs},
+        cloud_class=int(probs.argmax()),
+        cloud_confidence=float(probs.max()),
+        image=b"\x89PNG\r\n\x1a\n" + bytes([i]) * image_bytes,
+    )
+
+
+async def test_a_big_case_the_fleet_has_is_not_sent_again(fleets: Any, edge: Any) -> None:
+    """Bodies of 64 KiB or more are asked for with HEAD first: after a lost ack, the
+    device deletes its copy without sending the bytes again."""
+    fleet = await fleets()
+    agent = await edge(fleet)
+    store = router(agent).hard_examples
+    store.add([big_case(70_000)])
+    await _eventually(lambda: local_rows(agent), lambda rows: len(rows) == 1)
+    uploader = router(agent).uploader
+    (row,) = await store.uploadable(10)
+    hid, body = await asyncio.to_thread(uploader._encode, row)
+    assert len(body) > 70_000
+    auth = base64.b64encode(f"shop-1:{agent_secret(agent)}".encode()).decode()
+    async with fleet.session.put(
+        f"{fleet.base}/v1/hard-examples/{hid}",
+        data=body,
+        headers={"Authorization": f"Basic {auth}"},
+    ) as r:
+        assert r.status == 201
+    uploader.wake()
+    await _eventually(lambda: local_rows(agent), lambda rows: rows == [])
+    assert (uploader.stats.skipped_by_head, uploader.stats.bytes_sent) == (1, 0)
+    assert [r["id"] for r in await fleet_rows(fleet)] == [hid]
+
+
+async def test_a_case_the_fleet_refuses_for_good_is_kept_and_not_resent(
+    fleets: Any, edge: Any
+) -> None:
+    fleet = await fleets(hard_examples={"max_example_bytes": 3000})
+    agent = await edge(fleet)
+    store = router(agent).hard_examples
+    store.add([big_case(5000, 0), big_case(10, 1)])
+    await _eventually(lambda: local_rows(agent), lambda rows: len(rows) == 2)
+    uploader = router(agent).uploader
+    uploader.wake()
+    (stored,) = await _eventually(lambda: fleet_rows(fleet), lambda rows: len(rows) == 1)
+    left = await _eventually(lambda: local_rows(agent), lambda rows: len(rows) == 1)
+    assert uploader.stats.refused == {"413": 1} and uploader.stats.uploaded == 1
+    assert stored["bytes"] < 3000 and left[0]["bytes"] > 5000
+    sent = uploader.stats.bytes_sent
+    await uploader.run_once()  # nothing left to send: the refused one stays home
+    assert uploader.stats.bytes_sent == sent and uploader.stats.refused == {"413": 1}
+    assert await store.uploadable(10) == []
 
 
 def agent_secret(agent: Any) -> str:

@@ -116,6 +116,9 @@ async def test_an_upload_is_stored_once_and_bad_ones_store_nothing(fleet: Fleet)
     assert (status, doc) == (201, {"id": hid, "stored": True, "already": False})
     status, doc = await device_put(fleet, shop, hid, body)
     assert (status, doc["stored"], doc["already"]) == (200, False, True)
+    # "Already have it" is about these bytes only: other bytes under that id are refused.
+    status, doc = await device_put(fleet, shop, hid, example(1)[1])
+    assert status == 400 and "sha256" in doc["error"]
     assert len(stored_files(fleet)) == 1
 
     hid2, body2 = example(1)
