@@ -23,9 +23,7 @@ import pytest
 from edgefleet.converters.cli import EXIT_OK
 from edgefleet.converters.cli import main as convert_main
 from edgefleet.core.hard_example_wire import encode_upload, pack
-from edgefleet.fleet.cli import Client
 from edgefleet.fleet.cli import main as fleet_main
-from edgefleet.fleet.cli_quality import export_dataset
 from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto
 from tests.support.quality_fleet import TOKEN, Fleet, fleet_config
@@ -170,7 +168,11 @@ async def test_the_storage_budget_refuses_with_507_and_stores_nothing(fleet: Fle
 
 
 async def test_filter_show_label_and_export_for_calibrate(
-    fleet: Fleet, cloud_bundles: dict[str, Path], keys: tuple[Path, Path], tmp_path: Path
+    fleet: Fleet,
+    cloud_bundles: dict[str, Path],
+    keys: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     shop, other = await enrolled(fleet, "shop-1"), await enrolled(fleet, "shop-2")
     ids = []
@@ -230,10 +232,26 @@ async def test_filter_show_label_and_export_for_calibrate(
     assert await asyncio.to_thread(fleet_main, [*cli, "--clear", *env_args]) == 0
     assert await ids_of("labelled=true") == set(ids[:5])
 
-    out = tmp_path / "export"
-    summary = await asyncio.to_thread(
-        export_dataset, Client(fleet.base, TOKEN), out, {"model": "tiny"}
+    capsys.readouterr()
+    assert (
+        await asyncio.to_thread(
+            fleet_main, ["hard-examples", "list", "--device", "shop-2", "--json", *env_args]
+        )
+        == 0
     )
+    listed = json.loads(capsys.readouterr().out)["hard_examples"]
+    assert {r["id"] for r in listed} == set(ids[4:])
+    image = tmp_path / "one.png"
+    show = ["hard-examples", "show", ids[1][:20], "--image", str(image), *env_args]
+    assert await asyncio.to_thread(fleet_main, show) == 0
+    printed = capsys.readouterr().out
+    assert "edge answer:" in printed and "cloud answer:" in printed and ids[1] in printed
+    assert image.read_bytes() == PNG
+
+    out = tmp_path / "export"
+    export = ["hard-examples", "export", "--model", "tiny", "--out", str(out), "--json"]
+    assert await asyncio.to_thread(fleet_main, [*export, *env_args]) == 0
+    summary = json.loads(capsys.readouterr().out)
     assert summary["examples"] == 5 and summary["images"] == 2
     lines = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
     with np.load(out / "eval.npz") as npz:
