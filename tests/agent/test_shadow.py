@@ -690,3 +690,83 @@ async def test_shadow_and_split_come_back_after_a_restart(
         ),
         lambda: last_tiny(peer),
     )
+
+
+# ------------------------------------------------------------- a real detector
+
+CACHE = Path(__file__).resolve().parents[2] / "models" / ".cache"
+
+
+@pytest.fixture(scope="module")
+def face_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, tuple[Path, Path]]:
+    """The real face-detect bundle (BlazeFace, LiteRT) and a candidate of the same model
+    that keeps only boxes scored 0.9999 or more, both signed with the build's keys."""
+    from edgefleet.core.bundle.archive import read_bundle
+    from edgefleet.core.bundle.selftest import load_vectors
+    from edgefleet.core.bundle.signing import TrustStore
+    from models import face_detect
+    from models.recipe import BuildContext
+
+    ctx = BuildContext.create(tmp_path_factory.mktemp("face") / "build", cache_dir=CACHE)
+    [bundle] = face_detect.build(ctx)
+    keys = (ctx.private_key_path, ctx.public_key_path)
+    where = tmp_path_factory.mktemp("face-strict") / "x"
+    got = read_bundle(bundle, where, TrustStore.from_files([keys[1]], False))
+    doc = json.loads((got.directory / "manifest.json").read_text())
+    assert doc["self_test"] is not None
+    inputs, _ = load_vectors(got.directory / doc["self_test"]["file"])
+    for key in ("model_file", "files", "self_test", "created_at", "created_by"):
+        doc.pop(key, None)
+    doc["version"] = "strict"
+    doc["postprocessing"]["min_score"] = 0.9999
+    strict = where.parent / "face-strict.bundle"
+    build_bundle(
+        out=strict,
+        model_file=got.directory / got.manifest.model_file,
+        manifest=doc,
+        test_inputs=inputs,
+        private_key=load_private_key(keys[0]),
+        self_test={"atol": 1e-4},
+    )
+    return bundle, strict, keys
+
+
+async def test_a_detector_candidate_is_compared_by_its_boxes(
+    start_agent: Any, face_bundles: Any, tmp_path: Path
+) -> None:
+    """Same model, stricter score: on a photo with one face the candidate finds none
+    (unless the face scores 0.9999), on a blank image both find none: the agreement is
+    what the active version's own answer says it must be."""
+    import cv2
+
+    from models.sample_images import astronaut_rgb
+
+    active, strict, keys = face_bundles
+    agent = await start_agent(agent_config(tmp_path, keys, [active], runtime={"shadow": ROOMY}))
+    registry = agent.app[SERVICES].registry
+    await registry.install(strict)
+    version = registry.known_state("face-detect").active
+    assert version is not None
+    await registry.load_shadow("face-detect", "strict", 1.0)
+    photo = cv2.imencode(".png", cv2.cvtColor(astronaut_rgb(CACHE), cv2.COLOR_RGB2BGR))[1]
+    blank = cv2.imencode(".png", np.full((128, 128, 3), 127, np.uint8))[1]
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for image in (photo, blank):
+            url = f"{agent.base}/v1/predict/face-detect"
+            async with session.post(url, data=image.tobytes()) as r:
+                assert r.status == 200, await r.text()
+                answers.append(await r.json())
+    faces, none = answers
+    assert len(faces["detections"]) == 1 and none["detections"] == []
+    strict_keeps_it = faces["detections"][0]["confidence"] >= 0.9999
+    runner = runner_of(agent)
+
+    def seen() -> dict[str, Any]:
+        doc = runner.describe("face-detect")
+        assert doc is not None
+        return dict(doc["compared_with"].get(version, {}))
+
+    await eventually(lambda: seen().get("compared") == 2, within=WITHIN)
+    assert seen()["agreed"] == 1 + int(strict_keeps_it)
+    assert seen()["task"] == "detection" and seen()["errors"] == 0
