@@ -318,3 +318,22 @@ async def test_a_fleet_policy_survives_an_agent_restart(
         assert local["policies"]["tiny:1"]["sources"]["mode"] == "fleet"
         status, doc, _ = await infer(session, again.base, X1)
         assert status == 200 and doc["parameters"]["source"] == "edge"
+
+
+def test_precedence_per_setting_device_over_group_over_all_newest_group_first() -> None:
+    """fleet/policies.py's merge on its own (the fleet applies it in desired.py)."""
+    from edgefleet.fleet.policies import PolicyRow, effective
+
+    rows = [
+        PolicyRow("m", "all", "", {"threshold": 0.5, "audit_rate": 0.1}, 1.0),
+        PolicyRow("m", "group", "north", {"mode": "edge_only", "threshold": 0.6}, 2.0),
+        PolicyRow("m", "group", "big", {"mode": "cloud_when_unsure"}, 3.0),  # newer
+        PolicyRow("m", "device", "d1", {"threshold": 0.9}, 0.5),  # oldest, still wins
+    ]
+    got = effective(rows, "d1", ["north", "big"])
+    assert got is not None
+    assert got.to_wire() == {"mode": "cloud_when_unsure", "threshold": 0.9, "audit_rate": 0.1}
+    got = effective(rows, "d2", ["north"])
+    assert got is not None
+    assert got.to_wire() == {"mode": "edge_only", "threshold": 0.6, "audit_rate": 0.1}
+    assert effective(rows[1:3], "d3", ["south"]) is None
