@@ -386,6 +386,9 @@ def cmd_devices_show(args: argparse.Namespace, client: Client) -> int:
                 )
             )
         table(rows)
+        from edgefleet.fleet.cli_quality import print_fallback  # it imports this module
+
+        print_fallback(d)  # the fallback policy each model runs, and its sources
         if d.get("events"):
             print("\nrecent events:")
             ev_rows: list[Sequence[Any]] = [("RECEIVED", "KIND", "MODEL", "VERSION", "REASON")]

@@ -111,6 +111,38 @@ def cmd_policy_list(args: argparse.Namespace, client: Client) -> int:
     return _emit(args, doc, human)
 
 
+def print_fallback(device: dict[str, Any]) -> None:
+    """``devices show``: per model, the fallback policy in force on the device (from its
+    ``reported``), each setting not from the bundle marked with its source."""
+    reported = (device.get("reported") or {}).get("models") or {}
+    lines = []
+    for name, m in sorted(reported.items()):
+        eff, src = m.get("fallback_effective"), m.get("fallback_source") or {}
+        if not isinstance(eff, dict):
+            continue
+
+        def mark(key: str, src: dict[str, Any] = src) -> str:
+            where = src.get(key)
+            return f" ({where})" if where in ("fleet", "local") else ""
+
+        mode = eff.get("mode")
+        if eff.get("configured_mode") != mode:
+            mode = f"{mode}, configured {eff.get('configured_mode')}: {eff.get('inactive')}"
+        lines.append(
+            f"  {name}: {mode}{mark('mode')}, {eff.get('confidence_rule')}{mark('confidence_rule')}"
+            f" < {eff.get('threshold')}{mark('threshold')}, audit {eff.get('audit_rate')}"
+            f"{mark('audit_rate')}"
+            + (
+                f", classes {eff.get('class_thresholds')}{mark('class_thresholds')}"
+                if eff.get("class_thresholds")
+                else ""
+            )
+        )
+    if lines:
+        print("\nfallback policy (source when not the bundle's):")
+        print("\n".join(lines))
+
+
 # ---- hard examples ------------------------------------------------------------------------
 
 

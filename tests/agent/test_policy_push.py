@@ -103,7 +103,7 @@ async def _status(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
 
 
 async def test_edge_only_pushed_by_group_stops_cloud_calls_at_once_and_is_reported(
-    fleet: Fleet, store: Any
+    fleet: Fleet, store: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     agent, name = await store()
     async with aiohttp.ClientSession() as session:
@@ -140,6 +140,9 @@ async def test_edge_only_pushed_by_group_stops_cloud_calls_at_once_and_is_report
     )
     assert _tiny(dev)["fallback_source"]["mode"] == "fleet"
     assert dev["desired"]["models"]["tiny"]["fallback"] == {"mode": "edge_only"}
+    show = ["devices", "show", name, "--url", fleet.base, "--token", TOKEN]
+    assert await asyncio.to_thread(fleet_main, show) == 0
+    assert "tiny: edge_only (fleet), top1 < 1.0, audit 0.0" in capsys.readouterr().out
 
     # Clearing it gives the cloud back, without a new bundle.
     await fleet.call("POST", "/v1/policies/tiny/clear", json={"target": {"group": "north"}})
