@@ -361,3 +361,32 @@ def test_the_budget_arithmetic_per_window() -> None:
     t[0] = 106.0
     assert budget.delay(1000) == 0.0
     assert budget.ledger == {100: 1000, 103: 2500}
+
+
+async def test_credentials_go_only_to_the_enrolled_fleet_over_https(tmp_path: Path) -> None:
+    """The download module's rule (agent/download.py CredentialScope): the enrolled
+    fleet, and over https unless on loopback; otherwise the uploader sends nothing at
+    all and says why."""
+    from edgefleet.agent.cloud.config import HardExamplesConfig
+    from edgefleet.agent.cloud.hard_example_upload import HardExampleUploader
+    from edgefleet.agent.cloud.hard_examples import HardExampleStore
+    from edgefleet.agent.config import FleetConfig
+
+    cfg = HardExamplesConfig()
+    fleet = FleetConfig.model_validate(
+        {
+            "host": "mqtt.example.com",
+            "password": "s3cret-s3cret",
+            "sync": {"fleet_url": "http://fleet.example.com:8480"},
+        }
+    )
+    store = HardExampleStore(tmp_path / "he.sqlite", cfg)
+    await store.start()
+    try:
+        uploader = HardExampleUploader(store, cfg.upload, "shop-1", fleet)
+        async with asyncio.timeout(5):
+            await uploader.run()  # returns at once: disabled
+        assert uploader.stats.disabled == "not uploading: plain http outside loopback"
+        assert uploader._session is None and uploader.stats.bytes_sent == 0
+    finally:
+        await store.close()
