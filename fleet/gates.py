@@ -33,10 +33,12 @@ relative gate) it waits. Above it:
   95 % interval of its p95 at bucket resolution (order-statistic bound, no
   bootstrap): ``<=`` fails when even the low end's bucket lies wholly above ``T`` and
   passes when the high end's bucket lies wholly at or below ``T``.
-- *Drift* (``drift_psi``): the mean of the canary devices' latest drift scores for
-  the version against ``T`` (no interval: the score is already an aggregate over a
-  window), with at least one score per canary device; until the fleet stores drift
-  scores (no ``drift`` table) the gate waits with "no evidence".
+- *Drift* (``drift_psi``): the mean of the cohort devices' latest ``psi_max`` (the
+  largest PSI over the input features of a window, as the device computed it against
+  the bundle's reference profile) against ``T``; no interval (each figure is already
+  an aggregate over a window). Devices without a figure (an old bundle without a
+  profile, too few items) give none; with no figure at all (or before the fleet
+  stores drift: no ``drift_stats`` table) the gate waits with "no evidence".
 
 Pure functions and immutable models: any thread. The queries that gather the figures
 run in the rollouts' write jobs (``fleet/rollouts.py``).

@@ -724,3 +724,6 @@ class Ingest:
             s.acks_sent += 1
         if new_events and self.rollouts is not None:
             await self.rollouts.on_event([event_dict(r) for r in new_events])
+        if self.rollouts is not None:
+            # Gate evidence (fleet/gates.py): the rollouts of these devices decide now.
+            await self.rollouts.on_telemetry(b.device_id for b in stored if b.stats or b.signals)

@@ -102,6 +102,7 @@ STATES = ("running", "paused", "stopped", "completed", "rolled_back")
 DEVICE_STATES = ("waiting", "pending", "succeeded", "failed", "rolled_back")
 FAILURE_EVENTS = frozenset({"activation_failed", "download_failed", "verify_failed"})
 MAX_FAILURES_LISTED = 100
+EVAL_INTERVAL_S = 1.0  # telemetry re-decides a rollout at most this often (tick() too)
 _PCT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 Docs = list[tuple[str, bytes]]
@@ -161,6 +162,9 @@ class Rollouts:
     def __init__(self, db: FleetDB, desired: DesiredStates) -> None:
         self.db = db
         self.desired = desired
+        # rollout id → monotonic time of its last telemetry-triggered decision (a
+        # throttle for on_telemetry; writer thread only)
+        self._evaluated: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -318,6 +322,38 @@ class Rollouts:
             docs = self.desired.refresh_in(conn, sorted(reached))
             fresh = {d for d, _ in docs}
             return docs + [doc for doc in self._stale_in(conn, ids) if doc[0] not in fresh]
+
+        self.desired.send(await self.db.write(job))
+
+    async def on_telemetry(self, device_ids: Iterable[str]) -> None:
+        """Gate evidence arrived from these devices (``inference_stats``,
+        ``shadow_stats``, ...): re-decide the running rollouts they belong to now rather
+        than at the next ``tick()``. At most once per ``EVAL_INTERVAL_S`` per rollout
+        (a throttle only: the decision itself is made from the database)."""
+        ids = sorted(set(device_ids))
+        if not ids:
+            return
+        mono = time.monotonic()
+
+        def job(conn: sqlite3.Connection) -> Docs:
+            t = now()
+            rids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT r.id FROM rollouts r"
+                    " JOIN rollout_devices rd ON rd.rollout_id = r.id"
+                    " WHERE r.state = 'running' AND r.plan IS NOT NULL"
+                    " AND rd.device_id IN (SELECT value FROM json_each(?))",
+                    (dumps(ids),),
+                )
+            ]
+            reached: set[str] = set()
+            for rid in rids:
+                if mono - self._evaluated.get(rid, -math.inf) < EVAL_INTERVAL_S:
+                    continue
+                self._evaluated[rid] = mono
+                reached |= self._advance_in(conn, rid, t)
+            return self.desired.refresh_in(conn, sorted(reached))
 
         self.desired.send(await self.db.write(job))
 
@@ -825,11 +861,14 @@ class Rollouts:
             )
             return ids | set(target_devices(conn, kind, target or ""))
         self._set_state_in(conn, rid, "stopped", reason + "; stopped")
-        # Sticky: devices that had not activated the version no longer get it.
+        # Sticky: devices that had not activated the version no longer get it (one
+        # whose success report is not in yet but whose telemetry shows it serving the
+        # version has activated it: it keeps it, as the others that did).
         conn.execute(
             "UPDATE rollout_devices SET state = 'rolled_back', updated_at = ?"
-            " WHERE rollout_id = ? AND state IN ('pending', 'failed')",
-            (t, rid),
+            " WHERE rollout_id = ? AND state IN ('pending', 'failed')"
+            " AND device_id NOT IN (SELECT value FROM json_each(?))",
+            (t, rid, dumps(served)),
         )
         return ids
 
@@ -988,22 +1027,24 @@ class _Figures:
 def _drift_scores(
     conn: sqlite3.Connection, rid: str, model: str, version: str, canary: bool, since: float
 ) -> list[float]:
-    """Each cohort device's latest drift score since ``since`` (none: no evidence).
+    """Each cohort device's latest input drift (``psi_max``: the largest PSI over the
+    input features, the device's own figure per window) since ``since``; a device
+    without a figure (no reference profile in the bundle, too few items) gives none.
 
-    Drift scores are stored by the signals work (issue 11, part 3); until its table
-    exists there is no evidence and a drift gate waits."""
+    The ``drift_stats`` table comes with the signals work (issue 11, part 3); without
+    it there is no evidence and a drift gate waits."""
     found = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'drift_scores'"
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'drift_stats'"
     ).fetchone()
     if found is None:
         return []
     same = "=" if canary else "!="
     rows = conn.execute(
-        "SELECT device_id, score FROM drift_scores d WHERE model = ? AND version"
-        f" {same} ? AND received_at >= ? AND device_id IN"
+        "SELECT device_id, psi_max FROM drift_stats WHERE model = ? AND version"
+        f" {same} ? AND received_at >= ? AND psi_max IS NOT NULL AND device_id IN"
         " (SELECT device_id FROM rollout_devices WHERE rollout_id = ?)"
-        " ORDER BY received_at",
+        " ORDER BY received_at, window_start",
         (model, version, since, rid),
     ).fetchall()
-    latest = {d: float(s) for d, s in rows if s is not None}
+    latest = {d: float(s) for d, s in rows}
     return list(latest.values())

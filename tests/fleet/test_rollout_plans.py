@@ -169,7 +169,7 @@ async def test_passing_gates_advance_every_wave_and_promote_stable(
         await send(by_id[d], [("inference_stats", requests("2", 150, 1))])
     done = await until(lambda: state_is(bus, rid, "completed"), within=20)
     assert [d["outcome"] for d in done["decisions"]] == ["pass", "pass"]
-    assert done["decisions"][0]["gates"][0]["canary"]["n"] == 400
+    assert done["decisions"][0]["gates"][0]["canary"]["n"] >= 200
     assert done["evidence"] is None
     labels = await query(bus.db, "SELECT label, version FROM model_labels WHERE name = ?", M)
     assert labels == [("stable", "2")]
@@ -201,8 +201,10 @@ async def test_a_failing_gate_rolls_back_by_itself_with_the_evidence(
     ev = done["evidence"]
     assert ev["gate"] == "error_rate <= baseline + 0.02" and ev["action"] == "rollback"
     failed = ev["failed"][0]
-    assert failed["canary"]["n"] == 400 and failed["canary"]["k"] == 100
-    assert failed["canary"]["low"] > 0.2 and failed["baseline"]["n"] == 800
+    # Decided as soon as the evidence sufficed (the telemetry triggers the decision):
+    # each cohort has at least the minimum sample, not necessarily every batch.
+    assert failed["canary"]["n"] >= 200 and failed["canary"]["value"] == 0.25
+    assert failed["canary"]["low"] > 0.15 and failed["baseline"]["n"] >= 200
     assert failed["baseline"]["value"] == pytest.approx(0.01)
     assert ev["devices_served"] == first
     assert [d["outcome"] for d in done["decisions"]] == ["fail"]
@@ -241,6 +243,13 @@ async def test_stop_withdraws_the_version_from_devices_that_had_not_activated_it
     held.discard(active)
     await by_id[active].reapply("active")
     await until(lambda: by_id[active].active.get(M) == "2")
+    await until(
+        lambda: query(
+            bus.db,
+            "SELECT 1 FROM rollout_devices WHERE device_id = ? AND state = 'succeeded'",
+            active,
+        )
+    )
     await send(by_id[active], [("inference_stats", requests("2", 200, 60))])
     done = await until(lambda: state_is(bus, rid, "stopped", "rolled_back"), within=20)
     assert done["state"] == "stopped" and done["evidence"]["action"] == "stop"

@@ -1,0 +1,313 @@
+"""Gated rollouts end to end: the fleet service (HTTP API, ingest, rollouts) on a real
+Mosquitto, real agents (one in this process, one a separate ``edge-agent serve``
+process that goes offline), and ``edge-fleet rollout status`` as a script runs it.
+
+The failing evidence is telemetry the canary store publishes as its agent would
+(an ``inference_stats`` batch from the store's own MQTT account): the tiny test
+model cannot be made to fail requests while passing its self-test, and the point
+here is what the fleet and the agents do with a failed gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from edgefleet.agent.config import parse_config
+from edgefleet.fleet.config import FleetServiceConfig
+from edgefleet.fleet.service import FleetService
+from tests.support.agent_process import AgentProcess
+from tests.support.brokers import Mosquitto, Peer, free_port
+from tests.support.tiny import TEST_X, W2
+
+TOKEN = "gates-" + secrets.token_hex(16)
+
+
+class Fleet:
+    def __init__(self, service: FleetService, session: aiohttp.ClientSession) -> None:
+        self.service, self.session = service, session
+
+    @property
+    def base(self) -> str:
+        return self.service.url
+
+    async def send(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with self.session.request(method, self.base + path, headers=headers, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def call(self, method: str, path: str, **kw: Any) -> Any:
+        status, doc = await self.send(method, path, **kw)
+        assert status < 300, f"{method} {path}: {status} {doc}"
+        return doc
+
+    async def enrol(self, device_id: str, groups: list[str]) -> dict[str, Any]:
+        tok = await self.call(
+            "POST", "/v1/enrolment-tokens", json={"device_id": device_id, "groups": groups}
+        )
+        async with self.session.post(self.base + "/v1/enrol", json={"token": tok["token"]}) as r:
+            assert r.status == 200, await r.text()
+            return dict(await r.json())
+
+    async def model_state(self, device_id: str, model: str = "tiny") -> dict[str, Any]:
+        doc = await self.call("GET", f"/v1/devices/{device_id}")
+        return dict((doc.get("models") or {}).get(model) or {})
+
+
+async def until(fetch: Callable[[], Any], check: Callable[[Any], bool], within: float = 20) -> Any:
+    doc = None
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                doc = await fetch()
+                if check(doc):
+                    return doc
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not reached within {within} s; last: {doc}") from None
+
+
+@pytest.fixture
+async def fleet(
+    tmp_path: Path, keys: tuple[Path, Path], mosquitto: Mosquitto, start_agent: Any
+) -> AsyncIterator[Fleet]:
+    cfg = FleetServiceConfig.model_validate(
+        {
+            "data_dir": str(tmp_path / "fleet"),
+            "http": {"host": "127.0.0.1", "port": 0},
+            "auth": {"token": TOKEN},
+            "trust": {"public_keys": [str(keys[1])]},
+            "broker": {
+                "host": "127.0.0.1",
+                "port": mosquitto.port,
+                "client_id": "gates-fleet",
+                "reconnect_min_s": 0.05,
+                "reconnect_max_s": 0.5,
+            },
+        }
+    )
+    svc = await FleetService(cfg).start()
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(10):
+            await svc.bus.wait_connected()
+        yield Fleet(svc, session)
+    await svc.stop()
+
+
+def agent_doc(
+    tmp: Path, keys: tuple[Path, Path], enrolled: dict[str, Any], bootstrap: Path
+) -> dict[str, Any]:
+    name = enrolled["device_id"]
+    return {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "store": {"path": str(tmp / name / "store")},
+        "trust": {"public_keys": [str(keys[1])]},
+        "models": [{"bundle": str(bootstrap)}],
+        "runtime": {"executor_threads": 1},
+        "device_id": name,
+        "fleet": {
+            "host": enrolled["mqtt"]["host"],
+            "port": enrolled["mqtt"]["port"],
+            "username": enrolled["mqtt"]["username"],
+            "password": enrolled["mqtt"]["password"],
+            "keepalive_s": 5,
+            "reconnect_min_s": 0.05,
+            "reconnect_max_s": 0.5,
+            "outbox": {"path": str(tmp / name / "outbox.sqlite")},
+            "telemetry": {"flush_interval_s": 0.2, "stats_interval_s": 0.3, "ack_timeout_s": 2},
+        },
+    }
+
+
+def bad_stats_batch(device_id: str) -> bytes:
+    """What the canary store's telemetry sender would publish for a version that
+    fails 40 of 100 requests (format: core/protocol.py InferenceStats)."""
+    now = time.time()
+    data = {
+        "model": "tiny",
+        "version": "2",
+        "window_start": now - 5,
+        "window_s": 5.0,
+        "count": 100,
+        "errors": 40,
+        "latency_ms": {
+            "le": [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+            "counts": [100] + [0] * 11,
+        },
+        "confidence": {
+            "le": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+            "counts": [0] * 9 + [60, 0],
+        },
+        "sources": {"edge": 60},
+        "fallback": {},
+    }
+    return json.dumps(
+        {
+            "schema": 1,
+            "device_id": device_id,
+            "batch_id": secrets.token_hex(8),
+            "sent_at": now,
+            "records": [
+                {
+                    "id": secrets.token_hex(16),
+                    "seq": 1_000_000,
+                    "kind": "inference_stats",
+                    "priority": 0,
+                    "ts": now,
+                    "data": data,
+                }
+            ],
+        }
+    ).encode()
+
+
+def cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGEFLEET_URL": fleet.base, "EDGEFLEET_TOKEN": TOKEN}
+    return subprocess.run(
+        [sys.executable, "-m", "edgefleet.fleet", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+async def test_bad_plans_get_precise_400s_and_nothing_is_stored(
+    fleet: Fleet, make_tiny_bundle: Any
+) -> None:
+    for b in (make_tiny_bundle("1"), make_tiny_bundle("2", W2)):
+        await fleet.call("POST", "/v1/models", data=b.read_bytes())
+    await fleet.enrol("store-0", ["north"])
+    base = {"model": "tiny", "version": "2", "target": {"group": "north"}}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"waves": [1], "gates": ["error_rate <= baseline +"]}, "does not parse"),
+        ({"waves": [1], "gates": ["accuracy >= 0.9"]}, "unknown signal 'accuracy'"),
+        ({"waves": [1], "gate": ["error_rate <= 0.1"]}, "unknown field(s) 'gate'"),
+        ({"plan": {"waves": [1], "on_fail": "explode"}}, "on_fail"),
+        ({"plan": {"waves": [1]}, "gates": ["error_rate <= 0.1"]}, "not both"),
+        ({"plan": {"waves": [1], "gates": ["p95_ms <= 1.5 * baseline"], "extra": 1}}, "extra"),
+        ({"gates": ["error_rate <= 0.1"]}, "needs waves"),
+        ({"plan": {"waves": [1], "shadow": {"devices": 1}}}, "shadow stage needs a baseline"),
+        (
+            {"plan": {"waves": [1]}, "target": {"device": "store-0"}},
+            "not to one device",
+        ),
+    ]
+    for extra, fragment in cases:
+        status, doc = await fleet.send("POST", "/v1/assignments", json={**base, **extra})
+        assert status == 400 and fragment in doc["error"], (extra, status, doc)
+    assert (await fleet.call("GET", "/v1/rollouts"))["rollouts"] == []
+    device = await fleet.call("GET", "/v1/devices/store-0")
+    assert not (device.get("desired") or {}).get("models")
+
+
+async def test_failed_gate_rolls_back_and_a_store_offline_meanwhile_never_installs_it(
+    fleet: Fleet,
+    start_agent: Any,
+    make_tiny_bundle: Any,
+    keys: tuple[Path, Path],
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+) -> None:
+    v1, v2 = make_tiny_bundle("1"), make_tiny_bundle("2", W2)
+    for b in (v1, v2):
+        await fleet.call("POST", "/v1/models", data=b.read_bytes())
+    canary = await fleet.enrol("store-0", ["north"])
+    late = await fleet.enrol("store-1", ["north"])
+    await start_agent(parse_config(yaml.safe_dump(agent_doc(tmp_path, keys, canary, v1))))
+    (tmp_path / "store-1").mkdir()
+    late_doc = agent_doc(tmp_path, keys, late, v1)
+    late_port = free_port()
+    process = await asyncio.to_thread(AgentProcess, late_doc, tmp_path / "store-1", late_port)
+    try:
+        await fleet.call(
+            "POST",
+            "/v1/assignments",
+            json={"model": "tiny", "version": "1", "target": {"group": "north"}},
+        )
+        for d in ("store-0", "store-1"):
+            await until(lambda d=d: fleet.model_state(d), lambda m: m.get("active") == "1")
+        # store-1 goes offline (a store closed for the night).
+        await asyncio.to_thread(process.stop)
+        await until(lambda: fleet.call("GET", "/v1/devices/store-1"), lambda d: not d["online"])
+
+        rollout = await fleet.call(
+            "POST",
+            "/v1/assignments",
+            json={
+                "model": "tiny",
+                "version": "2",
+                "target": {"group": "north"},
+                "plan": {
+                    "waves": ["100%"],
+                    "gates": ["error_rate <= 0.05"],
+                    "min_requests": 50,
+                    "on_fail": "rollback",
+                },
+            },
+        )
+        rid = rollout["id"]
+        await until(lambda: fleet.model_state("store-0"), lambda m: m.get("active") == "2")
+        # The canary's figures reach the fleet as its telemetry: 40 % errors.
+        peer = Peer(
+            mosquitto.port,
+            "store-0-telemetry",
+            username=canary["mqtt"]["username"],
+            password=canary["mqtt"]["password"],
+        )
+        try:
+            peer.publish("edgefleet/v1/devices/store-0/telemetry", bad_stats_batch("store-0"))
+            done = await until(
+                lambda: fleet.call("GET", f"/v1/rollouts/{rid}"),
+                lambda r: r["state"] != "running",
+            )
+        finally:
+            peer.close()
+        assert done["state"] == "rolled_back", done
+        ev = done["evidence"]
+        assert ev["gate"] == "error_rate <= 0.05" and ev["devices_served"] == ["store-0"]
+        assert ev["failed"][0]["canary"]["n"] >= 100 and ev["failed"][0]["canary"]["low"] > 0.05
+        # By itself, the canary goes back to version 1.
+        await until(lambda: fleet.model_state("store-0"), lambda m: m.get("active") == "1")
+
+        # The script's view: the evidence, and a non-zero exit.
+        r = await asyncio.to_thread(cli, fleet, "rollout", "status", rid)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert "rolled_back" in r.stdout and "error_rate <= 0.05" in r.stdout
+        assert "served by 1 device(s): store-0" in r.stdout
+
+        # store-1 comes back: it gets the corrected desired and never installs 2.
+        process = await asyncio.to_thread(AgentProcess, late_doc, tmp_path / "store-1", late_port)
+        await until(lambda: fleet.call("GET", "/v1/devices/store-1"), lambda d: d["online"])
+        state = await until(
+            lambda: fleet.model_state("store-1"),
+            lambda m: m.get("desired") == "1" and m.get("state") == "active",
+        )
+        assert state["active"] == "1"
+        await asyncio.sleep(1.0)  # anything queued for it while offline has arrived
+        events = (await fleet.call("GET", "/v1/events?device=store-1"))["events"]
+        assert not [e for e in events if e.get("version") == "2"], events
+        assert not (tmp_path / "store-1" / "store" / "tiny" / "2").exists()
+        assert (await fleet.model_state("store-1"))["active"] == "1"
+        async with aiohttp.ClientSession() as s:
+            body = {
+                "inputs": [
+                    {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": TEST_X[0].tolist()}
+                ]
+            }
+            async with s.post(f"{process.base}/v2/models/tiny/infer", json=body) as resp:
+                assert resp.status == 200 and (await resp.json())["model_version"] == "1"
+    finally:
+        await asyncio.to_thread(process.stop)
