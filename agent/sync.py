@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from edgefleet.agent.cloud.policy import FallbackPolicy
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.download import (
@@ -705,7 +707,11 @@ class DesiredStateSync:
         if self.policies is None or manifest is None:
             return None, None
         policy = self.policies.policy(manifest)
-        effective = FallbackEffective.model_validate(policy.effective(manifest.labels))
+        try:
+            effective = FallbackEffective.model_validate(policy.effective(manifest.labels))
+        except ValidationError as exc:  # a bug, not the device's fault: report the rest
+            log.error("%s: fallback policy not reportable: %s", manifest.name, exc)
+            return None, None
         return effective, policy.effective_sources()
 
     # ------------------------------------------------ shadow and split (issue 11)
