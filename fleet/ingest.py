@@ -726,4 +726,6 @@ class Ingest:
             await self.rollouts.on_event([event_dict(r) for r in new_events])
         if self.rollouts is not None:
             # Gate evidence (fleet/gates.py): the rollouts of these devices decide now.
-            await self.rollouts.on_telemetry(b.device_id for b in stored if b.stats or b.signals)
+            await self.rollouts.on_telemetry(
+                b.device_id for b in stored if b.stats or b.signals or b.drift
+            )

@@ -391,3 +391,50 @@ async def test_assign_by_fleet_label(mosquitto: Mosquitto, buses: Any, fleet_of:
     await bus.desired.assign(M, "staging", target_kind="group", target="stores")
     await until(lambda: all(s.active.get(M) == "2" for s in fleet))
     assert await query(bus.db, "SELECT version FROM assignments") == [("2",)]
+
+
+def drift(version: str, psi_max: float | None) -> dict[str, Any]:
+    if psi_max is None:
+        return {
+            "model": M,
+            "version": version,
+            "window_start": 1764000000.0,
+            "window_s": 60.0,
+            "samples": 0,
+            "drift_reason": "no reference profile in the bundle",
+        }
+    return {
+        "model": M,
+        "version": version,
+        "window_start": 1764000000.0,
+        "window_s": 60.0,
+        "samples": 500,
+        "features": 64,
+        "psi_max": psi_max,
+        "psi_mean": psi_max / 2,
+        "psi_output": 0.01,
+    }
+
+
+async def test_a_drift_gate_waits_without_figures_and_rolls_back_on_drift(
+    mosquitto: Mosquitto, buses: Any, fleet_of: Any
+) -> None:
+    bus = await buses(mosquitto.port)
+    fleet = await fleet_of(4)
+    by_id = {s.device_id: s for s in fleet}
+    await on_v1(bus, fleet)
+    r = await bus.rollouts.start(
+        M, "2", target_kind="group", target="stores", plan=plan(gates=["drift_psi <= 0.2"])
+    )
+    rid = r["id"]
+    first = await wave_devices(bus.db, rid, 1)
+    await until(lambda: all(by_id[d].active.get(M) == "2" for d in first))
+    # A bundle without a reference profile: no figure, so no evidence either way.
+    await send(by_id[first[0]], [("drift_stats", drift("2", None))])
+    await asyncio.sleep(0.5)
+    assert (await bus.rollouts.get(rid))["state"] == "running"
+    await send(by_id[first[0]], [("drift_stats", drift("2", 0.45))])
+    done = await until(lambda: state_is(bus, rid, "rolled_back"), within=20)
+    gate = done["evidence"]["failed"][0]
+    assert gate["signal"] == "drift_psi" and gate["canary"]["value"] == 0.45
+    assert gate["threshold"] == 0.2
