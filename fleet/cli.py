@@ -9,7 +9,8 @@ Client commands talk to ``--url`` (default http://127.0.0.1:8480, or
 ``EDGEFLEET_URL``) with the admin token from ``--token``, ``--token-file`` or
 ``EDGEFLEET_TOKEN`` (or ``EDGEFLEET_TOKEN_FILE``). Tables for people by default,
 ``--json`` for scripts. Exit codes: 0 ok, 1 the fleet refused (its error is
-printed), 2 usage or configuration error, 3 the fleet could not be reached.
+printed), 2 usage or configuration error, 3 the fleet could not be reached, 4
+(``rollout status ID``) the rollout stopped or rolled back.
 """
 
 from __future__ import annotations
@@ -548,6 +549,7 @@ def cmd_assign(args: argparse.Namespace, client: Client) -> int:
 
 _TERMINAL = ("completed", "stopped", "rolled_back")
 _FAILED = ("stopped", "rolled_back")
+ROLLOUT_FAILED_EXIT = 4  # rollout status ID: the rollout stopped or rolled back
 
 
 def _wave_counts(w: dict[str, Any]) -> str:
@@ -619,8 +621,9 @@ def cmd_rollout_status(args: argparse.Namespace, client: Client) -> int:
             doc = client.get(f"/v1/rollouts/{_q(args.id)}")
         else:
             doc = client.get("/v1/rollouts")
-        # For scripts: a stopped or rolled-back rollout is a failure (exit 3).
-        failed = 3 if args.id and doc.get("state") in _FAILED else 0
+        # For scripts: a stopped or rolled-back rollout is a failure (exit 4; 3 is
+        # "fleet unreachable").
+        failed = ROLLOUT_FAILED_EXIT if args.id and doc.get("state") in _FAILED else 0
         if args.json:
             print(json.dumps(doc, indent=2, sort_keys=True), flush=True)
         elif args.id:

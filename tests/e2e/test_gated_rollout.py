@@ -284,7 +284,7 @@ async def test_failed_gate_rolls_back_and_a_store_offline_meanwhile_never_instal
 
         # The script's view: the evidence, and a non-zero exit.
         r = await asyncio.to_thread(cli, fleet, "rollout", "status", rid)
-        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert r.returncode == 4, (r.stdout, r.stderr)
         assert "rolled_back" in r.stdout and "error_rate <= 0.05" in r.stdout
         assert "served by 1 device(s): store-0" in r.stdout
 

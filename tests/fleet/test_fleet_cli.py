@@ -194,11 +194,11 @@ def test_serve_and_every_manager_command(
     assert "running" in r.stdout
     r = ok("rollout", "rollback", rid)
     assert "rolled_back" in r.stdout
-    # Terminal: returns, exit 3 for a rolled-back (or stopped) rollout, for scripts.
+    # Terminal: returns, exit 4 for a rolled-back (or stopped) rollout, for scripts.
     r = run_cli("rollout", "status", rid, "--watch", "--interval", "0.1", env=env)
-    assert r.returncode == 3 and "rolled_back" in r.stdout, (r.stdout, r.stderr)
+    assert r.returncode == 4 and "rolled_back" in r.stdout, (r.stdout, r.stderr)
     r = run_cli("rollout", "status", rid, "--json", env=env)
-    assert r.returncode == 3 and json.loads(r.stdout)["id"] == rid
+    assert r.returncode == 4 and json.loads(r.stdout)["id"] == rid
 
     # commands, telemetry, events
     r = ok("devices", "command", "store-1", "resync")
