@@ -15,6 +15,12 @@ target device once it is ``completed``; and to none once ``rolled_back``. A devi
 the rollout has not reached therefore falls through to the next assignment, which
 is the version it was meant to run before ("held at its previous desired
 version"), and a rollback is just the rollout's assignment ceasing to apply.
+Rows a gate stop withdrew (``rolled_back`` in a stopped rollout: devices that had not
+activated the version) count as not reached: the version is withdrawn from them
+(sticky aborts, fleet/rollouts.py). During a rollout's shadow stage its shadow devices
+(``rollout_devices.shadow``) get the candidate as ``shadow`` of the model they run.
+An assignment may name a fleet label instead of a version (``resolve_version_in``):
+the version it names when the assignment is made.
 
 Threads: the ``*_in(conn, ...)`` functions run on the database's writer thread (inside
 ``FleetDB.write``); the coroutines run on the event loop and call ``publish`` there,

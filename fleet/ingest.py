@@ -30,6 +30,13 @@ invalid ``drift_stats``, also logged, rate-limited). Every record is stored
 with ``INSERT OR IGNORE`` by id; the ack (``protocol.Ack``: all of the batch's ids,
 duplicates included) is published only after the write committed.
 
+**Gate evidence.** ``shadow_stats`` (``protocol.ShadowStats``; invalid ones counted in
+``bad_shadow_stats``) and the agreement rows of ``fallback_stats`` are also unpacked
+into ``signal_counts`` (``k`` of ``n`` per record, device, model, version, signal:
+``shadow_agreement``, ``cloud_agreement``) in the same write job. After a batch with
+such evidence (or ``inference_stats``, ``drift_stats``) is stored, the rollouts of
+its device decide again (``Rollouts.on_telemetry``; fleet/gates.py).
+
 Threads and flow: the link's per-subscription task (event loop) calls ``handle``,
 which parses and validates the message on the loop (orjson and pydantic-core: well
 under a millisecond for a 256 KiB batch) and puts it on its leaf's lane. One task per lane
