@@ -835,6 +835,13 @@ async def list_hard_examples(request: web.Request) -> web.Response:
 @requires(READ)
 async def get_hard_example(request: web.Request) -> web.Response:
     return json_response(await _hard_examples(request).get(request.match_info["id"]))
+@routes.delete("/v1/hard-examples/{id}")
+@requires(WRITE)
+async def delete_hard_example(request: web.Request) -> web.Response:
+    """Remove one example (frees its share of the storage budget)."""
+    return json_response(await _hard_examples(request).delete(request.match_info["id"]))
+
+
 
 
 @routes.get("/v1/hard-examples/{id}/image")

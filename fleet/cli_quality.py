@@ -236,6 +236,12 @@ def cmd_hard_examples_label(args: argparse.Namespace, client: Client) -> int:
     return _emit(args, doc, lambda d: print(f"{hid[:16]}: label {d.get('label') or 'cleared'}"))
 
 
+def cmd_hard_examples_delete(args: argparse.Namespace, client: Client) -> int:
+    hid = _resolve_id(client, args.id)
+    doc = client.request("DELETE", f"/v1/hard-examples/{hid}")[1]
+    return _emit(args, doc, lambda d: print(f"{hid[:16]}: deleted ({d.get('bytes')} bytes freed)"))
+
+
 def export_dataset(client: Client, out: Path, filters: dict[str, Any]) -> dict[str, Any]:
     """Write the labelled examples matching ``filters`` as a calibrate-ready folder
     (module doc); returns a summary. Examples of several versions of one model share
@@ -361,6 +367,8 @@ def add_parsers(sub: Any, client: Callable[..., Any]) -> None:
     s.add_argument("id")
     s.add_argument("label", nargs="?")
     s.add_argument("--clear", action="store_true")
+    s = client(he, "delete", cmd_hard_examples_delete, help="remove one (frees fleet storage)")
+    s.add_argument("id")
 
 
 def _target_args(s: argparse.ArgumentParser) -> None:

@@ -304,6 +304,22 @@ class HardExamples:
         await self.db.write(job)
         return await self.get(hid)
 
+    async def delete(self, hid: str) -> dict[str, Any]:
+        """Remove one example (row, then file): frees its bytes of the budget."""
+        check_id(hid)
+
+        def job(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "DELETE FROM hard_examples WHERE id = ? RETURNING bytes", (hid,)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        freed = await self.db.write(job)
+        if freed is None:
+            raise NotFound(f"no hard example {hid}")
+        await asyncio.to_thread(_unlink, self.path(hid))
+        return {"id": hid, "deleted": True, "bytes": freed}
+
 
 def _labels(conn: sqlite3.Connection, model: str, version: str) -> list[str]:
     """The version's labels from its manifest (any version of the model if that one

@@ -165,6 +165,12 @@ async def test_the_storage_budget_refuses_with_507_and_stores_nothing(fleet: Fle
     listed = (await fleet.call("GET", "/v1/hard-examples"))["hard_examples"]
     assert sum(r["bytes"] for r in listed) == stored
     assert len(stored_files(fleet)) == len(listed)
+    # An operator deletes one: its bytes are free again, and the refused one fits.
+    gone = await fleet.call("DELETE", f"/v1/hard-examples/{listed[0]['id']}")
+    assert gone["bytes"] == listed[0]["bytes"]
+    assert (await fleet.raw("DELETE", f"/v1/hard-examples/{listed[0]['id']}"))[0] == 404
+    assert (await device_put(fleet, shop, hid, body))[0] == 201
+    assert len(stored_files(fleet)) == len(listed)
 
 
 async def test_filter_show_label_and_export_for_calibrate(
