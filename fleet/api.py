@@ -835,13 +835,6 @@ async def list_hard_examples(request: web.Request) -> web.Response:
 @requires(READ)
 async def get_hard_example(request: web.Request) -> web.Response:
     return json_response(await _hard_examples(request).get(request.match_info["id"]))
-@routes.delete("/v1/hard-examples/{id}")
-@requires(WRITE)
-async def delete_hard_example(request: web.Request) -> web.Response:
-    """Remove one example (frees its share of the storage budget)."""
-    return json_response(await _hard_examples(request).delete(request.match_info["id"]))
-
-
 
 
 @routes.get("/v1/hard-examples/{id}/image")
@@ -856,6 +849,13 @@ async def hard_example_image(request: web.Request) -> web.Response:
 async def hard_example_tensors(request: web.Request) -> web.Response:
     body = await _hard_examples(request).tensors(request.match_info["id"])
     return web.Response(body=body, content_type="application/octet-stream")
+
+
+@routes.delete("/v1/hard-examples/{id}")
+@requires(WRITE)
+async def delete_hard_example(request: web.Request) -> web.Response:
+    """Remove one example (frees its share of the storage budget)."""
+    return json_response(await _hard_examples(request).delete(request.match_info["id"]))
 
 
 @routes.put("/v1/hard-examples/{id}/label")
