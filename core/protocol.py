@@ -344,6 +344,50 @@ class ShadowStats(_Wire):
         return self
 
 
+# ---------------------------------------------------- fallback policy (issue 11, 5)
+# The fleet may set a model's cloud-fallback settings per device, group or all
+# (fleet/policies.py), carried in ``models.<m>.fallback`` of ``desired``; the agent
+# lays them over the bundle's defaults, under its own agent.yaml overrides
+# (agent/cloud/policy.py), and reports what is in force and where each setting came
+# from (``reported.models.<m>.fallback_effective`` / ``fallback_source``).
+
+FALLBACK_MODES: Final = ("edge_only", "cloud_when_unsure", "edge_first_escalate")
+CONFIDENCE_RULES: Final = ("top1", "margin", "entropy", "mean_box", "min_box")
+FallbackMode = Literal["edge_only", "cloud_when_unsure", "edge_first_escalate"]
+ConfidenceRule = Literal["top1", "margin", "entropy", "mean_box", "min_box"]
+PolicySource = Literal["default", "bundle", "fleet", "local"]
+
+
+class FleetFallback(_Wire):
+    """``models.<m>.fallback``: the fleet's settings; every field optional (absent: the
+    weaker layer's value stands), unknown keys refused (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: FallbackMode | None = Field(None, exclude_if=lambda v: v is None)
+    confidence_rule: ConfidenceRule | None = Field(None, exclude_if=lambda v: v is None)
+    threshold: Share | None = Field(None, exclude_if=lambda v: v is None)
+    class_thresholds: dict[Annotated[str, Field(min_length=1, max_length=200)], Share] | None = (
+        Field(None, max_length=1024, exclude_if=lambda v: v is None)
+    )
+    audit_rate: Share | None = Field(None, exclude_if=lambda v: v is None)
+
+    def is_empty(self) -> bool:
+        return not self.to_wire()
+
+
+class FallbackEffective(_Wire):
+    """``reported.models.<m>.fallback_effective``: the policy the active version runs."""
+
+    mode: FallbackMode
+    configured_mode: FallbackMode
+    inactive: Text | None = None
+    confidence_rule: ConfidenceRule
+    threshold: Share
+    class_thresholds: dict[str, Share] = Field(default_factory=dict, max_length=1024)
+    audit_rate: Share
+
+
 # ------------------------------------------------ input drift (issue 11, part 3)
 # One ``drift_stats`` record per model version and drift window (agent/telemetry_stats.py):
 # the live inputs and answers binned with the bundle's reference profile
@@ -419,6 +463,8 @@ class DesiredModel(_Wire):
     # Issue 11 (shadow and split, section above): absent unless the fleet sets them.
     shadow: DesiredShadow | None = Field(None, exclude_if=lambda v: v is None)
     split: DesiredSplit | None = Field(None, exclude_if=lambda v: v is None)
+    # Issue 11, part 5 (fallback policy section above): absent unless the fleet sets one.
+    fallback: FleetFallback | None = Field(None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _candidates(self) -> Self:
@@ -463,8 +509,6 @@ class Ack(Message):
 class Status(Message):
     """The retained ``status``: the birth message, a clean stop, or the Last Will."""
 
-    # Issue 11, part 5 (fallback policy section above): absent unless the fleet sets one.
-    fallback: FleetFallback | None = Field(None, exclude_if=lambda v: v is None)
     state: Literal["online", "offline"]
     device_id: str = Field(min_length=1, max_length=256)
     # "" (an agent that does not know its version) is sent as is and shown as none.
@@ -489,6 +533,11 @@ class ReportedModel(_Wire):
     # Issue 11 (shadow and split): absent when the model has none.
     shadow: ReportedShadow | None = Field(None, exclude_if=lambda v: v is None)
     split: ReportedSplit | None = Field(None, exclude_if=lambda v: v is None)
+    # Issue 11, part 5: the fallback policy in force and each setting's source.
+    fallback_effective: FallbackEffective | None = Field(None, exclude_if=lambda v: v is None)
+    fallback_source: dict[Annotated[str, Field(max_length=64)], PolicySource] | None = Field(
+        None, max_length=32, exclude_if=lambda v: v is None
+    )
 
 
 class Reported(Message):
@@ -533,11 +582,6 @@ class Record(_Wire):
     """One outbox record in a batch. ``data`` is the producer's JSON value (its kind's
     model below); the batch is valid whatever the data, the kind's model is checked
     separately (a bad record is stored raw, not unpacked: fleet/ingest.py)."""
-    # Issue 11, part 5: the fallback policy in force and each setting's source.
-    fallback_effective: FallbackEffective | None = Field(None, exclude_if=lambda v: v is None)
-    fallback_source: dict[Annotated[str, Field(max_length=64)], PolicySource] | None = Field(
-        None, max_length=32, exclude_if=lambda v: v is None
-    )
 
     id: Hex32
     seq: int = Field(ge=0, le=2**63 - 1)
