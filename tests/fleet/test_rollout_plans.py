@@ -8,6 +8,7 @@ No timing asserts: every wait is on a condition.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -438,3 +439,42 @@ async def test_a_drift_gate_waits_without_figures_and_rolls_back_on_drift(
     gate = done["evidence"]["failed"][0]
     assert gate["signal"] == "drift_psi" and gate["canary"]["value"] == 0.45
     assert gate["threshold"] == 0.2
+
+
+def noisy(rng: random.Random, version: str, n: int) -> dict[str, Any]:
+    """A window of a good version: 5 % errors and 20 % of the answers from the cloud,
+    binomial noise on both (the same for every version)."""
+    errors = sum(rng.random() < 0.05 for _ in range(n))
+    cloud = sum(rng.random() < 0.20 for _ in range(n - errors))
+    data = requests(version, n, errors)
+    data["sources"] = {"edge": n - errors - cloud, "cloud": cloud}
+    return data
+
+
+async def test_noise_does_not_stop_a_good_version_through_the_ingest(
+    mosquitto: Mosquitto, buses: Any, fleet_of: Any
+) -> None:
+    """Seeded repetitions, small enough for CI: five gated rollouts of versions exactly
+    as good as the one they replace, the evidence sent as devices send it (windows of
+    100 requests, binomial noise); every one is promoted, none stopped."""
+    rng = random.Random(2026)
+    bus = await buses(mosquitto.port)
+    fleet = await fleet_of(6)
+    for v in range(3, 7):
+        await add_version(bus.db, M, str(v))
+    await on_v1(bus, fleet)
+    gates = ["error_rate <= baseline + 0.02", "fallback_rate <= baseline + 0.05"]
+    for version in ("2", "3", "4", "5", "6"):
+        r = await bus.rollouts.start(
+            M, version, target_kind="group", target="stores", plan=plan(gates=gates)
+        )
+        for _ in range(40):
+            state = (await bus.rollouts.get(r["id"]))["state"]
+            if state != "running":
+                break
+            for s in fleet:
+                await send(s, [("inference_stats", noisy(rng, s.active[M], 100))])
+        done = await until(lambda rid=r["id"]: state_is(bus, rid, "completed", "rolled_back"))
+        assert done["state"] == "completed", done["evidence"]
+        assert all(d["outcome"] == "pass" for d in done["decisions"])
+        await until(lambda v=version: all(s.active.get(M) == v for s in fleet))
