@@ -14,7 +14,9 @@ _STATUSES = ("pending", "answered", "expired")
 
 @routes.get("/v1/fallback")
 async def fallback_status(request: web.Request) -> web.Response:
-    """Endpoint state, breakers, budgets, effective policies, counts, hard examples."""
+    """Endpoint state, breakers, budgets, effective policies (``sources``: where each
+    setting came from, default | bundle | fleet | local), the fleet's policies, counts,
+    hard examples and their upload to the fleet (ledger of the bandwidth budget)."""
     return json_response(await data_plane(request).router.status())
 
 
