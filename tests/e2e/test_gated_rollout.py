@@ -115,7 +115,8 @@ def agent_doc(
         "store": {"path": str(tmp / name / "store")},
         "trust": {"public_keys": [str(keys[1])]},
         "models": [{"bundle": str(bootstrap)}],
-        "runtime": {"executor_threads": 1},
+        # The shadow runner may take what it needs: no item dropped in a test.
+        "runtime": {"executor_threads": 1, "shadow": {"queue_size": 10_000, "cpu_budget": 64}},
         "device_id": name,
         "fleet": {
             "host": enrolled["mqtt"]["host"],
@@ -311,3 +312,94 @@ async def test_failed_gate_rolls_back_and_a_store_offline_meanwhile_never_instal
                 assert resp.status == 200 and (await resp.json())["model_version"] == "1"
     finally:
         await asyncio.to_thread(process.stop)
+
+
+async def traffic(bases: list[str], stop: asyncio.Event) -> dict[str, int]:
+    """A local app per store: the test inputs, one request at a time; counts who
+    answered (``v1``, ``v2``... or ``HTTP nnn``)."""
+    seen: dict[str, int] = {}
+
+    async def one(session: aiohttp.ClientSession, base: str) -> None:
+        i = 0
+        while not stop.is_set():
+            x = TEST_X[i % len(TEST_X)].tolist()
+            body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x}]}
+            async with session.post(f"{base}/v2/models/tiny/infer", json=body) as r:
+                doc = await r.json()
+                key = f"v{doc['model_version']}" if r.status == 200 else f"HTTP {r.status}"
+                seen[key] = seen.get(key, 0) + 1
+            i += 1
+            await asyncio.sleep(0.005)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session, b) for b in bases))
+    return seen
+
+
+async def test_a_shadow_stage_on_real_agents_stops_a_bad_version_and_passes_a_good_one(
+    fleet: Fleet, start_agent: Any, make_tiny_bundle: Any, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Real agents run the candidate in shadow on their live traffic and report
+    shadow_stats: version 2 answers differently (shadow agreement far below the gate)
+    and is rolled back before any store serves it; version 3 answers like version 1,
+    passes the shadow stage, is served and promoted to stable."""
+    bundles = [make_tiny_bundle("1"), make_tiny_bundle("2", W2), make_tiny_bundle("3")]
+    for b in bundles:
+        await fleet.call("POST", "/v1/models", data=b.read_bytes())
+    agents = []
+    for i in range(2):
+        enrolled = await fleet.enrol(f"store-{i}", ["north"])
+        doc = agent_doc(tmp_path, keys, enrolled, bundles[0])
+        agents.append(await start_agent(parse_config(yaml.safe_dump(doc))))
+    await fleet.call(
+        "POST", "/v1/assignments", json={"model": "tiny", "version": "1", "target": {"all": True}}
+    )
+    for i in range(2):
+        await until(lambda i=i: fleet.model_state(f"store-{i}"), lambda m: m.get("active") == "1")
+    plan = {
+        "shadow": {"devices": 1, "min_items": 40, "gates": ["shadow_agreement >= 0.9"]},
+        "waves": [1, "100%"],
+    }
+    stop = asyncio.Event()
+    load = asyncio.create_task(traffic([a.base for a in agents], stop))
+    try:
+        bad = await fleet.call(
+            "POST",
+            "/v1/assignments",
+            json={"model": "tiny", "version": "2", "target": {"all": True}, "plan": plan},
+        )
+        assert bad["stage"] == "shadow" and len(bad["shadow_devices"]) == 1
+        done = await until(
+            lambda: fleet.call("GET", f"/v1/rollouts/{bad['id']}"),
+            lambda r: r["state"] != "running",
+            within=60,
+        )
+        assert done["state"] == "rolled_back", done
+        ev = done["evidence"]
+        assert ev["stage"] == "shadow" and ev["devices_served"] == []
+        assert ev["failed"][0]["canary"]["n"] >= 40 and ev["failed"][0]["canary"]["high"] < 0.9
+
+        good = await fleet.call(
+            "POST",
+            "/v1/assignments",
+            json={"model": "tiny", "version": "3", "target": {"all": True}, "plan": plan},
+        )
+        done = await until(
+            lambda: fleet.call("GET", f"/v1/rollouts/{good['id']}"),
+            lambda r: r["state"] != "running",
+            within=60,
+        )
+        assert done["state"] == "completed", done
+        assert done["decisions"][0]["stage"] == "shadow"
+        assert done["decisions"][0]["gates"][0]["canary"]["value"] == 1.0
+        for i in range(2):
+            await until(
+                lambda i=i: fleet.model_state(f"store-{i}"), lambda m: m.get("active") == "3"
+            )
+        model = await fleet.call("GET", "/v1/models/tiny")
+        assert model["labels"]["stable"] == "3"
+    finally:
+        stop.set()
+        seen = await load
+    # Every request answered; version 2 never answered one (it only ran in shadow).
+    assert set(seen) <= {"v1", "v3"} and seen.get("v1") and seen.get("v3"), seen
