@@ -31,7 +31,8 @@ with ``INSERT OR IGNORE`` by id; the ack (``protocol.Ack``: all of the batch's i
 duplicates included) is published only after the write committed.
 
 **Gate evidence.** ``shadow_stats`` (``protocol.ShadowStats``; invalid ones counted in
-``bad_shadow_stats``) and the agreement rows of ``fallback_stats`` are also unpacked
+``bad_shadow_stats``, as are shadow reports for a candidate no rollout asked that
+device to shadow) and the agreement rows of ``fallback_stats`` are also unpacked
 into ``signal_counts`` (``k`` of ``n`` per record, device, model, version, signal:
 ``shadow_agreement``, ``cloud_agreement``) in the same write job. After a batch with
 such evidence (or ``inference_stats``, ``drift_stats``) is stored, the rollouts of
@@ -678,7 +679,30 @@ class Ingest:
         if new and self.rollouts is not None:
             await self.rollouts.on_event([event_dict(r) for r in new])
 
+    def _unasked_shadows_in(
+        self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]
+    ) -> list[tuple[Any, ...]]:
+        """``shadow_agreement`` rows for a candidate the fleet never asked that device to
+        shadow (no rollout of that model version had it as a shadow device): refused
+        (bad input: "a version the device does not have"), the raw record is kept."""
+        asked = {
+            (r[0], r[1], r[2])
+            for r in conn.execute(
+                "SELECT rd.device_id, r.model, r.version FROM rollout_devices rd"
+                " JOIN rollouts r ON r.id = rd.rollout_id WHERE rd.shadow = 1"
+                " AND rd.device_id IN (SELECT value FROM json_each(?))",
+                (dumps(sorted({row[1] for row in rows})),),
+            )
+        }
+        return [
+            row
+            for row in rows
+            if row[5] == "shadow_agreement" and (row[1], row[2], row[3]) not in asked
+        ]
+
     async def _store_batches(self, items: list[BatchMsg]) -> None:
+        refused: list[tuple[Any, ...]] = []  # shadow rows refused by the job below
+
         def job(conn: sqlite3.Connection) -> tuple[set[str], int, list[tuple[Any, ...]]]:
             known = self._known_in(conn, (b.device_id for b in items))
             stored = [b for b in items if b.device_id in known]
@@ -696,10 +720,13 @@ class Ingest:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [row for b in stored for row in b.stats],
             )
+            signals = [row for b in stored for row in b.signals]
+            refused[:] = self._unasked_shadows_in(conn, signals) if signals else []
+            skip = set(refused)
             conn.executemany(
                 "INSERT OR IGNORE INTO signal_counts (record_id, device_id, model, version,"
                 " other, signal, k, n, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [row for b in stored for row in b.signals],
+                [row for row in signals if row not in skip],
             )
             conn.executemany(
                 f"INSERT OR IGNORE INTO drift_stats ({DRIFT_COLUMNS})"
@@ -722,7 +749,15 @@ class Ingest:
         s.bad_event_records += sum(b.bad_events for b in stored)
         s.bad_fallback_stats += sum(b.bad_fallback for b in stored)
         s.bad_drift_stats += sum(b.bad_drift for b in stored)
-        s.bad_shadow_stats += sum(b.bad_shadow for b in stored)
+        s.bad_shadow_stats += sum(b.bad_shadow for b in stored) + len(refused)
+        for row in refused[:1]:
+            self._complaints.warn(
+                "telemetry/shadow_stats",
+                "shadow_stats from %s for %s %s, which the fleet never asked it to shadow",
+                row[1],
+                row[2],
+                row[3],
+            )
         self._unknown(topics.TELEMETRY, [b.device_id for b in items if b.device_id not in known])
         # Committed: only now may the device delete these records from its outbox.
         for b in stored:

@@ -331,6 +331,14 @@ async def test_a_shadow_stage_gates_on_shadow_agreement_then_serves(
         assert doc["shadow"]["sample_rate"] == 1.0
     for s in fleet:
         assert "2" not in s.versions_seen(M)  # nobody serves it during the shadow stage
+    # Bad input, refused and counted (the raw records are kept and acked): a store
+    # that was not asked to shadow version 2, and agreement above the compared items.
+    other = next(s for s in fleet if s not in shadows)
+    impossible = {**shadow("2", 100, 99), "agreed": 101}
+    await send(other, [("shadow_stats", shadow("2", 500, 500))])
+    await send(shadows[0], [("shadow_stats", impossible)])
+    assert bus.stats.bad_shadow_stats == 2
+    assert await query(bus.db, "SELECT count(*) FROM signal_counts") == [(0,)]
     await send(shadows[0], [("shadow_stats", shadow("2", 100, 99))])
     await asyncio.sleep(0.4)
     assert (await bus.rollouts.get(r["id"]))["stage"] == "shadow"  # 100 of 300 items
