@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgefleet.core import protocol
 from edgefleet.core.errors import BadRequest
+from edgefleet.core.names import check_registry_label
 
 Op = Literal["<=", ">="]
 Outcome = Literal["pass", "fail", "wait"]
@@ -212,6 +213,11 @@ class Plan(_Strict):
     @classmethod
     def _waves(cls, v: list[int | str]) -> list[int | str]:
         return [_check_wave(w) for w in v]
+
+    @field_validator("promote")
+    @classmethod
+    def _promote(cls, v: str | None) -> str | None:
+        return None if v is None else check_registry_label(v)
 
     @field_validator("gates")
     @classmethod

@@ -84,6 +84,7 @@ def test_plans_are_strict() -> None:
         ({"waves": [0]}, "waves"),
         ({"waves": [1], "on_fail": "explode"}, "on_fail"),
         ({"waves": [1], "min_requests": "10"}, "min_requests"),
+        ({"waves": [1], "promote": "not a label"}, "promote"),
         ({"gates": []}, "waves"),
         ([1, 2], "a plan is an object"),
     ]
