@@ -436,8 +436,13 @@ class Rollouts:
                 current = conn.execute(
                     "SELECT current_wave FROM rollouts WHERE id = ?", (rollout_id,)
                 ).fetchone()[0]
-                # The operator overrides the stop: devices a gate stop withdrew get the
-                # version again with the next wave.
+                # The operator overrides the stop: a shadow stage ends (wave 1 is next),
+                # and devices a gate stop withdrew get the version again.
+                conn.execute(
+                    "UPDATE rollouts SET stage = 'serving', serving_started_at = ?"
+                    " WHERE id = ? AND stage = 'shadow'",
+                    (t, rollout_id),
+                )
                 reached |= {
                     r[0]
                     for r in conn.execute(

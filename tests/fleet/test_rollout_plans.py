@@ -486,3 +486,22 @@ async def test_noise_does_not_stop_a_good_version_through_the_ingest(
         assert done["state"] == "completed", done["evidence"]
         assert all(d["outcome"] == "pass" for d in done["decisions"])
         await until(lambda v=version: all(s.active.get(M) == v for s in fleet))
+
+
+async def test_resuming_a_rollout_stopped_in_its_shadow_stage_serves_it(
+    mosquitto: Mosquitto, buses: Any, fleet_of: Any
+) -> None:
+    """The operator overrides a shadow-stage stop: the shadow stage ends, wave 1 goes."""
+    bus = await buses(mosquitto.port)
+    fleet = await fleet_of(2)
+    by_id = {s.device_id: s for s in fleet}
+    await on_v1(bus, fleet)
+    p = plan(waves=["100%"], on_fail="stop", shadow={"devices": 1, "min_items": 100})
+    r = await bus.rollouts.start(M, "2", target_kind="group", target="stores", plan=p)
+    await send(by_id[r["shadow_devices"][0]], [("shadow_stats", shadow("2", 200, 100))])
+    stopped = await until(lambda: state_is(bus, r["id"], "stopped"), within=20)
+    assert stopped["stage"] == "shadow" and stopped["evidence"]["stage"] == "shadow"
+    resumed = await bus.rollouts.resume(r["id"])
+    assert resumed["stage"] == "serving" and resumed["current_wave"] == 1
+    await until(lambda: state_is(bus, r["id"], "completed"), within=20)
+    await until(lambda: all(s.active.get(M) == "2" for s in fleet))
