@@ -403,3 +403,51 @@ async def test_a_shadow_stage_on_real_agents_stops_a_bad_version_and_passes_a_go
         seen = await load
     # Every request answered; version 2 never answered one (it only ran in shadow).
     assert set(seen) <= {"v1", "v3"} and seen.get("v1") and seen.get("v3"), seen
+
+
+async def test_the_cli_takes_a_plan_file_and_flags_and_assigns_by_label(
+    fleet: Fleet, make_tiny_bundle: Any, tmp_path: Path
+) -> None:
+    for b in (make_tiny_bundle("1"), make_tiny_bundle("2", W2)):
+        await fleet.call("POST", "/v1/models", data=b.read_bytes())
+    await fleet.enrol("store-0", ["north"])
+    await fleet.enrol("store-1", ["south"])
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "waves: [1, '100%']\n"
+        "gates: ['error_rate <= baseline + 0.01']\n"
+        "on_fail: stop\n"
+        "min_requests: 300\n"
+    )
+    # A flag on top of the file: the gates come from --gate.
+    r = await asyncio.to_thread(
+        cli, fleet, "assign", "tiny", "2", "--group", "north", "--plan", str(plan),
+        "--gate", "p95_ms <= 1.5 * baseline", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["plan"]["gates"] == ["p95_ms <= 1.5 * baseline"]
+    assert doc["plan"]["on_fail"] == "stop" and doc["plan"]["min_requests"] == 300
+    r = await asyncio.to_thread(cli, fleet, "rollout", "status", doc["id"])
+    assert r.returncode == 0 and "stage: serving; on a failed gate: stop" in r.stdout
+    # A bad gate: the fleet's 400, exit 1, nothing started.
+    r = await asyncio.to_thread(
+        cli, fleet, "assign", "tiny", "2", "--group", "south", "--waves", "1",
+        "--gate", "accuracy >= 0.9",
+    )  # fmt: skip
+    assert r.returncode == 1 and "unknown signal 'accuracy'" in r.stderr, r.stderr
+    r = await asyncio.to_thread(
+        cli, fleet, "assign", "tiny", "2", "--group", "south", "--shadow-devices", "1"
+    )
+    assert r.returncode == 2 and "needs waves" in r.stderr, r.stderr
+    assert len((await fleet.call("GET", "/v1/rollouts"))["rollouts"]) == 1
+    # Assigning by fleet label.
+    r = await asyncio.to_thread(cli, fleet, "models", "label", "tiny", "staging", "1")
+    assert r.returncode == 0, r.stderr
+    r = await asyncio.to_thread(
+        cli, fleet, "assign", "tiny", "staging", "--group", "south", "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["assignment_id"] > 0
+    device = await fleet.call("GET", "/v1/devices/store-1")
+    assert device["desired"]["models"]["tiny"]["version"] == "1"
