@@ -505,3 +505,34 @@ async def test_resuming_a_rollout_stopped_in_its_shadow_stage_serves_it(
     assert resumed["stage"] == "serving" and resumed["current_wave"] == 1
     await until(lambda: state_is(bus, r["id"], "completed"), within=20)
     await until(lambda: all(s.active.get(M) == "2" for s in fleet))
+
+
+def agreement(version: str, agree: int, disagree: int) -> dict[str, Any]:
+    """fallback_stats data: audited items the cloud also answered, by top-1 agreement."""
+    rows = [
+        {"model": M, "version": version, "kind": "audited", "agree": "true", "n": agree},
+        {"model": M, "version": version, "kind": "audited", "agree": "false", "n": disagree},
+    ]
+    return {"schema": 1, "agreement": rows, "breakers": {}, "offline": False}
+
+
+async def test_cloud_agreement_gate_compares_with_the_baseline_cohort(
+    mosquitto: Mosquitto, buses: Any, fleet_of: Any
+) -> None:
+    bus = await buses(mosquitto.port)
+    fleet = await fleet_of(4)
+    by_id = {s.device_id: s for s in fleet}
+    await on_v1(bus, fleet)
+    p = plan(gates=["cloud_agreement >= baseline - 0.05"], min_audited=100)
+    r = await bus.rollouts.start(M, "2", target_kind="group", target="stores", plan=p)
+    first = await wave_devices(bus.db, r["id"], 1)
+    await until(lambda: all(by_id[d].active.get(M) == "2" for d in first))
+    for s in fleet:  # the cloud agrees with version 1 on 95 %, with version 2 on 70 %
+        v = s.active[M]
+        counts = (70, 30) if v == "2" else (95, 5)
+        await send(s, [("fallback_stats", agreement(v, *counts))])
+    done = await until(lambda: state_is(bus, r["id"], "rolled_back"), within=20)
+    gate = done["evidence"]["failed"][0]
+    assert gate["signal"] == "cloud_agreement"
+    assert gate["canary"]["value"] == 0.7 and gate["baseline"]["value"] == 0.95
+    assert gate["threshold"] == pytest.approx(0.90)
