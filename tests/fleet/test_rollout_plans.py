@@ -152,8 +152,9 @@ async def test_passing_gates_advance_every_wave_and_promote_stable(
     fleet = await fleet_of(6)
     by_id = {s.device_id: s for s in fleet}
     await on_v1(bus, fleet)
+    gates = [*GATES, "p95_ms <= 1.5 * baseline", "fallback_rate <= baseline + 0.05"]
     r = await bus.rollouts.start(
-        M, "2", target_kind="group", target="stores", plan=plan(gates=GATES)
+        M, "2", target_kind="group", target="stores", plan=plan(gates=gates)
     )
     rid = r["id"]
     first = await wave_devices(bus.db, rid, 1)
@@ -171,6 +172,11 @@ async def test_passing_gates_advance_every_wave_and_promote_stable(
     done = await until(lambda: state_is(bus, rid, "completed"), within=20)
     assert [d["outcome"] for d in done["decisions"]] == ["pass", "pass"]
     assert done["decisions"][0]["gates"][0]["canary"]["n"] >= 200
+    assert [g["signal"] for g in done["decisions"][0]["gates"]] == [
+        "error_rate",
+        "p95_ms",
+        "fallback_rate",
+    ]
     assert done["evidence"] is None
     labels = await query(bus.db, "SELECT label, version FROM model_labels WHERE name = ?", M)
     assert labels == [("stable", "2")]
