@@ -82,6 +82,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from edgefleet.core import protocol
 from edgefleet.core.errors import BadRequest, EdgeError, NotFound
 from edgefleet.fleet import gates
 from edgefleet.fleet.db import FleetDB, dumps, loads, now
@@ -94,7 +95,6 @@ from edgefleet.fleet.desired import (
     resolve_version_in,
     target_devices,
 )
-from edgefleet.fleet.telemetry_math import InferenceStatsData, merge_inference_stats
 
 log = logging.getLogger(__name__)
 
@@ -990,24 +990,27 @@ class _Figures:
         f = cls()
         same = "=" if canary else "!="
         cohort = "SELECT device_id FROM rollout_devices WHERE rollout_id = ?"
-        records: list[InferenceStatsData] = [
-            loads(r[0])
-            for r in conn.execute(
-                f"SELECT data FROM inference_stats WHERE model = ? AND version {same} ?"
-                f" AND received_at >= ? AND device_id IN ({cohort})",
-                (model, version, since, rid),
-            )
-        ]
-        m = merge_inference_stats(records)
-        f.requests, f.errors = m["requests"], m["errors"]
-        f.latency = list(m["latency_ms"]["counts"])
+        # Summed by SQLite's JSON functions, not parsed in Python: a decision runs on
+        # every report and telemetry batch of a wave, over every window since it began.
+        buckets = len(protocol.LATENCY_BOUNDS_MS) + 1
+        latency = ", ".join(
+            f"coalesce(sum(json_extract(data, '$.latency_ms.counts[{i}]')), 0)"
+            for i in range(buckets)
+        )
+        row = conn.execute(
+            "SELECT coalesce(sum(count), 0), coalesce(sum(errors), 0),"
+            " coalesce(sum(json_extract(data, '$.sources.cloud')), 0),"
+            " coalesce(sum(json_extract(data, '$.sources.mixed')), 0),"
+            " coalesce(sum((SELECT sum(value) FROM json_each(data, '$.fallback'))), 0),"
+            f" {latency} FROM inference_stats WHERE model = ? AND version {same} ?"
+            f" AND received_at >= ? AND device_id IN ({cohort})",
+            (model, version, since, rid),
+        ).fetchone()
+        f.requests, f.errors = int(row[0]), int(row[1])
         # Asked the cloud: answered by it (wholly or partly), or wanted it and had to
         # answer alone (a fallback reason).
-        f.asked_cloud = (
-            m["sources"].get("cloud", 0)
-            + m["sources"].get("mixed", 0)
-            + sum(m["fallback"].values())
-        )
+        f.asked_cloud = int(row[2]) + int(row[3]) + int(row[4])
+        f.latency = [int(c) for c in row[5 : 5 + buckets]]
         k, n = conn.execute(
             "SELECT coalesce(sum(k), 0), coalesce(sum(n), 0) FROM signal_counts"
             f" WHERE model = ? AND version {same} ? AND signal = 'cloud_agreement'"
