@@ -59,9 +59,12 @@ items, and wave 1 is pushed. Each **serving wave** then advances only when today
 rules hold *and* the plan's gates pass on the evidence gathered since the wave
 started (canary: the rollout's devices' telemetry for the new version; baseline: the
 same devices' telemetry for any other version of the model since the first serving
-wave started). A gate is checked on every decision (every ``reported``, every
-``tick()``), while devices are still pending too, so a bad version is stopped as soon
-as the evidence is clear. A failed gate stops or rolls back the rollout (``on_fail``),
+wave started). A gate is checked on every decision (every ``reported``, every stored
+telemetry batch with evidence: ``on_telemetry``, at most once a second per rollout,
+every ``tick()``), while devices are still pending too, so a bad version is stopped as
+soon as the evidence is clear. A stage whose gates keep waiting (too little traffic,
+no drift figures) waits: there is no deadline and no "advance anyway" yet; the
+operator pauses or rolls it back. A failed gate stops or rolls back the rollout (``on_fail``),
 storing the evidence (``rollouts.evidence``, ``rollout_decisions``) with the devices
 that served the version. **Sticky**: after a gate stop, devices that had not
 activated the version are withdrawn (their rows ``rolled_back``: the assignment no
