@@ -353,14 +353,18 @@ class Devices:
         """
 
         def q(conn: sqlite3.Connection) -> bool:
+            # The shadow candidate and the canary of a split are in the desired state
+            # too (issue 11): the device must be able to fetch them.
             row = conn.execute(
-                "SELECT json_extract(desired, '$.models.' || json_quote(?) || '.version')"
+                "SELECT json_extract(desired, '$.models.' || json_quote(?) || '.version'),"
+                " json_extract(desired, '$.models.' || json_quote(?) || '.shadow.version'),"
+                " json_extract(desired, '$.models.' || json_quote(?) || '.split.version')"
                 " FROM devices WHERE id = ? AND revoked_at IS NULL",
-                (model, device_id),
+                (model, model, model, device_id),
             ).fetchone()
             if row is None:
                 return False
-            if row[0] == version:
+            if version in row:
                 return True
             found = conn.execute(
                 "SELECT 1 FROM assignments a LEFT JOIN rollouts r ON r.id = a.rollout_id"

@@ -49,21 +49,37 @@ def test_build_writes_bundles_config_and_demo_images(build):
     assert (build / "digits-edge-1.bundle").stat().st_mtime_ns == before
 
 
-def test_fleet_demo_pushes_version_2_without_a_failed_request(build, tmp_path):
+def test_fleet_demo_rolls_the_bad_version_back_and_promotes_version_2(build, tmp_path):
     """``make demo``'s first step, as the console script runs it: from another
-    directory, so only installed packages can be imported."""
+    directory, so only installed packages can be imported. Four real agents on the
+    embedded broker with a real cloud endpoint: the ~20-points-worse version is rolled
+    back by a failed gate in its canary wave, version 2 passes its shadow stage and
+    gated waves and gets the ``stable`` label, and no app request fails."""
     script = Path(sys.executable).parent / "edge-fleet"
     r = subprocess.run(
         [str(script), "demo", "--build", str(build)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=180,
+        timeout=240,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "state=active active=2" in r.stdout
+    bad, good = r.stdout.split("\n1) ", 1)[1].split("\n2) ", 1)
+    assert "roll out digits-edge worse-20" in bad
+    assert re.search(r"wave 1: gate fail: ", bad), bad
+    assert re.search(r"rollout rolled_back: gate '.+' failed in wave 1: .+; rolled back", bad)
+    assert "wave 2" not in bad  # stopped at the canary: the other stores never served it
+    assert re.search(r"shadow stage: store-\d+ runs 2 beside version 1", good)
+    assert re.search(r"shadow stage: gate pass: shadow_agreement", good)
+    assert re.search(r"wave 2: gate pass: ", good)
+    assert "rollout completed" in good
+    assert "fleet label stable -> digits-edge 2" in good
     assert re.search(r"failed requests: 0$", r.stdout, re.M)
-    assert re.search(r"\d+ answered by version 1, \d+ answered by version 2", r.stdout)
+    assert re.search(
+        r"\d+ answered by version 1, \d+ answered by version 2,"
+        r" \d+ answered by version worse-20",
+        r.stdout,
+    )
 
 
 def test_demo_answers_every_image_correctly(build):
