@@ -660,7 +660,7 @@ def _rollout_action(action: str) -> Handler:
     return requires(WRITE)(handler)
 
 
-for _action in ("pause", "resume", "rollback"):
+for _action in ("pause", "resume", "rollback", "advance"):
     routes.post(f"/v1/rollouts/{{id}}/{_action}")(_rollout_action(_action))
 
 

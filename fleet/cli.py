@@ -977,7 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id", nargs="?")
     s.add_argument("--watch", action="store_true", help="refresh until finished")
     s.add_argument("--interval", type=float, default=2.0)
-    for action in ("pause", "resume", "rollback"):
+    for action in ("pause", "resume", "rollback", "advance"):
         s = client(rollout, action, _rollout_action(action), help=f"{action} a rollout")
         s.add_argument("id")
 

@@ -63,8 +63,9 @@ wave started). A gate is checked on every decision (every ``reported``, every st
 telemetry batch with evidence: ``on_telemetry``, at most once a second per rollout,
 every ``tick()``), while devices are still pending too, so a bad version is stopped as
 soon as the evidence is clear. A stage whose gates keep waiting (too little traffic,
-no drift figures) waits: there is no deadline and no "advance anyway" yet; the
-operator pauses or rolls it back. A failed gate stops or rolls back the rollout (``on_fail``),
+no drift figures) waits, without a deadline; the operator can ``advance`` it (the
+next wave, or the end of the shadow stage, now: an ``override`` decision), pause it or
+roll it back. A failed gate stops or rolls back the rollout (``on_fail``),
 storing the evidence (``rollouts.evidence``, ``rollout_decisions``) with the devices
 that served the version. **Sticky**: after a gate stop, devices that had not
 activated the version are withdrawn (their rows ``rolled_back``: the assignment no
@@ -413,6 +414,47 @@ class Rollouts:
             return self.desired.refresh_in(conn, sorted(reached))
 
         self.desired.send(await self.db.write(job))
+
+    async def advance(self, rollout_id: str) -> dict[str, Any]:
+        """The operator overrides waiting gates: the shadow stage ends, or the next wave
+        is pushed, now (a running or paused rollout; a paused one stays paused). Recorded
+        as an ``override`` decision with the gates' figures at that moment."""
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], Docs]:
+            t = now()
+            state = self._state_in(conn, rollout_id)
+            if state not in ("running", "paused"):
+                raise RolloutConflict(
+                    f"rollout {rollout_id} is {state}: only a running or paused one advances"
+                )
+            wave, stage, plan_text, started = conn.execute(
+                "SELECT current_wave, stage, plan, wave_started_at FROM rollouts WHERE id = ?",
+                (rollout_id,),
+            ).fetchone()
+            plan = None if plan_text is None else gates.Plan.model_validate(loads(plan_text))
+            reached: set[str] = set()
+            evidence: Sequence[gates.Evidence] = ()
+            if stage == "shadow" and plan is not None and plan.shadow is not None:
+                _, evidence = self._shadow_gates_in(conn, rollout_id, plan.shadow, t)
+                self._decision_in(conn, rollout_id, "shadow", 0, "override", evidence, t)
+                conn.execute(
+                    "UPDATE rollouts SET stage = 'serving', serving_started_at = ? WHERE id = ?",
+                    (t, rollout_id),
+                )
+                reached |= self._shadow_devices_in(conn, rollout_id)
+            elif plan is not None and plan.gates and wave >= 1:
+                _, evidence = self._wave_gates_in(conn, rollout_id, plan, started or t)
+                self._decision_in(conn, rollout_id, "wave", wave, "override", evidence, t)
+            log.info("rollout %s: advanced by the operator past wave %d", rollout_id, wave)
+            reached |= self._next_wave_in(conn, rollout_id, wave, t)
+            reached |= self._advance_in(conn, rollout_id, t)
+            return self._describe_in(conn, rollout_id), self.desired.refresh_in(
+                conn, sorted(reached)
+            )
+
+        result, docs = await self.db.write(job)
+        self.desired.send(docs)
+        return result
 
     async def pause(self, rollout_id: str) -> dict[str, Any]:
         def job(conn: sqlite3.Connection) -> dict[str, Any]:

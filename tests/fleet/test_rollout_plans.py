@@ -20,6 +20,7 @@ from edgefleet.core.errors import BadRequest
 from edgefleet.fleet.bus import FleetBus
 from edgefleet.fleet.db import FleetDB
 from edgefleet.fleet.gates import parse_plan
+from edgefleet.fleet.rollouts import RolloutConflict
 from tests.support.brokers import Mosquitto
 from tests.support.fleet_sim import (
     SimDevice,
@@ -542,3 +543,34 @@ async def test_cloud_agreement_gate_compares_with_the_baseline_cohort(
     assert gate["signal"] == "cloud_agreement"
     assert gate["canary"]["value"] == 0.7 and gate["baseline"]["value"] == 0.95
     assert gate["threshold"] == pytest.approx(0.90)
+
+
+async def test_the_operator_advances_past_gates_that_keep_waiting(
+    mosquitto: Mosquitto, buses: Any, fleet_of: Any
+) -> None:
+    """Too little traffic: the gates never decide; ``advance`` pushes on (an override,
+    recorded with the figures of the moment)."""
+    bus = await buses(mosquitto.port)
+    fleet = await fleet_of(3)
+    await on_v1(bus, fleet)
+    p = plan(gates=GATES, shadow={"devices": 1, "min_items": 100})
+    r = await bus.rollouts.start(M, "2", target_kind="group", target="stores", plan=p)
+    r = await bus.rollouts.advance(r["id"])  # past the shadow stage
+    assert r["stage"] == "serving" and r["current_wave"] == 1
+    first = await wave_devices(bus.db, r["id"], 1)
+    by_id = {s.device_id: s for s in fleet}
+    await until(lambda: all(by_id[d].active.get(M) == "2" for d in first))
+    await asyncio.sleep(0.3)
+    assert (await bus.rollouts.get(r["id"]))["current_wave"] == 1  # no evidence: waits
+    await bus.rollouts.advance(r["id"])  # wave 2, the last one
+    await until(lambda: all(s.active.get(M) == "2" for s in fleet))
+    await bus.rollouts.advance(r["id"])
+    done = await until(lambda: state_is(bus, r["id"], "completed"))
+    assert [(d["stage"], d["outcome"]) for d in done["decisions"]] == [
+        ("shadow", "override"),
+        ("wave", "override"),
+        ("wave", "override"),
+    ]
+    assert "0 of the 100" in done["decisions"][0]["gates"][0]["why"]
+    with pytest.raises(RolloutConflict):
+        await bus.rollouts.advance(r["id"])
