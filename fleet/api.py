@@ -37,6 +37,7 @@ from edgefleet.core.http import error_response, json_response, read_json_object
 from edgefleet.core.mqtt.errors import LinkClosed, PublishTimeout
 from edgefleet.fleet import gates
 from edgefleet.fleet.bundle_registry import BundleFile, Registry
+from edgefleet.fleet.desired import resolve_version_in
 from edgefleet.fleet.devices import Devices, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -585,6 +586,8 @@ async def assign(request: web.Request) -> web.Response:
         )
         return json_response(_jsonable(rollout), 201)
     if doc.get("waves") is None:
+        # A fleet label names the version it points at now (the answer says which).
+        version = await bus.db.read(lambda conn: resolve_version_in(conn, model, version))
         assignment_id = await _bus_call(
             lambda: bus.desired.assign(model, version, target_kind=kind, target=value)
         )

@@ -448,6 +448,7 @@ async def test_the_cli_takes_a_plan_file_and_flags_and_assigns_by_label(
         cli, fleet, "assign", "tiny", "staging", "--group", "south", "--json"
     )
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["assignment_id"] > 0
+    assigned = json.loads(r.stdout)
+    assert assigned["assignment_id"] > 0 and assigned["version"] == "1"
     device = await fleet.call("GET", "/v1/devices/store-1")
     assert device["desired"]["models"]["tiny"]["version"] == "1"
