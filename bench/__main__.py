@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, str] = {
     "joint": "bench.joint",
     "fleet": "bench.fleet",
     "mqtt": "bench.mqtt",
+    "rollout_guard": "bench.rollout_guard",
     "shadow": "bench.shadow",
 }
 
