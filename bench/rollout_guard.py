@@ -749,7 +749,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     points = sorted(WORSE, reverse=True)
     paths = await asyncio.to_thread(bundles, points)
-    x = np.load(MODELS_BUILD / "digits-test.npz")["x"].astype(np.float32)
+    with np.load(MODELS_BUILD / "digits-test.npz", allow_pickle=False) as data:
+        x = np.asarray(data["x"], dtype=np.float32)
     global KEEP_DB
     KEEP_DB = workdir / "fleet" / "fleet.sqlite"
     token = secrets.token_urlsafe(24)
