@@ -931,7 +931,23 @@ def summarize(outcomes: list[Outcome], points: list[int]) -> dict[str, Any]:
         "bad_version_stopped_without_shadow": sum(o.stopped for o in bad_waves),
         "detection_curve": curve,
         **shadow_figures(),
+        **accuracies(),
     }
+
+
+def accuracies() -> dict[str, Any]:
+    """Held-out accuracy (int8) of each version, from its bundle's manifest."""
+    from edgefleet.converters.bundletools import read_manifest_unverified
+    from models.digits_bad import WORSE, worse_bundle, worse_version
+
+    paths = {"1": MODELS_BUILD / f"{MODEL}-1.bundle"}
+    paths[GOOD] = MODELS_BUILD / "fleet" / f"{MODEL}-{GOOD}.bundle"
+    paths |= {worse_version(p): worse_bundle(MODELS_BUILD, p) for p in WORSE}
+    out: dict[str, Any] = {}
+    for v, path in paths.items():
+        if path.exists():
+            out[v] = read_manifest_unverified(path)[0].metrics.get("accuracy_int8")
+    return {"held_out_accuracy": out}
 
 
 def shadow_figures() -> dict[str, Any]:
@@ -947,9 +963,11 @@ def shadow_figures() -> dict[str, Any]:
 
 def render(res: dict[str, Any]) -> str:
     curve = res["detection_curve"]
+    acc = res.get("held_out_accuracy") or {}
     rows = [
-        f"| {p} points worse | {c['stop_rate']} ({c['runs']} runs, {c['stopped_in_shadow']} in"
-        f" shadow) | {c['median_shadow_detect_s']} s | {c['median_compared_items']} |"
+        f"| {p} points worse (`worse-{p}`, {acc.get(f'worse-{p}')}) | {c['stop_rate']}"
+        f" ({c['runs']} runs, {c['stopped_in_shadow']} in shadow) |"
+        f" {c['median_shadow_detect_s']} s | {c['median_compared_items']} |"
         for p, c in curve.items()
     ]
     lines = [
@@ -991,7 +1009,8 @@ def render(res: dict[str, Any]) -> str:
         f" ({res.get('shadow_extra_cpu_ms_per_compared_item')} ms extra CPU per compared item;"
         " from `python -m bench shadow`) | ≤ 1.10 |",
         "",
-        "Detection curve (the plan above, shadow stage included):",
+        "Detection curve (the plan above, shadow stage included; held-out accuracy in"
+        f" brackets, version 1: {acc.get('1')}, version 2: {acc.get(GOOD)}):",
         "",
         "| version | stop rate | median time to stop | median compared items |",
         "|---|---|---|---|",
@@ -999,8 +1018,11 @@ def render(res: dict[str, Any]) -> str:
         "",
         f"Fleet process: {res['fleet_process'].get('cpu_cores')} cores; simulator"
         f" {res['simulator_cores']} cores; {res['requests_answered']:,} requests answered;"
-        f" store errors: {res['store_errors']}. The fleet decides on every `reported` and"
-        " every rollout tick (5 s), so a stop lands up to one tick after the evidence.",
+        f" store errors: {res['store_errors']}; failed requests of the real agents' apps:"
+        f" {res.get('real_agent_failed_requests')}. The fleet re-decides a rollout on every"
+        " `reported`, on telemetry batches (at most once a second per rollout) and on its"
+        " 5 s tick. Times to stop are from the assignment (shadow) or from the first store"
+        " serving the version (waves only) to the bench seeing the rollout rolled back.",
     ]
     return "\n".join(lines)
 
@@ -1033,7 +1055,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.render_only:
         path = ROOT / "bench" / "results" / "rollout_guard.json"
-        res = orjson.loads(path.read_bytes()) | shadow_figures()
+        res = orjson.loads(path.read_bytes()) | shadow_figures() | accuracies()
         write_result("rollout_guard", res)
         write_doc_section("rollout_guard", render(res))
         return 0
