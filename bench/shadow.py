@@ -67,7 +67,7 @@ def candidate_bundle(work: Path) -> Path:
     for key in ("model_file", "files", "self_test", "created_at", "created_by"):
         manifest.pop(key, None)
     manifest["version"] = CANDIDATE
-    with np.load(MODELS_BUILD / "digits-test.npz") as data:
+    with np.load(MODELS_BUILD / "digits-test.npz", allow_pickle=False) as data:
         x = data["X_test"][:8].astype(np.float32)
     out = work / f"{MODEL}-{CANDIDATE}.bundle"
     build_bundle(
@@ -139,7 +139,7 @@ def run(rate: float, seconds: float, rounds: int) -> dict[str, Any]:
             "models": [{"bundle": str(build / f"{MODEL}-1.bundle")}],
             "logging": {"level": "WARNING"},
         }
-        with np.load(build / "digits-test.npz") as data:
+        with np.load(build / "digits-test.npz", allow_pickle=False) as data:
             xs = data["X_test"].astype(np.float32)
         with AgentProcess(config, work) as agent:
             agent.start()

@@ -39,8 +39,8 @@ within a schema; free text (reasons, errors) is cut to ``MAX_TEXT``, not refused
 pydantic-core checks: ``python -m bench fleet`` on the 2-core box stored 30,700
 records/s through it, against 26,100 with the hand-written checks it replaced (a
 micro-benchmark: 230 µs against 290-420 µs per 100-record batch). A batch's records
-keep their ``data`` as parsed JSON values; the publisher embeds stored record JSON without re-encoding it
-(``encode_telemetry``). Pure functions and immutable models: any thread.
+keep their ``data`` as parsed JSON values; the publisher embeds stored record JSON
+without re-encoding it (``encode_telemetry``). Pure functions and immutable models: any thread.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from pydantic import (
     model_validator,
 )
 
+from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.names import check_name
 
 SCHEMA: Final = 1  # the wire schema of every message below
@@ -108,7 +109,7 @@ EVENT_KINDS: Final = (
 )
 
 
-class WireError(ValueError):
+class WireError(EdgefleetError, ValueError):
     """A payload this side refuses; ``reason`` is the counter key (module doc)."""
 
     def __init__(self, reason: str, detail: str) -> None:

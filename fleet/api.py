@@ -33,7 +33,7 @@ from aiohttp import web
 
 from edgefleet.core import __version__
 from edgefleet.core.errors import BadRequest, EdgeError, NotFound
-from edgefleet.core.http import error_response, json_response, read_json_object
+from edgefleet.core.http import error_middleware, json_response, read_json_object
 from edgefleet.core.mqtt.errors import LinkClosed, PublishTimeout
 from edgefleet.fleet import gates
 from edgefleet.fleet.bundle_registry import BundleFile, Registry
@@ -171,6 +171,9 @@ class RangeNotSatisfiable(EdgeError):
         super().__init__(message)
         self.size = size
 
+    def headers(self) -> dict[str, str] | None:
+        return {"Content-Range": f"bytes */{self.size}"}
+
 
 API = web.AppKey("fleet_api", FleetApi)
 PRINCIPAL = web.RequestKey("principal", Principal)  # who is calling, for handlers and audit
@@ -183,32 +186,13 @@ def _api(request: web.Request) -> FleetApi:
 # -------------------------------------------------------------------- middlewares
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as ``{"error": ...}`` with the status its class names."""
-    try:
-        return await handler(request)
-    except RangeNotSatisfiable as exc:
-        return error_response(exc.message, 416, {"Content-Range": f"bytes */{exc.size}"})
-    except EdgeError as exc:
-        log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-        headers = None
-        if exc.status == 401:
-            headers = {"WWW-Authenticate": 'Bearer realm="edgefleet"'}
-            if request.path.startswith("/v1/bundles/"):
-                headers = {"WWW-Authenticate": 'Basic realm="edgefleet", charset="UTF-8"'}
-        return error_response(exc.message, exc.status, headers)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(f"request body larger than the {JSON_BODY_LIMIT} byte limit", 413)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(exc.reason, exc.status)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        log.exception("bug while serving %s %s", request.method, request.path)
-        return error_response(f"internal error ({type(exc).__name__})", 500)
+def _auth_challenge(request: web.Request, exc: EdgeError) -> dict[str, str] | None:
+    """A 401 says which credentials would do: device Basic auth on bundle downloads."""
+    if exc.status != 401:
+        return None
+    if request.path.startswith("/v1/bundles/"):
+        return {"WWW-Authenticate": 'Basic realm="edgefleet", charset="UTF-8"'}
+    return {"WWW-Authenticate": 'Bearer realm="edgefleet"'}
 
 
 @web.middleware
@@ -884,7 +868,11 @@ def _jsonable(value: Any) -> Any:
 
 def create_app(api: FleetApi) -> web.Application:
     app = web.Application(
-        client_max_size=JSON_BODY_LIMIT, middlewares=[error_middleware, auth_middleware]
+        client_max_size=JSON_BODY_LIMIT,
+        middlewares=[
+            error_middleware(lambda _: JSON_BODY_LIMIT, _auth_challenge),
+            auth_middleware,
+        ],
     )
     app[API] = api
     app.add_routes(routes)

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlencode, urlsplit
 
-from edgefleet.core.errors import ConfigError
+from edgefleet.core.errors import ConfigError, EdgefleetError
 
 DEFAULT_URL = "http://127.0.0.1:8480"
 _CHUNK = 256 * 1024
 log = logging.getLogger("edgefleet.fleet")
 
 
-class FleetRefused(Exception):
+class FleetRefused(EdgefleetError):
     """The fleet answered with an error status."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -44,7 +44,7 @@ class FleetRefused(Exception):
         self.status = status
 
 
-class Unreachable(Exception):
+class Unreachable(EdgefleetError):
     pass
 
 

@@ -17,7 +17,7 @@ import edgefleet.agent
 import edgefleet.converters
 import edgefleet.core
 import edgefleet.fleet
-from edgefleet.core.errors import EdgefleetError, EdgeError
+from edgefleet.core.errors import EdgeError, EdgefleetError
 
 # Internal control flow or library-protocol classes, never raised to a caller.
 OUTSIDE_THE_TREE = {
