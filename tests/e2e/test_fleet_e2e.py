@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,55 +21,16 @@ import pytest
 from edgefleet.fleet.config import FleetServiceConfig
 from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto
+from tests.support.quality_fleet import TOKEN, until
+from tests.support.quality_fleet import Fleet as QualityFleet
 from tests.support.tiny import TEST_X, W2, agent_config, broken_bundle
 
-TOKEN = "e2e-" + secrets.token_hex(16)
 
-
-class Fleet:
-    def __init__(self, service: FleetService, session: aiohttp.ClientSession) -> None:
-        self.service, self.session = service, session
-
-    @property
-    def base(self) -> str:
-        return self.service.url
-
-    async def call(self, method: str, path: str, **kw: Any) -> Any:
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        async with self.session.request(method, self.base + path, headers=headers, **kw) as r:
-            doc = await r.json(content_type=None)
-            assert r.status < 300, f"{method} {path}: {r.status} {doc}"
-            return doc
-
-    async def enrol(self, device_id: str, groups: list[str]) -> dict[str, Any]:
-        tok = await self.call(
-            "POST", "/v1/enrolment-tokens", json={"device_id": device_id, "groups": groups}
-        )
-        async with self.session.post(self.base + "/v1/enrol", json={"token": tok["token"]}) as r:
-            assert r.status == 200, await r.text()
-            return dict(await r.json())
-
-    async def device(self, device_id: str) -> dict[str, Any]:
-        return dict(await self.call("GET", f"/v1/devices/{device_id}"))
+class Fleet(QualityFleet):
+    """The support module's fleet client, plus one model's reported state."""
 
     async def model_state(self, device_id: str, model: str = "tiny") -> dict[str, Any]:
         return dict(((await self.device(device_id)).get("models") or {}).get(model) or {})
-
-
-async def until(
-    fetch: Callable[[], Any], check: Callable[[Any], bool], within: float = 10.0
-) -> Any:
-    """Fetch (a coroutine function) until ``check`` holds; the last document."""
-    doc = None
-    try:
-        async with asyncio.timeout(within):
-            while True:
-                doc = await fetch()
-                if check(doc):
-                    return doc
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not reached within {within} s; last: {doc}") from None
 
 
 def fleet_config(tmp: Path, keys: tuple[Path, Path], mqtt_port: int) -> FleetServiceConfig:
