@@ -314,11 +314,15 @@ async def test_a_fleet_policy_survives_an_agent_restart(
         await agent.runner.cleanup()  # the agent stops ...
         again = await start_agent(config)  # ... and starts again on the same store
         sync = again.app[FLEET].sync
-        await until(lambda: _async(sync.stats.desired_received), check=lambda n: n >= 1)
-        assert sync.stats.revisions_processed == 0  # the retained desired was not applied
+        # Read at once, before any desired revision is applied: what the agent says
+        # now can only come from its state file. (Waiting for the retained desired and
+        # then asserting it was not applied raced with the fleet publishing a newer
+        # revision for the reconnecting store.)
         local = await _status(session, again.base)
+        assert sync.stats.revisions_processed == 0
         assert local["policies"]["tiny:1"]["mode"] == "edge_only"
         assert local["policies"]["tiny:1"]["sources"]["mode"] == "fleet"
+        await until(lambda: _async(sync.stats.desired_received), check=lambda n: n >= 1)
         status, doc, _ = await infer(session, again.base, X1)
         assert status == 200 and doc["parameters"]["source"] == "edge"
 
