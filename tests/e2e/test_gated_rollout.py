@@ -30,36 +30,14 @@ from edgefleet.fleet.config import FleetServiceConfig
 from edgefleet.fleet.service import FleetService
 from tests.support.agent_process import AgentProcess
 from tests.support.brokers import Mosquitto, Peer, free_port
+from tests.support.quality_fleet import TOKEN
+from tests.support.quality_fleet import Fleet as QualityFleet
+from tests.support.quality_fleet import until as _until
 from tests.support.tiny import TEST_X, W2
 
-TOKEN = "gates-" + secrets.token_hex(16)
 
-
-class Fleet:
-    def __init__(self, service: FleetService, session: aiohttp.ClientSession) -> None:
-        self.service, self.session = service, session
-
-    @property
-    def base(self) -> str:
-        return self.service.url
-
-    async def send(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        async with self.session.request(method, self.base + path, headers=headers, **kw) as r:
-            return r.status, await r.json(content_type=None)
-
-    async def call(self, method: str, path: str, **kw: Any) -> Any:
-        status, doc = await self.send(method, path, **kw)
-        assert status < 300, f"{method} {path}: {status} {doc}"
-        return doc
-
-    async def enrol(self, device_id: str, groups: list[str]) -> dict[str, Any]:
-        tok = await self.call(
-            "POST", "/v1/enrolment-tokens", json={"device_id": device_id, "groups": groups}
-        )
-        async with self.session.post(self.base + "/v1/enrol", json={"token": tok["token"]}) as r:
-            assert r.status == 200, await r.text()
-            return dict(await r.json())
+class Fleet(QualityFleet):
+    """The support module's fleet client, plus one model's reported state."""
 
     async def model_state(self, device_id: str, model: str = "tiny") -> dict[str, Any]:
         doc = await self.call("GET", f"/v1/devices/{device_id}")
@@ -67,16 +45,7 @@ class Fleet:
 
 
 async def until(fetch: Callable[[], Any], check: Callable[[Any], bool], within: float = 20) -> Any:
-    doc = None
-    try:
-        async with asyncio.timeout(within):
-            while True:
-                doc = await fetch()
-                if check(doc):
-                    return doc
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not reached within {within} s; last: {doc}") from None
+    return await _until(fetch, check, within)
 
 
 @pytest.fixture
@@ -207,7 +176,7 @@ async def test_bad_plans_get_precise_400s_and_nothing_is_stored(
         ),
     ]
     for extra, fragment in cases:
-        status, doc = await fleet.send("POST", "/v1/assignments", json={**base, **extra})
+        status, doc = await fleet.raw("POST", "/v1/assignments", json={**base, **extra})
         assert status == 400 and fragment in doc["error"], (extra, status, doc)
     assert (await fleet.call("GET", "/v1/rollouts"))["rollouts"] == []
     device = await fleet.call("GET", "/v1/devices/store-0")
