@@ -867,13 +867,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def create_app(api: FleetApi) -> web.Application:
+    # Imported here: these modules import this one (routes, ``requires``, ``API``).
+    from edgefleet.fleet import metrics, timeseries
+
     app = web.Application(
         client_max_size=JSON_BODY_LIMIT,
         middlewares=[
+            metrics.middleware,  # outermost: counts every answer, errors included
             error_middleware(lambda _: JSON_BODY_LIMIT, _auth_challenge),
             auth_middleware,
         ],
     )
     app[API] = api
     app.add_routes(routes)
+    app.add_routes(metrics.routes)
+    app.add_routes(timeseries.routes)
     return app

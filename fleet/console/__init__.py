@@ -1,0 +1,1 @@
+"""The fleet console (issue 12): server-rendered pages under ``/ui/``."""
