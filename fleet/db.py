@@ -339,12 +339,146 @@ def _m5_drift_stats(db: sqlite_utils.Database) -> None:
     db.table("drift_stats").create_index(["device_id", "model", "version"])
 
 
+# Migration 6's figure columns (issue 12, time series for charts; fleet/rollup.py fills
+# them). Frozen with the migration: schema-1 histograms have 12 latency and 11
+# confidence buckets (core/protocol.py LATENCY_BOUNDS_MS, CONFIDENCE_BOUNDS + overflow).
+_M6_COUNTS = (
+    "records",  # inference_stats records
+    "requests",
+    "errors",
+    "answered",  # requests - errors
+    "cloud",  # answers the cloud gave (sources cloud + mixed)
+    "cloud_failed",  # answered by the edge because the cloud did not (sum of fallback)
+    *(f"l{i}" for i in range(12)),  # latency histogram counts
+    *(f"c{i}" for i in range(11)),  # confidence histogram counts
+    "drift_records",  # drift_stats records with figures
+    "drift_samples",
+    "shadow_compared",  # shadow_stats: version is the candidate
+    "shadow_agreed",
+    "cloud_compared",  # fallback_stats agreement rows (audited and escalated)
+    "cloud_agreed",
+)
+_M6_REALS = ("psi_mean_sum",)  # sum of psi_mean over drift_records (mean = sum / n)
+_M6_MAXES = ("psi_max", "psi_output_max")  # NULL: no figure in the bucket
+_M6_TABLES = {  # table: (key columns, bucket seconds)
+    "ts_version_minute": (("model", "version"), 60),
+    "ts_version_hour": (("model", "version"), 3600),
+    "ts_device_minute": (("device_id", "model", "version"), 60),
+    "ts_device_hour": (("device_id", "model", "version"), 3600),
+}
+# What the backfill keeps (the default retention of fleet/config.py at the time;
+# a fleet configured otherwise trims or keeps filling from here on).
+_M6_BACKFILL_S = {
+    "ts_version_minute": 8 * 86400.0,
+    "ts_version_hour": 90 * 86400.0,
+    "ts_device_minute": 48 * 3600.0,
+    "ts_device_hour": 90 * 86400.0,
+}
+
+
+def _m6_telemetry_rollups(db: sqlite_utils.Database) -> None:
+    # Issue 12, time series for charts: per-minute and per-hour sums per model version
+    # (fleet-wide) and per device, so a chart of a week of a big fleet reads a few
+    # thousand rows, not millions of records. Every figure is a count, a sum or a max,
+    # so buckets merge by adding (histograms by bucket: p50/p95 of any range). The
+    # primary key leads with what a chart filters on, then the time: one range scan
+    # per chart; WITHOUT ROWID keeps a chart's rows together. ``bucket``: unix seconds
+    # of the minute's or hour's start (device clock of the record's window start).
+    figures = (
+        [f"{c} INTEGER NOT NULL DEFAULT 0" for c in _M6_COUNTS]
+        + [f"{c} REAL NOT NULL DEFAULT 0" for c in _M6_REALS]
+        + [f"{c} REAL" for c in _M6_MAXES]
+    )
+    for table, (keys, _) in _M6_TABLES.items():
+        lead = keys[:-1]  # model | device_id, model; then bucket, then version
+        cols = [f"{k} TEXT NOT NULL" for k in keys] + ["bucket INTEGER NOT NULL", *figures]
+        pk = ", ".join((*lead, "bucket", "version"))
+        db.execute(f"CREATE TABLE {table} ({', '.join(cols)}, PRIMARY KEY ({pk})) WITHOUT ROWID")
+        db.execute(f"CREATE INDEX {table}_bucket ON {table} (bucket)")  # retention deletes
+    _m6_backfill(db)
+
+
+def _m6_backfill(db: sqlite_utils.Database) -> None:
+    # The telemetry stored so far, rolled up once (in SQL, in the migration's
+    # transaction). Sources as fleet/rollup.py reads them: inference_stats and
+    # drift_stats by window start; shadow agreement by the shadow record's window
+    # start; cloud agreement by the fallback_stats record's ts (it has no window).
+    zero = {c: "0" for c in (*_M6_COUNTS, *_M6_REALS)} | {c: "NULL" for c in _M6_MAXES}
+
+    def select(keys: str, at: str, src: str, **cols: str) -> str:
+        figs = ", ".join(f"{cols.get(c, zero[c])} AS {c}" for c in zero)
+        return f"SELECT {keys}, {at} AS at, {figs} FROM {src}"
+
+    lat = {
+        f"l{i}": f"coalesce(json_extract(data, '$.latency_ms.counts[{i}]'), 0)" for i in range(12)
+    }
+    conf = {
+        f"c{i}": f"coalesce(json_extract(data, '$.confidence.counts[{i}]'), 0)" for i in range(11)
+    }
+    parts = [
+        select(
+            "device_id, model, version",
+            "window_start",
+            "inference_stats",
+            records="1",
+            requests="count",
+            errors="errors",
+            answered="count - errors",
+            cloud="coalesce(json_extract(data, '$.sources.cloud'), 0)"
+            " + coalesce(json_extract(data, '$.sources.mixed'), 0)",
+            cloud_failed="(SELECT coalesce(sum(value), 0) FROM json_each(data, '$.fallback'))",
+            **lat,
+            **conf,
+        ),
+        select(
+            "device_id, model, version",
+            "window_start",
+            "drift_stats",
+            drift_records="psi_mean IS NOT NULL",
+            drift_samples="CASE WHEN psi_mean IS NULL THEN 0 ELSE samples END",
+            psi_mean_sum="coalesce(psi_mean, 0)",
+            psi_max="psi_max",
+            psi_output_max="psi_output",
+        ),
+        select(
+            "s.device_id, s.model, s.version",
+            "json_extract(t.data, '$.window_start')",
+            "signal_counts s JOIN telemetry t ON t.id = s.record_id"
+            " WHERE s.signal = 'shadow_agreement'",
+            shadow_compared="s.n",
+            shadow_agreed="s.k",
+        ),
+        select(
+            "s.device_id, s.model, s.version",
+            "t.ts",
+            "signal_counts s JOIN telemetry t ON t.id = s.record_id"
+            " WHERE s.signal = 'cloud_agreement'",
+            cloud_compared="s.n",
+            cloud_agreed="s.k",
+        ),
+    ]
+    db.execute("CREATE TEMP TABLE _m6_src AS " + " UNION ALL ".join(parts))
+    t = time.time()
+    sums = [f"sum({c})" for c in (*_M6_COUNTS, *_M6_REALS)] + [f"max({c})" for c in _M6_MAXES]
+    for table, (keys, step) in _M6_TABLES.items():
+        k = ", ".join(keys)
+        db.execute(
+            f"INSERT INTO {table} ({k}, bucket, {', '.join(zero)})"
+            f" SELECT {k}, CAST(at / {step} AS INTEGER) * {step} AS b, {', '.join(sums)}"
+            " FROM _m6_src WHERE at IS NOT NULL AND at >= ? AND at <= ?"
+            f" GROUP BY {k}, b",
+            (t - _M6_BACKFILL_S[table], t + 300.0),
+        )
+    db.execute("DROP TABLE _m6_src")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_revocation,
     _m3_rollout_gates,
     _m4_policies_and_hard_examples,
     _m5_drift_stats,
+    _m6_telemetry_rollups,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
