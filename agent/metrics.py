@@ -2,13 +2,34 @@
 
 Only ever touched from the event loop thread (the runner records after awaiting
 the executor), so no locks.
+
+Why not ``prometheus_client`` for the series themselves (issue 12 asked): a request
+records about ten figures, and the microbenchmark (docs/benchmarks.md, "Agent
+metrics") measured ~4 µs per request record here against ~10 µs with
+``prometheus_client`` even with cached label children (~25 µs looking them up per
+call), on the hot path of every inference. The data plane and the telemetry
+(agent/cloud/telemetry.py, agent/cloud/router.py) also read ``values``/``series``
+directly. So the series stay plain dicts; the exposition prints every number
+exactly (``_num``: integers as integers, other floats by their shortest round-trip
+``repr``; it used ``%g`` before, so 1,234,567 showed as ``1.23457e+06``), and the
+process figures (``process_*``, ``python_info``) come from ``prometheus_client``'s
+``ProcessCollector`` and ``PlatformCollector`` on a registry private to each
+``Metrics`` (read at the scrape, on the event loop: a few small /proc reads).
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 LabelValues = tuple[str, ...]
 
@@ -34,6 +55,23 @@ LATENCY_BUCKETS = (
 )
 
 
+# Integers print as integers up to here (every integer below 2**53 is an exact float).
+_EXACT_INT = 2.0**53
+
+
+def _num(v: float) -> str:
+    """A sample value for the text format, exactly: ``1234567``, ``0.30000000000000004``,
+    ``+Inf``, ``NaN`` (Go's ``ParseFloat`` reads them all back to the same float)."""
+    v = float(v)  # ints arrive too (value=rows)
+    if v != v:
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if v.is_integer() and abs(v) < _EXACT_INT:
+        return str(int(v))
+    return repr(v)
+
+
 def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -56,7 +94,7 @@ class _Metric:
     def render(self) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
         for lv, v in sorted(self.values.items()):
-            out.append(f"{self.name}{_fmt_labels(self.labels, lv)} {v:g}")
+            out.append(f"{self.name}{_fmt_labels(self.labels, lv)} {_num(v)}")
         return out
 
 
@@ -103,11 +141,11 @@ class Histogram:
             cumulative = 0
             for bound, c in zip(self.buckets, s.counts, strict=True):
                 cumulative += c
-                le = _fmt_labels(self.labels, lv, f'le="{bound:g}"')
+                le = _fmt_labels(self.labels, lv, f'le="{_num(bound)}"')
                 out.append(f"{self.name}_bucket{le} {cumulative}")
             inf = _fmt_labels(self.labels, lv, 'le="+Inf"')
             out.append(f"{self.name}_bucket{inf} {s.n}")
-            out.append(f"{self.name}_sum{_fmt_labels(self.labels, lv)} {s.total:g}")
+            out.append(f"{self.name}_sum{_fmt_labels(self.labels, lv)} {_num(s.total)}")
             out.append(f"{self.name}_count{_fmt_labels(self.labels, lv)} {s.n}")
         return out
 
@@ -118,6 +156,12 @@ class Metrics:
     def __init__(self) -> None:
         mv = ("model", "version")
         self._registered: list[_Metric | Histogram] = []
+        # process_* (CPU, memory, file descriptors, start time) and python_info: a
+        # registry of this object's own, so several agents in one process (tests,
+        # the fleet demo) do not register the same collectors twice.
+        self._process = CollectorRegistry()
+        ProcessCollector(registry=self._process)
+        PlatformCollector(registry=self._process)
         self.http_requests = Counter(
             "edgefleet_http_requests_total",
             "HTTP requests by route and status",
@@ -254,4 +298,4 @@ class Metrics:
             lines.extend(m.render())
         for extra in self._registered:
             lines.extend(extra.render())
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + generate_latest(self._process).decode()
