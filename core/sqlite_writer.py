@@ -102,6 +102,12 @@ class SqliteWriter:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def queue_depth(self) -> int:
+        """Jobs queued and not yet taken by the writer thread (approximate: read from any
+        thread without a lock; for monitoring, e.g. the fleet's /metrics)."""
+        return self._jobs.qsize()
+
     async def open(
         self,
         init: Callable[[sqlite3.Connection], T] | None = None,

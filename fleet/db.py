@@ -556,6 +556,11 @@ class FleetDB:
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._writer.submit(fn)
 
+    @property
+    def write_queue_depth(self) -> int:
+        """Write jobs waiting for the writer thread (fleet/metrics.py)."""
+        return self._writer.queue_depth
+
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._reader is None:
             raise RuntimeError("fleet database is not open")

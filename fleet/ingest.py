@@ -419,6 +419,10 @@ class Ingest:
         self.publish_ack = publish_ack
         self.rollouts = rollouts
         self.stats = IngestStats()
+        # Set by fleet/metrics.py: called on the loop, after each telemetry write
+        # committed, with every stored batch record's seconds from its ``ts`` (device
+        # clock) to the commit (fleet clock): the ingest lag.
+        self.lag_observer: Callable[[float], None] | None = None
         self._complaints = _Complaints(log_interval_s)
         self._lanes: dict[str, _Lane] = {
             topics.STATUS: _Lane(
@@ -739,6 +743,11 @@ class Ingest:
 
         known, inserted, new_events = await self.db.write(job)
         stored = [b for b in items if b.device_id in known]
+        if self.lag_observer is not None:
+            committed = now()
+            for b in stored:
+                for row in b.telemetry:
+                    self.lag_observer(committed - row[5])  # row[5]: the record's ts
         s = self.stats
         total = sum(len(b.record_ids) for b in stored)
         s.batches += len(stored)
