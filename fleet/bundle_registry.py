@@ -43,7 +43,7 @@ from edgefleet.core.bundle.signing import TrustStore
 from edgefleet.core.durable import fsync_dir
 from edgefleet.core.errors import BadRequest, BundleError, EdgeError, NotFound, PayloadTooLarge
 from edgefleet.core.names import check_registry_label, check_version
-from edgefleet.fleet.db import FleetDB, loads, now
+from edgefleet.fleet.db import FleetDB, dumps, loads, now
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +423,236 @@ class Registry:
             return {"name": name, "label": label, "version": version, "updated_at": at}
 
         return await self.db.write(job)
+
+    # ----------------------------------------------------------------- delete
+
+    async def delete_version(self, name: str, version: str) -> dict[str, Any]:
+        """Remove one version: its row and its bundle file.
+
+        Refused with ``InUse`` (409, naming each reason) while anything still needs it:
+        a device (not revoked) reports it active, desired, as shadow or split
+        candidate; a device's current desired document names it; an assignment that
+        can still decide something points at it (see ``_blockers_in``); a rollout of
+        it is running, paused or stopped; a label points at it. ``NotFound`` (404) for
+        an unknown version. Assignments that can never apply again (superseded by a
+        newer plain one on the same target, or of a rolled-back rollout) are removed
+        with it; rollout rows, telemetry and events stay (history).
+        """
+        check_version(version)
+        return await self._delete(name, [version], whole_model=False)
+
+    async def delete_model(self, name: str) -> dict[str, Any]:
+        """Remove every version of a model, its labels and its bundle directory.
+
+        The same rule as ``delete_version`` for every version, except that the model's
+        own labels are removed with it rather than refusing (they could point nowhere
+        else). ``NotFound`` (404) for an unknown model.
+        """
+        return await self._delete(name, None, whole_model=True)
+
+    async def _delete(
+        self, name: str, versions: list[str] | None, *, whole_model: bool
+    ) -> dict[str, Any]:
+        trash = self._incoming  # .incoming is emptied at every start (prepare)
+        moved: list[tuple[Path, Path]] = []
+
+        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+            # Writer thread, one transaction: the checks and the deletion cannot
+            # interleave with an assignment or rollout naming the version, which check
+            # model_versions in their own write jobs.
+            if versions is None:
+                rows = conn.execute(
+                    "SELECT version, path FROM model_versions WHERE name = ? ORDER BY uploaded_at",
+                    (name,),
+                ).fetchall()
+                if not rows:
+                    raise NotFound(f"unknown model {name!r}")
+            else:
+                rows = conn.execute(
+                    "SELECT version, path FROM model_versions WHERE name = ?"
+                    " AND version IN (SELECT value FROM json_each(?))",
+                    (name, dumps(versions)),
+                ).fetchall()
+                if len(rows) != len(versions):
+                    raise NotFound(f"unknown model version {name}:{versions[0]}")
+            gone = [str(r[0]) for r in rows]
+            reasons = _blockers_in(conn, name, gone, labels=not whole_model)
+            if reasons:
+                what = f"model {name}" if whole_model else f"{name}:{gone[0]}"
+                raise InUse(f"cannot delete {what}: " + "; ".join(reasons))
+            dead = conn.execute(
+                "DELETE FROM assignments WHERE model = ?"
+                " AND version IN (SELECT value FROM json_each(?)) RETURNING id",
+                (name, dumps(gone)),
+            ).fetchall()
+            labels_removed = [
+                str(r[0])
+                for r in conn.execute(
+                    "DELETE FROM model_labels WHERE name = ?"
+                    " AND version IN (SELECT value FROM json_each(?)) RETURNING label",
+                    (name, dumps(gone)),
+                )
+            ]
+            conn.execute(
+                "DELETE FROM model_versions WHERE name = ?"
+                " AND version IN (SELECT value FROM json_each(?))",
+                (name, dumps(gone)),
+            )
+            # Last, so a failure above leaves the files alone: each file leaves its
+            # place by a rename into the trash (atomic, same filesystem); the caller
+            # puts them back if the commit fails, or unlinks them once it succeeded.
+            missing: list[str] = []
+            for version, rel in rows:
+                src = self.bundle_dir / rel
+                dst = trash / f"deleted-{name}-{version}-{os.urandom(6).hex()}.bundle"
+                try:
+                    os.replace(src, dst)
+                except FileNotFoundError:
+                    missing.append(str(version))
+                    continue
+                moved.append((src, dst))
+            doc: dict[str, Any] = {
+                "name": name,
+                "versions_removed": gone,
+                "labels_removed": sorted(labels_removed),
+                "assignments_removed": len(dead),
+                "files_missing": missing,  # versions whose file was already gone
+            }
+            if versions is not None:
+                doc["version"] = gone[0]
+            return doc
+
+        await asyncio.to_thread(trash.mkdir, parents=True, exist_ok=True)
+        try:
+            doc = await self.db.write(job)
+        except BaseException:
+            # Rolled back (a refusal leaves ``moved`` empty): the files go back.
+            for src, dst in moved:
+                await asyncio.to_thread(os.replace, dst, src)
+            raise
+        for _, dst in moved:
+            await asyncio.to_thread(dst.unlink, True)
+        if whole_model:
+            await asyncio.to_thread(_remove_empty_dir, self.bundle_dir / name)
+        log.info("deleted %s %s (%d file(s))", name, ", ".join(doc["versions_removed"]), len(moved))
+        return doc
+
+
+class InUse(Conflict):
+    """A version (or model) still in use cannot be deleted (HTTP 409, naming the users)."""
+
+
+_IN = "IN (SELECT value FROM json_each(?))"  # ? = a JSON list
+MAX_NAMED = 20  # devices named in a refusal; the rest are counted
+
+
+def _names(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_NAMED])
+    return shown if len(items) <= MAX_NAMED else f"{shown} and {len(items) - MAX_NAMED} more"
+
+
+def _blockers_in(
+    conn: sqlite3.Connection, name: str, versions: list[str], *, labels: bool
+) -> list[str]:
+    """Why these versions of ``name`` cannot be deleted (any thread), one phrase per
+    kind of use; empty when nothing uses them.
+
+    An assignment blocks while it can still decide something: not superseded by a
+    newer plain assignment of the model to the same target (``desired._prune``), and
+    not of a rolled-back rollout. Revoked devices do not count: they can no longer
+    download anything.
+    """
+    from edgefleet.fleet.desired import ROLLOUT_LIVE, Snapshot
+
+    vs = dumps(versions)
+    path = '$.models."' + name + '"'  # model names are [A-Za-z0-9._-] (core/names.py)
+    out: list[str] = []
+    running = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT d.id FROM devices d JOIN device_models dm ON dm.device_id = d.id"
+            " WHERE d.revoked_at IS NULL AND dm.model = ?"
+            " AND (dm.active IN (SELECT value FROM json_each(?))"
+            " OR dm.desired IN (SELECT value FROM json_each(?)))"
+            " UNION SELECT d.id FROM devices d WHERE d.revoked_at IS NULL"
+            f" AND (json_extract(d.reported, ? || '.shadow.version') {_IN}"
+            f" OR json_extract(d.reported, ? || '.split.version') {_IN})"
+            " ORDER BY 1",
+            (name, vs, vs, path, vs, path, vs),
+        )
+    ]
+    if running:
+        out.append(f"run or reported by device(s) {_names(running)}")
+    named = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM devices WHERE revoked_at IS NULL AND desired IS NOT NULL"
+            f" AND (json_extract(desired, ? || '.version') {_IN}"
+            f" OR json_extract(desired, ? || '.shadow.version') {_IN})"
+            " ORDER BY id",
+            (path, vs, path, vs),
+        )
+    ]
+    if named:
+        out.append(f"in the desired state of device(s) {_names(named)}")
+    live = ",".join("?" * len(ROLLOUT_LIVE))
+    rollouts = [
+        f"{r[0]} ({r[1]}:{r[2]}, {r[3]})"
+        for r in conn.execute(
+            "SELECT id, model, version, state FROM rollouts WHERE model = ?"
+            f" AND version IN (SELECT value FROM json_each(?)) AND state IN ({live})"
+            " ORDER BY created_at",
+            (name, vs, *ROLLOUT_LIVE),
+        )
+    ]
+    if rollouts:
+        out.append(f"rollout {_names(rollouts)}")
+    model = Snapshot.load(conn).models.get(name)
+    if model is not None:
+        found = [
+            a
+            for a in [
+                *(a for v in model.device.values() for a in v),
+                *(a for v in model.group.values() for a in v),
+                *model.all,
+            ]
+            if a.version in versions
+            and a.rollout_state != "rolled_back"
+            and (a.rollout_id is None or a.rollout_state is not None)
+        ]
+        if found:
+            found.sort(key=lambda a: a.id)
+            out.append(
+                "assigned to "
+                + _names(
+                    [
+                        ("all devices" if a.kind == "all" else f"{a.kind} {a.target}")
+                        + f" (assignment {a.id}, {name}:{a.version}"
+                        + (f", rollout {a.rollout_id})" if a.rollout_id else ")")
+                        for a in found
+                    ]
+                )
+                + ": unassign first"
+            )
+    if labels:
+        named_by = [
+            f"{r[0]} -> {r[1]}"
+            for r in conn.execute(
+                "SELECT label, version FROM model_labels WHERE name = ?"
+                " AND version IN (SELECT value FROM json_each(?)) ORDER BY label",
+                (name, vs),
+            )
+        ]
+        if named_by:
+            out.append(f"label(s) {_names(named_by)}: move them to another version first")
+    return out
+
+
+def _remove_empty_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty (a file no row names) or already gone: left as it is
 
 
 def _labels_of(conn: sqlite3.Connection, name: str, version: str) -> list[str]:

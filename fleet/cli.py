@@ -144,6 +144,9 @@ class Client:
     def put(self, path: str, body: Any) -> Any:
         return self.request("PUT", path, body)[1]
 
+    def delete(self, path: str, body: Any = None) -> Any:
+        return self.request("DELETE", path, body)[1]
+
 
 def _q(part: str) -> str:
     return quote(part, safe="")
@@ -312,6 +315,27 @@ def cmd_models_label(args: argparse.Namespace, client: Client) -> int:
         f"/v1/models/{_q(args.name)}/labels/{_q(args.label)}", {"version": args.version}
     )
     return _emit(args, doc, lambda d: print(f"{d['name']}: {d['label']} -> {d['version']}"))
+
+
+def cmd_models_delete(args: argparse.Namespace, client: Client) -> int:
+    """``models delete NAME [VERSION]``: one version, or the whole model. The fleet
+    refuses (exit 1, its 409 names why) while anything still uses it."""
+    if args.version:
+        doc = client.delete(f"/v1/models/{_q(args.name)}/versions/{_q(args.version)}")
+    else:
+        doc = client.delete(f"/v1/models/{_q(args.name)}")
+
+    def human(d: dict[str, Any]) -> None:
+        what = ", ".join(f"{d['name']}:{v}" for v in d["versions_removed"])
+        print(f"deleted {what}")
+        if d.get("labels_removed"):
+            print(f"  labels removed: {', '.join(d['labels_removed'])}")
+        if d.get("assignments_removed"):
+            print(f"  {d['assignments_removed']} assignment(s) that could no longer apply removed")
+        if d.get("files_missing"):
+            print(f"  bundle file(s) already missing for: {', '.join(d['files_missing'])}")
+
+    return _emit(args, doc, human)
 
 
 def _model_cell(name: str, m: dict[str, Any]) -> str:
@@ -509,13 +533,16 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     return plan or None
 
 
-def cmd_assign(args: argparse.Namespace, client: Client) -> int:
+def _target_arg(args: argparse.Namespace) -> dict[str, Any]:
     if args.device:
-        target: dict[str, Any] = {"device": args.device}
-    elif args.group:
-        target = {"group": args.group}
-    else:
-        target = {"all": True}
+        return {"device": args.device}
+    if args.group:
+        return {"group": args.group}
+    return {"all": True}
+
+
+def cmd_assign(args: argparse.Namespace, client: Client) -> int:
+    target = _target_arg(args)
     body: dict[str, Any] = {"model": args.model, "version": args.version, "target": target}
     if args.waves:
         try:
@@ -526,12 +553,18 @@ def cmd_assign(args: argparse.Namespace, client: Client) -> int:
             ) from None
     if args.max_failure_share is not None:
         body["max_failure_share"] = args.max_failure_share
+    if args.wave_timeout is not None:
+        if not (args.waves or args.plan):
+            raise ConfigError("--wave-timeout applies to a staged rollout: give --waves too")
+        body["wave_timeout_s"] = args.wave_timeout  # the fleet checks it (400)
     plan = plan_from_args(args)
     if plan is not None:
         if "waves" in body:
             plan["waves"] = body.pop("waves")
         if "waves" not in plan:
             raise ConfigError("a rollout plan needs waves: --waves 1,10%,100% or waves: in --plan")
+        if "wave_timeout_s" in body:
+            plan["wave_timeout_s"] = body.pop("wave_timeout_s")
         body["plan"] = plan
     doc = client.post("/v1/assignments", body)
 
@@ -545,6 +578,51 @@ def cmd_assign(args: argparse.Namespace, client: Client) -> int:
             print_rollout(d)
 
     return _emit(args, doc, human)
+
+
+def cmd_unassign(args: argparse.Namespace, client: Client) -> int:
+    """Remove a model's assignments to one target (``DELETE /v1/assignments``)."""
+    target = _target_arg(args)
+    doc = client.delete("/v1/assignments", {"model": args.model, "target": target})
+
+    def human(d: dict[str, Any]) -> None:
+        versions = ", ".join(sorted({r["version"] for r in d["removed"]}))
+        changed = d["devices_changed"]
+        print(
+            f"unassigned {d['model']} ({versions}) from {target_str(d['target'])}:"
+            f" {len(d['removed'])} assignment(s) removed, {len(changed)} device(s) get a new"
+            " desired state"
+        )
+
+    return _emit(args, doc, human)
+
+
+def cmd_assignments(args: argparse.Namespace, client: Client) -> int:
+    doc = client.get("/v1/assignments", model=args.model)
+
+    def human(d: dict[str, Any]) -> None:
+        rows: list[Sequence[Any]] = [("ID", "MODEL", "VERSION", "TARGET", "ROLLOUT", "CREATED")]
+        for a in d["assignments"]:
+            rollout = a.get("rollout_id")
+            if rollout:
+                rollout = f"{rollout} ({a.get('rollout_state')})"
+            rows.append(
+                (
+                    a["assignment_id"],
+                    a["model"],
+                    a["version"],
+                    target_str(a["target"]),
+                    rollout,
+                    when(a.get("created_at")),
+                )
+            )
+        table(rows)
+
+    return _emit(args, doc, human)
+
+
+def wave_timeout_str(value: Any) -> str:
+    return "none (a wave waits for every device)" if value is None else f"{value:g} s"
 
 
 _TERMINAL = ("completed", "stopped", "rolled_back")
@@ -571,6 +649,7 @@ def print_rollout(r: dict[str, Any]) -> None:
         f" wave {r.get('current_wave')} of {r.get('wave_count', '?')}"
         f" (plan {r.get('waves')}, stop above {r.get('max_failure_share')} failed)"
     )
+    print(f"  wave timeout: {wave_timeout_str(r.get('wave_timeout_s'))}")
     if r.get("reason"):
         print(f"  reason: {r['reason']}")
     totals = r.get("counts")
@@ -630,7 +709,7 @@ def cmd_rollout_status(args: argparse.Namespace, client: Client) -> int:
             print_rollout(doc)
         else:
             rows: list[Sequence[Any]] = [
-                ("ROLLOUT", "MODEL", "VERSION", "STATE", "WAVE", "TARGET", "UPDATED")
+                ("ROLLOUT", "MODEL", "VERSION", "STATE", "WAVE", "TIMEOUT", "TARGET", "UPDATED")
             ]
             for r in doc.get("rollouts", []):
                 wave = f"{r.get('current_wave')}/{r.get('wave_count', '?')}"
@@ -641,6 +720,7 @@ def cmd_rollout_status(args: argparse.Namespace, client: Client) -> int:
                         r.get("version"),
                         r.get("state"),
                         wave,
+                        "-" if r.get("wave_timeout_s") is None else f"{r['wave_timeout_s']:g}s",
                         target_str(r.get("target")),
                         ago(r.get("updated_at")),
                     )
@@ -923,6 +1003,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("label")
     s.add_argument("version")
+    s = client(
+        models,
+        "delete",
+        cmd_models_delete,
+        help="delete a version (or, without VERSION, the whole model); refused while in use",
+    )
+    s.add_argument("name")
+    s.add_argument("version", nargs="?")
 
     devices = sub.add_parser("devices", help="devices and enrolment").add_subparsers(
         dest="sub", required=True
@@ -955,6 +1043,13 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--all", action="store_true")
     s.add_argument("--waves", help="staged rollout, e.g. 1,10%%,100%%")
     s.add_argument("--max-failure-share", type=float)
+    s.add_argument(
+        "--wave-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a wave waits for silent devices before it is judged on those that"
+        " answered (staged rollouts; at most 7 days)",
+    )
     s.add_argument("--plan", help="rollout plan YAML (docs/fleet.md, Rollout plans and gates)")
     s.add_argument(
         "--gate",
@@ -969,6 +1064,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shadow-min-items", type=int, help="compared items before deciding")
     s.add_argument("--shadow-min-duration", type=float, help="bake time, seconds")
     s.add_argument("--shadow-sample-rate", type=float, help="share of requests (default 1)")
+
+    s = client(sub, "unassign", cmd_unassign, help="remove a model's assignment to a target")
+    s.add_argument("model")
+    target = s.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device")
+    target.add_argument("--group")
+    target.add_argument("--all", action="store_true")
+    s = client(sub, "assignments", cmd_assignments, help="the assignments in force")
+    s.add_argument("--model")
 
     rollout = sub.add_parser("rollout", help="staged rollouts").add_subparsers(
         dest="sub", required=True
@@ -999,7 +1103,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (module doc).
+
+    A reader that goes away early (``edge-fleet ... --json | head``) ends the command
+    quietly with ``EXIT_BROKEN_PIPE`` (141, as if SIGPIPE had ended it, like other
+    Unix tools): the output was cut, so a script with ``set -o pipefail`` must not
+    take it as complete. stdout is flushed here, inside the handler, so the error
+    cannot surface later, at interpreter exit, as "Exception ignored ... BrokenPipeError".
+    """
+    try:
+        code = _run(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python's own recipe (docs: signal, "Note on SIGPIPE"): point stdout at
+        # devnull so the interpreter's final flush has nowhere to fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if not args.needs_client:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgefleet.core import protocol
-from edgefleet.core.errors import BadRequest, NotFound
+from edgefleet.core.errors import BadRequest, EdgeError, NotFound
 from edgefleet.core.mqtt import topics
 from edgefleet.core.names import check_group
 from edgefleet.fleet.db import FleetDB, dumps, loads, next_revision, now
@@ -68,6 +68,16 @@ class UnknownModelVersion(NotFound, LookupError):
 
 class UnknownDevice(NotFound, LookupError):
     """A device assignment names a device the fleet does not know (HTTP 404)."""
+
+
+class NoSuchAssignment(NotFound, LookupError):
+    """An unassign names a model and target that have no assignment (HTTP 404)."""
+
+
+class AssignmentConflict(EdgeError):
+    """An unassign while a rollout of that model to that target is unfinished (HTTP 409)."""
+
+    status = 409
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +271,10 @@ def check_target(kind: str, target: str) -> tuple[str, str]:
     return kind, target
 
 
+def _target_text(kind: str, target: str) -> str:
+    return "all devices" if kind == "all" else f"{kind} {target!r}"
+
+
 def resolve_version_in(conn: sqlite3.Connection, model: str, version: str) -> str:
     """``version`` if the registry has it, else the version the fleet label ``version``
     names now (``edge-fleet assign digits-edge staging``); unchanged when neither (the
@@ -341,6 +355,122 @@ class DesiredStates:
         aid, docs = await self.db.write(job)
         self.send(docs)
         return aid
+
+    async def unassign(
+        self, model: str, *, target_kind: TargetKind, target: str = ""
+    ) -> dict[str, Any]:
+        """Remove every assignment of ``model`` to exactly this target and push the
+        devices it changes (loop thread; the work is one write job).
+
+        Every row for the (model, kind, target) goes, older superseded ones and those of
+        finished rollouts included, so nothing older at the same level resurfaces: each
+        device falls back to the next more general assignment (device > group > all) or,
+        with none, to a ``desired`` without the model (the agent then leaves the model
+        as it is, ``unmanaged``: agent/sync.py). Rollout rows stay (history).
+
+        ``BadRequest`` (400) for a malformed target, ``NoSuchAssignment`` (404) when
+        there is nothing to remove, ``AssignmentConflict`` (409, naming it) while a
+        rollout of the model to this target is running, paused or stopped: roll it back
+        (or let it complete) first. Nothing changes when it raises.
+        """
+        kind, target = check_target(target_kind, target)
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+            placeholders = ",".join("?" * len(ROLLOUT_LIVE))
+            live = conn.execute(
+                "SELECT id, version, state FROM rollouts WHERE model = ? AND target_kind = ?"
+                f" AND COALESCE(target, '') = ? AND state IN ({placeholders})"
+                " ORDER BY created_at",
+                (model, kind, target, *ROLLOUT_LIVE),
+            ).fetchone()
+            if live is not None:
+                raise AssignmentConflict(
+                    f"rollout {live[0]} of {model}:{live[1]} to {_target_text(kind, target)}"
+                    f" is {live[2]}: roll it back (POST /v1/rollouts/{live[0]}/rollback) or let"
+                    " it complete before unassigning"
+                )
+            rows = conn.execute(
+                "DELETE FROM assignments WHERE model = ? AND target_kind = ?"
+                " AND COALESCE(target, '') = ? RETURNING id, version, rollout_id",
+                (model, kind, target),
+            ).fetchall()
+            if not rows:
+                raise NoSuchAssignment(f"{model} has no assignment to {_target_text(kind, target)}")
+            # Every device the target covers, revoked ones too (their stored document
+            # must not keep naming what was unassigned).
+            ids: list[str] | None
+            if kind == "all":
+                ids = None
+            elif kind == "device":
+                ids = [target]
+            else:
+                ids = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT device_id FROM device_groups WHERE grp = ?", (target,)
+                    )
+                ]
+            docs = self.refresh_in(conn, ids)
+            removed = [
+                {"assignment_id": int(r[0]), "version": r[1], "rollout_id": r[2]}
+                for r in sorted(rows, key=lambda r: -int(r[0]))
+            ]
+            doc = {
+                "model": model,
+                "target": {"all": True} if kind == "all" else {kind: target},
+                "removed": removed,
+                "devices_changed": sorted(d for d, _ in docs),
+            }
+            return doc, docs
+
+        result, docs = await self.db.write(job)
+        self.send(docs)
+        log.info(
+            "unassigned %s from %s (%d assignment(s), %d device(s) changed)",
+            model,
+            _target_text(kind, target),
+            len(result["removed"]),
+            len(docs),
+        )
+        return result
+
+    async def list_assignments(self, model: str | None = None) -> list[dict[str, Any]]:
+        """The assignments that can still decide something (reader thread): per model
+        and target, newest first, without those superseded by a newer plain one and
+        without those of rolled-back rollouts. ``in_effect`` is false for a live
+        rollout's (it applies only to the devices it reached)."""
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            snap = Snapshot.load(conn)
+            out: list[dict[str, Any]] = []
+            created = dict(conn.execute("SELECT id, created_at FROM assignments").fetchall())
+            for name in sorted(snap.models):
+                if model is not None and name != model:
+                    continue
+                m = snap.models[name]
+                groups = [a for g in sorted(m.group) for a in m.group[g]]
+                devices = [a for d in sorted(m.device) for a in m.device[d]]
+                for a in [*devices, *groups, *m.all]:
+                    if a.rollout_id is not None and a.rollout_state not in (
+                        *ROLLOUT_LIVE,
+                        "completed",
+                    ):
+                        continue
+                    out.append(
+                        {
+                            "assignment_id": a.id,
+                            "model": a.model,
+                            "version": a.version,
+                            "target": {"all": True} if a.kind == "all" else {a.kind: a.target},
+                            "rollout_id": a.rollout_id,
+                            "rollout_state": a.rollout_state,
+                            "in_effect": a.rollout_id is None or a.rollout_state == "completed",
+                            "created_at": created.get(a.id),
+                        }
+                    )
+            return out
+
+        return await self.db.read(q)
 
     async def refresh(self, device_ids: Iterable[str] | None = None) -> int:
         """Recompute these devices' documents (None: every device); store and publish

@@ -127,6 +127,26 @@ def new_rollout_id() -> str:
     return f"r-{time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF:012x}{secrets.token_hex(10)}"
 
 
+# A wave timeout longer than a week is a typo (ms for s) more likely than a plan: a
+# wave that waits that long for silent stores is better paused by hand.
+MAX_WAVE_TIMEOUT_S = 7 * 86400.0
+
+
+def check_wave_timeout(value: object) -> float | None:
+    """``wave_timeout_s`` (seconds, None: a wave waits for every device): a number in
+    (0, ``MAX_WAVE_TIMEOUT_S``]; ``BadRequest`` (400) naming the bound otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"wave_timeout_s must be a number of seconds, not {value!r}")
+    if not 0 < value <= MAX_WAVE_TIMEOUT_S:
+        raise BadRequest(
+            f"wave_timeout_s must be above 0 and at most {MAX_WAVE_TIMEOUT_S:g} s (7 days),"
+            f" not {value:g}"
+        )
+    return float(value)
+
+
 def parse_waves(waves: Sequence[int | str]) -> list[int | float]:
     """Validate a wave plan: ints are device counts, floats shares (0, 1]."""
     if not isinstance(waves, list | tuple) or not waves or len(waves) > 100:
@@ -204,8 +224,7 @@ class Rollouts:
         wave_plan = parse_waves(waves)
         if isinstance(max_failure_share, bool) or not 0 <= max_failure_share <= 1:
             raise BadRequest("max_failure_share must be between 0 and 1")
-        if wave_timeout_s is not None and not wave_timeout_s > 0:
-            raise BadRequest("wave_timeout_s must be positive")
+        check_wave_timeout(wave_timeout_s)
         rid = new_rollout_id()
         requested = version
 
