@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -42,6 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from edgefleet.core.config import ConfigPath, TrustConfig, parse_yaml_model
 from edgefleet.core.errors import ConfigError
 from edgefleet.core.mqtt.config import MQTT_PORT, MqttConnectionConfig
+
+if TYPE_CHECKING:
+    from edgefleet.fleet.rollup import Retention
 
 HTTP_PORT = 8480  # DESIGN.md: fleet HTTP (API, dashboard, bundle downloads)
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
@@ -238,6 +241,32 @@ class HardExamplesConfig(_Section):
     max_example_bytes: int = Field(8 * 1024**2, gt=0, description="one upload: 413 past it")
 
 
+class TelemetryRetention(_Section):
+    """How long the chart roll-ups keep their buckets (fleet/rollup.py, docs/fleet.md
+    "Time series"); the stored records themselves are not touched."""
+
+    minute_device_h: float = Field(48.0, gt=0, description="per-minute rows per device")
+    minute_version_d: float = Field(8.0, gt=0, description="per-minute rows per model version")
+    hour_d: float = Field(90.0, gt=0, description="per-hour rows (per version and per device)")
+    interval_s: float = Field(300.0, ge=1.0, description="how often old buckets are deleted")
+    batch_rows: int = Field(5000, ge=100, le=1_000_000, description="rows per delete job")
+
+    def rollup(self) -> Retention:
+        from edgefleet.fleet.rollup import Retention  # the database side, only when serving
+
+        return Retention(
+            minute_device_s=self.minute_device_h * 3600.0,
+            minute_version_s=self.minute_version_d * 86400.0,
+            hour_s=self.hour_d * 86400.0,
+            interval_s=self.interval_s,
+            batch_rows=self.batch_rows,
+        )
+
+
+class TelemetryConfig(_Section):
+    retention: TelemetryRetention = Field(default_factory=TelemetryRetention)
+
+
 class FleetServiceConfig(_Section):
     data_dir: ConfigPath = Path("/var/lib/edgefleet/fleet")
     http: HttpConfig = Field(default_factory=HttpConfig)
@@ -251,6 +280,7 @@ class FleetServiceConfig(_Section):
     broker_accounts: BrokerAccountsConfig = Field(default_factory=BrokerAccountsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     hard_examples: HardExamplesConfig = Field(default_factory=HardExamplesConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     @model_validator(mode="after")
     def _one_broker(self) -> FleetServiceConfig:

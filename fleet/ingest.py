@@ -83,6 +83,7 @@ from edgefleet.core.mqtt import topics
 from edgefleet.core.mqtt.messages import Handler, Message
 from edgefleet.fleet.db import FleetDB, dumps, now
 from edgefleet.fleet.rollouts import Rollouts
+from edgefleet.fleet.rollup import Retention, roll_up_in
 from edgefleet.fleet.telemetry_math import DRIFT_COLUMNS, drift_rows
 
 log = logging.getLogger(__name__)
@@ -402,6 +403,10 @@ _STOP: Any = object()  # put on a lane's queue by stop()
 
 class Ingest:
     """``handler(leaf)`` for the link's subscriptions; ``start()``/``stop()`` the lanes."""
+
+    # How far back the chart roll-ups are filled (fleet/rollup.py); the fleet service
+    # sets its configured one (telemetry.retention).
+    retention: Retention = Retention()
 
     def __init__(
         self,
@@ -739,6 +744,8 @@ class Ingest:
             )
             new_events = self._insert_events_in(conn, [row for b in stored for row in b.events])
             self._touch_in(conn, {b.device_id: b.received_at for b in stored})
+            # Chart roll-ups of the new records, in this same transaction (fleet/rollup.py).
+            roll_up_in(conn, stored, refused, self.retention)
             return known, inserted, new_events
 
         known, inserted, new_events = await self.db.write(job)

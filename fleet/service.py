@@ -149,6 +149,7 @@ class FleetService:
         self.registry: Registry | None = None
         self.devices: Devices | None = None
         self.accounts: BrokerAccounts | None = None
+        self.retention: Any = None  # fleet.rollup.RetentionJob (chart roll-ups)
         self.token = ""
         self.url = ""  # the base URL devices and the CLI use
         self.mqtt_host = ""
@@ -209,8 +210,13 @@ class FleetService:
             bundle_url=self.bundle_url,
             shared_group=cfg.ingest.shared_group,
         )
+        from edgefleet.fleet.rollup import RetentionJob
+
+        self.bus.ingest.retention = cfg.telemetry.retention.rollup()  # before any record
         await self.bus.start()
         await self.accounts.start()
+        self.retention = RetentionJob(self.db, self.bus.ingest.retention)
+        await self.retention.start()
 
         bus = self.bus
 
@@ -359,9 +365,11 @@ class FleetService:
             steps.append(("MQTT side", self.bus.stop))
         if self.broker is not None:
             steps.append(("embedded broker", self.broker.stop))
+        if self.retention is not None:
+            steps.append(("telemetry retention", self.retention.stop))
         if self.db is not None:
             steps.append(("database", self.db.close))
-        self.runner = self.bus = self.broker = self.db = None
+        self.runner = self.bus = self.broker = self.db = self.retention = None
         self.accounts = None
         if self._sock is not None:
             self._sock.close()
