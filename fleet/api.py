@@ -28,6 +28,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -36,7 +37,10 @@ from edgefleet.core.errors import BadRequest, EdgeError, NotFound
 from edgefleet.core.http import error_middleware, json_response, read_json_object
 from edgefleet.core.mqtt.errors import LinkClosed, PublishTimeout
 from edgefleet.fleet import gates
+from edgefleet.fleet.audit import SAFE_METHODS, Audit, AuditEntry
 from edgefleet.fleet.bundle_registry import BundleFile, Registry
+from edgefleet.fleet.console.sessions import COOKIE as SESSION_COOKIE
+from edgefleet.fleet.console.sessions import CSRF_FIELD, CSRF_HEADER, Session, Sessions
 from edgefleet.fleet.desired import resolve_version_in
 from edgefleet.fleet.devices import Devices, Unauthorized
 
@@ -86,6 +90,10 @@ class Authenticator:
             if principal.role not in ROLE_PERMISSIONS:
                 raise ValueError(f"unknown role {principal.role!r} for token {principal.name!r}")
         self._tokens = [(t.encode(), p) for t, p in tokens.items()]
+
+    def principals(self) -> set[tuple[str, str]]:
+        """Every (name, role) a token stands for (console sessions are checked against it)."""
+        return {(p.name, p.role) for _, p in self._tokens}
 
     @classmethod
     def single_admin(cls, token: str) -> Authenticator:
@@ -149,6 +157,8 @@ class FleetApi:
     bus: Any | None = None  # fleet.bus.FleetBus; None: the MQTT side is not running
     max_failure_share: float = 0.2
     hard_examples: Any | None = None  # fleet.hard_examples.HardExamples (issue 11)
+    sessions: Sessions | None = None  # console sign-ins (issue 12); None: cookies ignored
+    audit: Audit | None = None  # the audit log (issue 12); None: nothing written
 
     def need_bus(self) -> Any:
         if self.bus is None:
@@ -177,6 +187,8 @@ class RangeNotSatisfiable(EdgeError):
 
 API = web.AppKey("fleet_api", FleetApi)
 PRINCIPAL = web.RequestKey("principal", Principal)  # who is calling, for handlers and audit
+VIA = web.RequestKey("via", str)  # token | device | session: how the caller proved it
+SESSION = web.RequestKey("session", Session)  # a console session, when that is how
 
 
 def _api(request: web.Request) -> FleetApi:
@@ -195,6 +207,40 @@ def _auth_challenge(request: web.Request, exc: EdgeError) -> dict[str, str] | No
     return {"WWW-Authenticate": 'Bearer realm="edgefleet"'}
 
 
+async def _principal(request: web.Request, api: FleetApi, permission: str) -> Principal | None:
+    """Who is calling: a bearer token, a device's Basic credentials (downloads and
+    hard-example uploads only), or a console session cookie (with its CSRF token on
+    anything but a read). None: nobody known."""
+    header = request.headers.get("Authorization", "")
+    principal = api.auth.bearer(header)
+    if principal is not None:
+        request[VIA] = "token"
+        return principal
+    basic_ok = permission in (DOWNLOAD, DEVICE_UPLOAD)
+    if basic_ok and (creds := _basic(header)) is not None:
+        if await api.devices.check_secret(*creds):
+            request[VIA] = "device"
+            return Principal(creds[0], "device", device_id=creds[0])
+        raise Unauthorized("wrong device id or secret")
+    raw = request.cookies.get(SESSION_COOKIE)
+    if header or raw is None or api.sessions is None:
+        return None
+    session = await api.sessions.lookup(raw)
+    if session is None:
+        return None
+    principal = Principal(session.name, session.role)
+    request[PRINCIPAL] = principal  # set first: a refused CSRF token is audited too
+    request[VIA] = "session"
+    if request.method not in SAFE_METHODS:
+        offered = request.headers.get(CSRF_HEADER)
+        if offered is None and request.content_type == "application/x-www-form-urlencoded":
+            offered = str((await request.post()).get(CSRF_FIELD, "")) or None
+        if not session.csrf_ok(offered):
+            raise Forbidden("the console's CSRF token is missing or wrong (reload the page)")
+    request[SESSION] = session
+    return principal
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     route_handler = request.match_info.handler
@@ -203,24 +249,59 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if permission == OPEN:
         return await handler(request)
     api = _api(request)
-    header = request.headers.get("Authorization", "")
-    principal = api.auth.bearer(header)
-    basic_ok = permission in (DOWNLOAD, DEVICE_UPLOAD)
-    if principal is None and basic_ok and (creds := _basic(header)) is not None:
-        if await api.devices.check_secret(*creds):
-            principal = Principal(creds[0], "device", device_id=creds[0])
-        else:
-            raise Unauthorized("wrong device id or secret")
+    principal = await _principal(request, api, permission)
     if principal is None:
+        if request.path.startswith("/ui/") and request.method == "GET":
+            # A console page without a session: to the sign-in form, then back here.
+            raise web.HTTPSeeOther(f"/ui/login?{urlencode({'next': request.path_qs})}")
         if permission == DOWNLOAD:
             raise Unauthorized("a bearer token or the device's Basic credentials are required")
         if permission == DEVICE_UPLOAD:
             raise Unauthorized("the device's Basic credentials are required")
         raise Unauthorized("missing or wrong bearer token")
+    request[PRINCIPAL] = principal
     if principal.device_id is None and not principal.may(permission):
         raise Forbidden(f"{principal.name} ({principal.role}) may not {permission}")
-    request[PRINCIPAL] = principal
     return await handler(request)
+
+
+@web.middleware
+async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Writes every state-changing request by a token or a session to the audit log,
+    with the status it got (refusals included). Outside the auth middleware, so a 403
+    for a known caller is logged; inside the error middleware, so errors have a status."""
+    if request.method in SAFE_METHODS:
+        return await handler(request)
+    status, detail = 500, ""
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except EdgeError as exc:
+        status, detail = exc.status, exc.message
+        raise
+    except web.HTTPException as exc:
+        status, detail = exc.status, exc.reason
+        raise
+    finally:
+        principal = request.get(PRINCIPAL)
+        api = _api(request)
+        if principal is not None and principal.device_id is None and api.audit is not None:
+            route = request.match_info.route.resource
+            canonical = route.canonical if route is not None else request.path
+            target = ",".join(f"{k}={v}" for k, v in request.match_info.items())
+            await api.audit.record(
+                AuditEntry(
+                    actor=principal.name,
+                    role=principal.role,
+                    via=request.get(VIA, "token"),
+                    action=f"{request.method} {canonical}",
+                    target=target,
+                    status=status,
+                    remote=request.remote or "",
+                    detail=detail,
+                )
+            )
 
 
 # ------------------------------------------------------------------------ helpers
@@ -314,6 +395,23 @@ async def set_label(request: web.Request) -> web.Response:
         # Labels travel in the desired documents of devices that run this model.
         await _bus_call(lambda: bus.desired.refresh())
     return json_response(result)
+
+
+@routes.delete("/v1/models/{name}/versions/{version}")
+@requires(WRITE)
+async def delete_version(request: web.Request) -> web.Response:
+    """Remove a version and its bundle file; 409 naming what still uses it (devices
+    running or reporting it, desired states, assignments, rollouts, labels), 404
+    unknown (fleet/bundle_registry.py ``Registry.delete_version``)."""
+    name, version = request.match_info["name"], request.match_info["version"]
+    return json_response(await _api(request).registry.delete_version(name, version))
+
+
+@routes.delete("/v1/models/{name}")
+@requires(WRITE)
+async def delete_model(request: web.Request) -> web.Response:
+    """Remove every version of a model, its labels and files; the same 409 rule."""
+    return json_response(await _api(request).registry.delete_model(request.match_info["name"]))
 
 
 # bundles
@@ -560,7 +658,11 @@ async def assign(request: web.Request) -> web.Response:
     share = doc.get("max_failure_share", api.max_failure_share)
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
         raise BadRequest("max_failure_share must be a number in 0..1")
-    plan = _plan_of(doc, float(share))
+    # Per rollout: how long a wave waits for silent devices (None: for every device).
+    timeout = _wave_timeout(doc.get("wave_timeout_s"))
+    if timeout is not None and doc.get("waves") is None and "plan" not in doc:
+        raise BadRequest("wave_timeout_s applies to a staged rollout: give waves too")
+    plan = _plan_of(doc, float(share), timeout)
     bus = api.need_bus()
     if plan is not None:
         if kind == "device":
@@ -590,20 +692,34 @@ async def assign(request: web.Request) -> web.Response:
             target=value,
             waves=waves,
             max_failure_share=float(share),
+            wave_timeout_s=timeout,
         )
     )
     return json_response(_jsonable(rollout), 201)
 
 
-_ASSIGN_KEYS = frozenset({"model", "version", "target", "waves", "max_failure_share", "plan"})
-# Plan fields (fleet/gates.py Plan) that may also be given at the top level.
-_PLAN_KEYS = frozenset(gates.Plan.model_fields) - {"waves", "max_failure_share"}
+_ASSIGN_KEYS = frozenset(
+    {"model", "version", "target", "waves", "max_failure_share", "wave_timeout_s", "plan"}
+)
+# Plan fields (fleet/gates.py Plan) that may also be given at the top level. Not
+# wave_timeout_s: beside plain waves it keeps the rollout a plain one (no promotion).
+_PLAN_KEYS = frozenset(gates.Plan.model_fields) - {"waves", "max_failure_share", "wave_timeout_s"}
 
 
-def _plan_of(doc: dict[str, Any], share: float) -> gates.Plan | None:
+def _wave_timeout(value: Any) -> float | None:
+    """``wave_timeout_s``: None, or seconds in (0, 7 days]; 400 otherwise."""
+    # Imported here, not at the top, to keep fleet.rollouts out of this module's import
+    # time (it is only needed on assignments).
+    from edgefleet.fleet.rollouts import check_wave_timeout
+
+    return check_wave_timeout(value)
+
+
+def _plan_of(doc: dict[str, Any], share: float, timeout: float | None) -> gates.Plan | None:
     """The rollout plan of an assignment body: ``plan`` (an object), or plan fields at
     the top level beside ``waves``; None for a plain assignment or a plain waves
-    rollout. ``BadRequest`` (400) with the first problem: nothing is stored."""
+    rollout. A top-level ``wave_timeout_s`` goes into the plan (given in both: 400).
+    ``BadRequest`` (400) with the first problem: nothing is stored."""
     top = {k: doc[k] for k in _PLAN_KEYS if k in doc}
     if "plan" in doc:
         if top or "waves" in doc:
@@ -611,12 +727,67 @@ def _plan_of(doc: dict[str, Any], share: float) -> gates.Plan | None:
         body = doc["plan"]
         if isinstance(body, dict) and "max_failure_share" not in body:
             body = {**body, "max_failure_share": share}
-        return gates.parse_plan(body)
+        if isinstance(body, dict) and timeout is not None:
+            if body.get("wave_timeout_s") is not None:
+                raise BadRequest("give wave_timeout_s either in plan or at the top level")
+            body = {**body, "wave_timeout_s": timeout}
+        plan = gates.parse_plan(body)
+        _wave_timeout(plan.wave_timeout_s)  # the same bound as at the top level
+        return plan
     if not top:
         return None
     if doc.get("waves") is None:
         raise BadRequest("a rollout plan needs waves, e.g. [1, '10%', '100%']")
-    return gates.parse_plan({**top, "waves": doc["waves"], "max_failure_share": share})
+    extra = {} if timeout is None else {"wave_timeout_s": timeout}
+    return gates.parse_plan({**top, **extra, "waves": doc["waves"], "max_failure_share": share})
+
+
+@routes.get("/v1/assignments")
+@requires(READ)
+async def list_assignments(request: web.Request) -> web.Response:
+    """The assignments that can still decide something (``?model=`` for one model's):
+    ``{"assignments": [{assignment_id, model, version, target, rollout_id,
+    rollout_state, in_effect, created_at}]}``."""
+    bus = _api(request).need_bus()
+    model = request.query.get("model") or None
+    found = await _bus_call(lambda: bus.desired.list_assignments(model))
+    return json_response({"assignments": found})
+
+
+@routes.delete("/v1/assignments")
+@requires(WRITE)
+async def unassign(request: web.Request) -> web.Response:
+    """Remove a model's assignments to one target: a JSON body ``{"model": m, "target":
+    {"device": id} | {"group": g} | {"all": true}}``, or the query ``?model=m&device=id``
+    (``group=g``, ``all=true``). Devices fall back to the next more general assignment
+    or to none (fleet/desired.py ``DesiredStates.unassign``); 404 nothing to remove,
+    409 while a rollout of the model to that target is running, paused or stopped."""
+    api = _api(request)
+    body = await read_json_object(request, optional=True)
+    if body and request.query:
+        raise BadRequest("name the assignment either in the JSON body or in the query, not both")
+    if body:
+        unknown = sorted(set(body) - {"model", "target"})
+        if unknown:
+            raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))}")
+        model = _str_field(body, "model")
+        kind, target = _target_of(body)
+    else:
+        query = dict(request.query)
+        unknown = sorted(set(query) - {"model", "device", "group", "all"})
+        if unknown:
+            raise BadRequest(f"unknown query parameter(s) {', '.join(map(repr, unknown))}")
+        model = _str_field(query, "model")
+        named = [k for k in ("device", "group", "all") if k in query]
+        if len(named) != 1:
+            raise BadRequest("name one target: device=ID, group=G or all=true")
+        kind = named[0]
+        if kind == "all" and query["all"] != "true":
+            raise BadRequest("all must be true")
+        kind, target = _target_of({"target": {kind: True if kind == "all" else query[kind]}})
+    bus = api.need_bus()
+    result = await _bus_call(lambda: bus.desired.unassign(model, target_kind=kind, target=target))
+    return json_response(result)
 
 
 @routes.get("/v1/rollouts")
@@ -868,13 +1039,14 @@ def _jsonable(value: Any) -> Any:
 
 def create_app(api: FleetApi) -> web.Application:
     # Imported here: these modules import this one (routes, ``requires``, ``API``).
-    from edgefleet.fleet import metrics, timeseries
+    from edgefleet.fleet import console, metrics, timeseries
 
     app = web.Application(
         client_max_size=JSON_BODY_LIMIT,
         middlewares=[
             metrics.middleware,  # outermost: counts every answer, errors included
             error_middleware(lambda _: JSON_BODY_LIMIT, _auth_challenge),
+            audit_middleware,
             auth_middleware,
         ],
     )
@@ -882,4 +1054,5 @@ def create_app(api: FleetApi) -> web.Application:
     app.add_routes(routes)
     app.add_routes(metrics.routes)
     app.add_routes(timeseries.routes)
+    console.setup(app)
     return app

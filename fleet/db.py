@@ -472,6 +472,30 @@ def _m6_backfill(db: sqlite_utils.Database) -> None:
     db.execute("DROP TABLE _m6_src")
 
 
+def _m7_console(db: sqlite_utils.Database) -> None:
+    # Issue 12: console sign-ins (fleet/console/sessions.py) and the audit log
+    # (fleet/audit.py). Sessions are kept by the sha256 of the cookie value only.
+    db.table("console_sessions").create(
+        {
+            "id_hash": str,
+            "name": str,  # the token's name and role at sign-in
+            "role": str,
+            "csrf": str,
+            "created_at": float,
+            "expires_at": float,
+            "remote": str,
+        },
+        pk="id_hash",
+    )
+    db.execute(
+        "CREATE TABLE audit_log (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+        " actor TEXT NOT NULL, role TEXT NOT NULL, via TEXT NOT NULL, action TEXT NOT NULL,"
+        " target TEXT NOT NULL, status INTEGER NOT NULL, remote TEXT NOT NULL,"
+        " detail TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX audit_log_actor ON audit_log (actor, id)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_revocation,
@@ -479,6 +503,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m4_policies_and_hard_examples,
     _m5_drift_stats,
     _m6_telemetry_rollups,
+    _m7_console,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -36,9 +36,11 @@ from edgefleet.core.bundle.signing import TrustStore
 from edgefleet.core.errors import ConfigError
 from edgefleet.core.mqtt.config import MqttConnectionConfig
 from edgefleet.fleet.api import Authenticator, FleetApi, create_app
+from edgefleet.fleet.audit import Audit
 from edgefleet.fleet.broker_accounts import BrokerAccounts, DynsecAccounts, NoBrokerAccounts
 from edgefleet.fleet.bundle_registry import Registry
 from edgefleet.fleet.config import FleetServiceConfig
+from edgefleet.fleet.console.sessions import Sessions
 from edgefleet.fleet.db import FleetDB
 from edgefleet.fleet.devices import Devices, EnrolmentInfo
 from edgefleet.fleet.hard_examples import HardExamples
@@ -238,10 +240,16 @@ class FleetService:
             on_groups_changed=refresh,
             accounts=self.accounts,
         )
+        sessions = Sessions(self.db)
+        gone = await sessions.clear_unknown(auth.principals())
+        if gone:
+            log.info("console: %d expired or orphaned session(s) ended", gone)
         api = FleetApi(
             self.registry,
             self.devices,
             auth,
+            sessions=sessions,
+            audit=Audit(self.db),
             bus=self.bus,
             max_failure_share=cfg.rollouts.max_failure_share,
             hard_examples=HardExamples(
