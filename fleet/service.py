@@ -44,6 +44,7 @@ from edgefleet.fleet.console.sessions import Sessions
 from edgefleet.fleet.db import FleetDB
 from edgefleet.fleet.devices import Devices, EnrolmentInfo
 from edgefleet.fleet.hard_examples import HardExamples
+from edgefleet.fleet.metrics import metrics_for
 
 log = logging.getLogger("edgefleet.fleet")
 
@@ -259,7 +260,9 @@ class FleetService:
                 cfg.hard_examples.max_example_bytes,
             ),
         )
-        self.runner = web.AppRunner(create_app(api), handle_signals=False, shutdown_timeout=5.0)
+        app = create_app(api)
+        metrics_for(app)  # now, not at the first scrape: the ingest lag counts from the start
+        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
         await self.runner.setup()
         site = web.SockSite(self.runner, self._sock, ssl_context=ssl_ctx)
         await site.start()
