@@ -26,6 +26,7 @@ pytest_plugins = (
     "tests.support.broker_fixtures",  # mosquitto, mosquitto_factory, amqtt_broker, peers
     "tests.support.cloud_fixtures",  # servers, cloud_bundles
     "tests.support.digits_fixtures",  # digits
+    "tests.support.browser",  # chromium (session), browser: Debian's headless Chromium
 )
 
 
