@@ -14,19 +14,17 @@ from edgefleet.agent.config import AgentConfig, load_config
 from edgefleet.agent.enroll import add_arguments as add_enroll_arguments
 from edgefleet.agent.enroll import cmd_enroll
 from edgefleet.agent.formatting import format_prediction
+from edgefleet.core import logs
 from edgefleet.core.aio import event_loop_factory
 from edgefleet.core.errors import ConfigError
+from edgefleet.core.logs import LogFormat
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 log = logging.getLogger("edgefleet.agent")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: LogFormat = "text") -> None:
+    logs.configure(level, fmt)  # stderr; text or JSON lines (core/logs.py)
 
 
 def _load(args: argparse.Namespace) -> AgentConfig:
@@ -47,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edgefleet.agent.server.serve import run
 
     config = _load(args)
-    _setup_logging(config.logging.level)
+    _setup_logging(config.logging.level, args.log_format or config.logging.format)
     loop = event_loop_factory(config.server.event_loop)()
     log.info("event loop: %s", type(loop).__module__.split(".")[0])
     run(config, loop)
@@ -169,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edgefleet.agent.demo import cloud_setup, collect_samples, run_demo
 
     config = _load(args)
-    _setup_logging("WARNING" if not args.verbose else config.logging.level)
+    _setup_logging("WARNING" if not args.verbose else config.logging.level, config.logging.format)
     samples = collect_samples(Path(args.images))
     if not samples:
         print(f"no demo images in {args.images}: run `python -m models` first", file=sys.stderr)
@@ -193,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--port", type=int)
     s.add_argument("--host")
+    s.add_argument(
+        "--log-format", choices=logs.FORMATS, help="text or json lines (default: logging.format)"
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("predict", help="send an image to a running agent")

@@ -202,6 +202,8 @@ class ModelEntry(Section):
 
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # json: one JSON object per line on stderr, for log shippers (core/logs.py).
+    format: Literal["text", "json"] = "text"
 
 
 class FleetOutboxConfig(Section):

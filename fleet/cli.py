@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlencode, urlsplit
 
+from edgefleet.core import logs
 from edgefleet.core.errors import ConfigError, EdgefleetError
 
 DEFAULT_URL = "http://127.0.0.1:8480"
@@ -872,6 +873,9 @@ def service_config(args: argparse.Namespace) -> Any:
         update["embedded_broker"] = cfg.embedded_broker.model_copy(update={"port": args.mqtt_port})
     if args.log_level:
         update["logging"] = cfg.logging.model_copy(update={"level": args.log_level})
+    if getattr(args, "log_format", None):
+        logging_cfg = update.get("logging", cfg.logging)
+        update["logging"] = logging_cfg.model_copy(update={"format": args.log_format})
     cfg = cfg.model_copy(update=update)
     # Re-validate: the overrides pass through the same checks as the file.
     return type(cfg).model_validate(cfg.model_dump(exclude_unset=True))
@@ -884,11 +888,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edgefleet.fleet.service import serve
 
     cfg = service_config(args)
-    logging.basicConfig(
-        level=getattr(logging, cfg.logging.level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(cfg.logging.level, cfg.logging.format)  # stderr, text or JSON lines
     if cfg.logging.level != "DEBUG":
         # amqtt logs every state change of its broker and sessions at INFO.
         for noisy in ("amqtt", "transitions"):
@@ -979,6 +979,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--mqtt-port", type=int, help="embedded broker port (default 1883)")
     s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument("--log-format", choices=logs.FORMATS, help="text or json lines on stderr")
     s.set_defaults(func=cmd_serve, needs_client=False)
 
     s = sub.add_parser(

@@ -232,6 +232,8 @@ class BrokerAccountsConfig(_Section):
 
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # json: one JSON object per line on stderr, for log shippers (core/logs.py).
+    format: Literal["text", "json"] = "text"
 
 
 class HardExamplesConfig(_Section):
