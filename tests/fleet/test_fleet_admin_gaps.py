@@ -33,6 +33,7 @@ from tests.support.fleet_sim import SimDevice
 from tests.support.quality_fleet import TOKEN, Fleet, fleet_config, until
 
 M = "tiny"
+READER = "reader-" + "0123456789abcdef" * 2  # a token with the read role
 
 
 @pytest.fixture
@@ -44,7 +45,8 @@ async def fleet(
 ) -> AsyncIterator[Fleet]:
     """A running fleet with tiny versions 1 and 2, and devices shop-1, shop-2 (group
     north) and shop-3 (group south) enrolled."""
-    svc = await FleetService(fleet_config(tmp_path, keys, mosquitto.port)).start()
+    auth = {"token": TOKEN, "tokens": [{"name": "dashboard", "role": "read", "token": READER}]}
+    svc = await FleetService(fleet_config(tmp_path, keys, mosquitto.port, auth=auth)).start()
     async with aiohttp.ClientSession() as session:
         try:
             async with asyncio.timeout(10):
@@ -363,14 +365,24 @@ async def test_a_running_rollout_blocks_deleting_its_version(
     assert doc["versions_removed"] == ["1"]
 
 
-async def test_deleting_needs_the_operator_role(fleet: Fleet) -> None:
-    status, _ = await fleet.raw(
-        "DELETE", f"/v1/models/{M}/versions/1", headers={"Authorization": "Bearer nope-nope"}
+async def test_unassigning_and_deleting_need_the_operator_role(fleet: Fleet) -> None:
+    await fleet.call(
+        "POST", "/v1/assignments", json={"model": M, "version": "1", "target": {"all": True}}
     )
-    assert status == 401
-    async with fleet.session.delete(f"{fleet.base}/v1/models/{M}") as r:
-        assert r.status == 401
-    assert len((await fleet.call("GET", f"/v1/models/{M}"))["versions"]) == 2
+    read = {"Authorization": f"Bearer {READER}"}
+    for method, path in (
+        ("DELETE", f"/v1/models/{M}/versions/2"),
+        ("DELETE", f"/v1/models/{M}"),
+        ("DELETE", f"/v1/assignments?model={M}&all=true"),
+    ):
+        status, doc = await fleet.raw(method, path, headers=read)
+        assert (status, doc) == (403, {"error": "dashboard (read) may not write"}), path
+        async with fleet.session.request(method, fleet.base + path) as r:
+            assert r.status == 401, path
+    # a reader may look at the assignments
+    status, doc = await fleet.raw("GET", "/v1/assignments", headers=read)
+    assert status == 200 and [a["version"] for a in doc["assignments"]] == ["1"]
+    assert len((await fleet.call("GET", f"/v1/models/{M}"))["versions"]) == 2  # untouched
 
 
 # ----------------------------------------------------------------- wave timeout
