@@ -33,11 +33,13 @@ Rules, in one place:
 - **Auto-stop**: as soon as ``failed / wave size`` exceeds ``max_failure_share``
   (the outcome can no longer be good) the rollout is ``stopped`` with a reason;
   later waves never get the version. Devices already reached keep it.
-- **Wave timeout** (optional, ``wave_timeout_s``): devices that do not answer (offline
-  stores) count as pending, never as failed. After the timeout the next wave is
-  pushed if at least one device of the wave is done and the failure share among the
-  done devices is acceptable; a wave where nobody answered keeps waiting (there is
-  no evidence either way). ``tick()`` checks the timeouts; the FleetBus calls it.
+- **Wave timeout** (optional, ``wave_timeout_s``, at most ``MAX_WAVE_TIMEOUT_S``;
+  per rollout from ``POST /v1/assignments`` or ``edge-fleet assign --wave-timeout``):
+  devices that do not answer (offline stores) count as pending, never as failed.
+  After the timeout the next wave is pushed if at least one device of the wave is
+  done and the failure share among the done devices is acceptable; a wave where
+  nobody answered keeps waiting (there is no evidence either way). ``tick()`` checks
+  the timeouts; the FleetBus calls it.
 - **Operator**: ``pause`` (no wave is pushed; devices already reached keep the
   version), ``resume`` (a paused rollout continues; a stopped one is pushed into the
   next wave: the operator overrides the auto-stop), ``rollback`` (from any state:
@@ -47,7 +49,10 @@ Rules, in one place:
   alone): send it a ``rollback`` command if that matters.
 - **One at a time**: a new rollout of a model is refused while another rollout of the
   same model is running, paused or stopped (finish, resume or roll it back first).
-  A plain assignment (no waves) is always allowed; the newest one wins.
+  A plain assignment (no waves) is always allowed; the newest one wins. Unassigning
+  the model from the rollout's own target is refused (409) while the rollout is
+  running, paused or stopped (``DesiredStates.unassign``), and so is deleting its
+  version from the registry (``Registry.delete_version``).
 
 **Plans and gates** (issue 11; ``fleet/gates.py`` holds the format and the
 statistics, docs/fleet.md "Rollout plans and gates" the contract). A rollout started
