@@ -4,13 +4,16 @@
     edge-fleet models push digits-edge-2.bundle
     edge-fleet assign digits-edge 2 --group north --waves 1,10%,100%
     edge-fleet rollout status --watch
+    edge-fleet unassign digits-edge --group north
+    edge-fleet models delete digits-edge 1
 
 Client commands talk to ``--url`` (default http://127.0.0.1:8480, or
 ``EDGEFLEET_URL``) with the admin token from ``--token``, ``--token-file`` or
 ``EDGEFLEET_TOKEN`` (or ``EDGEFLEET_TOKEN_FILE``). Tables for people by default,
 ``--json`` for scripts. Exit codes: 0 ok, 1 the fleet refused (its error is
 printed), 2 usage or configuration error, 3 the fleet could not be reached, 4
-(``rollout status ID``) the rollout stopped or rolled back.
+(``rollout status ID``) the rollout stopped or rolled back, 141 the reader of the
+output went away (``... | head``: quietly, see ``main``).
 """
 
 from __future__ import annotations
