@@ -104,8 +104,8 @@ class Chromium:
         """
         try:
             self.driver.quit()  # closes Chromium, then stops (and waits for) chromedriver
-        except WebDriverException:
-            pass  # the browser or the driver was already gone: reaped below
+        except Exception:  # already gone (WebDriverException, or urllib3's errors)
+            pass  # whatever is left is reaped below
         finally:
             self.service.stop()  # idempotent; after quit() the process is already reaped
             proc = self.service.process
@@ -181,7 +181,7 @@ def _alive(driver: webdriver.Chrome) -> bool:
     try:
         driver.execute_script("return 1")
         return True
-    except WebDriverException:
+    except Exception:  # WebDriverException, or urllib3's errors once chromedriver is gone
         return False
 
 
@@ -195,9 +195,22 @@ def chromium() -> Iterator[Chromium]:
         browser.quit()
 
 
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Note a failed test body, so ``browser`` screenshots the page it failed on."""
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[_CALL_FAILED] = True
+    return report
+
+
 @pytest.fixture
-def browser(chromium: Chromium) -> Iterator[webdriver.Chrome]:
-    """The session's Chromium, reset for this test; restarted if an earlier test killed it."""
+def browser(chromium: Chromium, request: pytest.FixtureRequest) -> Iterator[webdriver.Chrome]:
+    """The session's Chromium, reset for this test; restarted if an earlier test killed it.
+    A test that fails leaves ``failed-<test>.png`` of the page it was on."""
     if not _alive(chromium.driver):
         chromium.restart()
     driver = chromium.driver
@@ -207,6 +220,8 @@ def browser(chromium: Chromium) -> Iterator[webdriver.Chrome]:
         yield driver
     finally:
         if _alive(driver):
+            if request.node.stash.get(_CALL_FAILED, False):
+                screenshot(driver, f"failed-{request.node.name}")
             # All cookies of every origin (delete_all_cookies() clears the current one's).
             driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
             driver.get("about:blank")
