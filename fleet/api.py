@@ -764,7 +764,10 @@ async def unassign(request: web.Request) -> web.Response:
     409 while a rollout of the model to that target is running, paused or stopped."""
     api = _api(request)
     body = await read_json_object(request, optional=True)
-    if body and request.query:
+    # A console form's hidden CSRF field may ride along in the query (htmx puts a
+    # DELETE's parameters there); the token itself is checked from the header.
+    query = {k: v for k, v in request.query.items() if k != CSRF_FIELD}
+    if body and query:
         raise BadRequest("name the assignment either in the JSON body or in the query, not both")
     if body:
         unknown = sorted(set(body) - {"model", "target"})
@@ -773,7 +776,6 @@ async def unassign(request: web.Request) -> web.Response:
         model = _str_field(body, "model")
         kind, target = _target_of(body)
     else:
-        query = dict(request.query)
         unknown = sorted(set(query) - {"model", "device", "group", "all"})
         if unknown:
             raise BadRequest(f"unknown query parameter(s) {', '.join(map(repr, unknown))}")
