@@ -130,7 +130,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_browser_helpers_on_a_plain_page(browser: webdriver.Chrome, plain_site: PlainSite) -> None:
     # A wrong token leaves the browser on the form: login() says so, with the page's words.
     with pytest.raises(AssertionError, match="Wrong token"):
-        login(browser, plain_site.url, "not-the-token", timeout=3)
+        login(browser, plain_site.url, "not-the-token", timeout=1)
     login(browser, plain_site.url, PLAIN_TOKEN)
     assert browser.current_url == plain_site.url + "/ui/"
     # An element written by the page's script after the load is waited for.
@@ -178,8 +178,10 @@ def fleet(tmp_path: Path) -> Iterator[ServedFleet]:
 
 
 def test_console_sign_in_lands_on_the_overview(
-    browser: webdriver.Chrome, fleet: ServedFleet
+    fleet: ServedFleet, browser: webdriver.Chrome
 ) -> None:
+    # The fleet is asked for first so that it stops last: the browser leaves the page
+    # (closing its live-update stream) before the server goes away.
     token = (fleet.workdir / "data" / "admin.token").read_text().strip()
     # An anonymous visitor of / is sent to the sign-in form.
     browser.get(fleet.url + "/")

@@ -27,7 +27,10 @@ thread; it starts no thread of its own (BiDi, which would, stays off), so the le
 (tests/support/leaks.py) has nothing to find. The page under test must therefore be
 served by another thread or process than the one calling the driver: a fleet in its own
 process (tests/support/fleet_server.py), or an async test that calls these functions
-through ``asyncio.to_thread`` while its loop serves.
+through ``asyncio.to_thread`` while its loop serves (an in-process ``FleetService``:
+``await asyncio.to_thread(login, browser, svc.url, TOKEN)``; seen to pass the leak check).
+A test asks for its server's fixture before ``browser``, so that the browser leaves the
+page (and its open live-update stream) before the server stops.
 """
 
 from __future__ import annotations
