@@ -187,7 +187,10 @@ async def test_metrics_need_the_read_permission(fleet: Fleet) -> None:
     )
 
 
-async def test_rollouts_and_gate_decisions_come_from_the_database(fleet: Fleet) -> None:
+async def test_database_figures_revoked_devices_rollouts_gate_decisions(fleet: Fleet) -> None:
+    await fleet.enrol("kept", ["east"])
+    await fleet.enrol("gone", ["east"])
+    await fleet.call("POST", "/v1/devices/gone/revoke")
     db = fleet.service.db
     assert db is not None
 
@@ -208,6 +211,9 @@ async def test_rollouts_and_gate_decisions_come_from_the_database(fleet: Fleet) 
 
     await db.write(seed)
     text = await scrape(fleet)
+    assert value(text, "edgefleet_fleet_devices", state="revoked") == 1
+    assert value(text, "edgefleet_fleet_devices", state="offline") == 1
+    assert value(text, "edgefleet_fleet_group_devices", group="east", state="revoked") == 1
     assert value(text, "edgefleet_fleet_rollouts", state="running") == 1
     assert value(text, "edgefleet_fleet_rollouts", state="stopped") == 2
     assert value(text, "edgefleet_fleet_rollouts", state="rolled_back") == 1
