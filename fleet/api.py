@@ -397,6 +397,19 @@ async def set_label(request: web.Request) -> web.Response:
     return json_response(result)
 
 
+@routes.delete("/v1/models/{name}/labels/{label}")
+@requires(WRITE)
+async def delete_label(request: web.Request) -> web.Response:
+    """Remove a label (404 unknown); the devices' desired documents lose it."""
+    api = _api(request)
+    name, label = request.match_info["name"], request.match_info["label"]
+    result = await api.registry.delete_label(name, label)
+    bus = api.bus
+    if bus is not None:
+        await _bus_call(lambda: bus.desired.refresh())
+    return json_response(result)
+
+
 @routes.delete("/v1/models/{name}/versions/{version}")
 @requires(WRITE)
 async def delete_version(request: web.Request) -> web.Response:

@@ -424,6 +424,22 @@ class Registry:
 
         return await self.db.write(job)
 
+    async def delete_label(self, name: str, label: str) -> dict[str, Any]:
+        """Remove a fleet label (``NotFound``, 404, when the model has no such label).
+        The caller refreshes the desired documents (they carry the labels)."""
+        check_registry_label(label)  # InvalidName: a 400
+
+        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+            row = conn.execute(
+                "DELETE FROM model_labels WHERE name = ? AND label = ? RETURNING version",
+                (name, label),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"model {name!r} has no label {label!r}")
+            return {"name": name, "label": label, "version": row[0], "deleted": True}
+
+        return await self.db.write(job)
+
     # ----------------------------------------------------------------- delete
 
     async def delete_version(self, name: str, version: str) -> dict[str, Any]:

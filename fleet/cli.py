@@ -321,6 +321,13 @@ def cmd_models_label(args: argparse.Namespace, client: Client) -> int:
     return _emit(args, doc, lambda d: print(f"{d['name']}: {d['label']} -> {d['version']}"))
 
 
+def cmd_models_unlabel(args: argparse.Namespace, client: Client) -> int:
+    doc = client.delete(f"/v1/models/{_q(args.name)}/labels/{_q(args.label)}")
+    return _emit(
+        args, doc, lambda d: print(f"{d['name']}: label {d['label']} removed (was {d['version']})")
+    )
+
+
 def cmd_models_delete(args: argparse.Namespace, client: Client) -> int:
     """``models delete NAME [VERSION]``: one version, or the whole model. The fleet
     refuses (exit 1, its 409 names why) while anything still uses it."""
@@ -1007,6 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("label")
     s.add_argument("version")
+    s = client(models, "unlabel", cmd_models_unlabel, help="remove a label")
+    s.add_argument("name")
+    s.add_argument("label")
     s = client(
         models,
         "delete",

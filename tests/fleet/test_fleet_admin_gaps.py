@@ -366,6 +366,40 @@ async def test_a_running_rollout_blocks_deleting_its_version(
     assert doc["versions_removed"] == ["1"]
 
 
+async def test_a_label_can_be_removed_and_a_revoked_device_does_not_block(
+    fleet: Fleet, sims: Callable[..., Any]
+) -> None:
+    s3 = await sims("shop-3")
+    await fleet.call(
+        "POST", "/v1/assignments", json={"model": M, "version": "1", "target": {"device": "shop-3"}}
+    )
+    await fleet.call("PUT", f"/v1/models/{M}/labels/canary", json={"version": "1"})
+    await received(s3, lambda m: m.get(M, {}).get("labels") == {"canary": "1"})
+    doc = await fleet.call("DELETE", f"/v1/models/{M}/labels/canary")
+    assert doc == {"name": M, "label": "canary", "version": "1", "deleted": True}
+    # the devices' desired documents lose it (a new revision over the broker)
+    await received(s3, lambda m: version_of(m) == "1" and not m[M].get("labels"))
+    status, doc = await fleet.raw("DELETE", f"/v1/models/{M}/labels/canary")
+    assert (status, doc) == (404, {"error": "model 'tiny' has no label 'canary'"})
+    code, _, err = await cli("models", "unlabel", M, "canary", *client_args(fleet))
+    assert code == 1 and "no label 'canary'" in err
+
+    await until(
+        lambda: fleet.device("shop-3"), lambda d: (d["models"].get(M) or {}).get("active") == "1"
+    )
+    status, doc = await fleet.raw("DELETE", f"/v1/models/{M}/versions/1")
+    assert status == 409 and "run or reported by device(s) shop-3" in doc["error"]
+    # A revoked store can download nothing any more: its reports no longer count (its
+    # device assignment still does, until it is unassigned).
+    await fleet.call("POST", "/v1/devices/shop-3/revoke")
+    status, doc = await fleet.raw("DELETE", f"/v1/models/{M}/versions/1")
+    assert status == 409
+    assert doc["error"].startswith("cannot delete tiny:1: assigned to device shop-3 (assignment")
+    await fleet.call("DELETE", f"/v1/assignments?model={M}&device=shop-3")
+    doc = await fleet.call("DELETE", f"/v1/models/{M}/versions/1")
+    assert doc["versions_removed"] == ["1"]
+
+
 async def test_unassigning_and_deleting_need_the_operator_role(fleet: Fleet) -> None:
     await fleet.call(
         "POST", "/v1/assignments", json={"model": M, "version": "1", "target": {"all": True}}
