@@ -140,6 +140,11 @@ async def test_unassign_falls_back_to_the_more_general_assignment_then_to_nothin
         ({"all": True}, "1"),
     ]
 
+    code, out, err = await cli("assignments", "--model", M, *client_args(fleet))
+    assert code == 0, err
+    rows = [line.split()[1:4] for line in out.splitlines()[1:]]
+    assert rows == [[M, "1", "device"], [M, "2", "group"], [M, "1", "all"]]
+
     # device → the group's version (the next more general assignment)
     doc = await fleet.call(
         "DELETE", "/v1/assignments", json={"model": M, "target": {"device": "shop-1"}}
