@@ -105,27 +105,44 @@ METRICS: tuple[str, ...] = (
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 _RELATIVE = re.compile(r"-(\d{1,7})([dhms])")
 
-# The sums a query returns, in this order, after (model, version, bucket).
-_SELECTED: tuple[str, ...] = (
-    "records",
-    "requests",
-    "errors",
-    "answered",
-    "cloud",
-    *LATENCY_COLUMNS,
-    *CONFIDENCE_COLUMNS,
-    "drift_records",
-    "psi_mean_sum",
-    "shadow_compared",
-    "shadow_agreed",
-    "cloud_compared",
-    "cloud_agreed",
+_SUMMED = ("records", "requests", "errors", "answered", "cloud", "drift_records",
+           "psi_mean_sum", "shadow_compared", "shadow_agreed", "cloud_compared",
+           "cloud_agreed", *LATENCY_COLUMNS)  # fmt: skip
+_TOTALS = ("requests", "errors", "answered", "cloud", "shadow_compared", "shadow_agreed",
+           *LATENCY_COLUMNS, *CONFIDENCE_COLUMNS)  # fmt: skip
+
+
+def _pct_sql(pct: int) -> str:
+    """p``pct`` of the latency columns in SQL: ``histogram_percentile`` (the bucket where
+    the cumulative count reaches pct %; the last bound for the overflow bucket)."""
+    whens = [
+        f"WHEN ({' + '.join(LATENCY_COLUMNS[: i + 1])}) * 100 >= {pct} * lat_n THEN {bound}"
+        for i, bound in enumerate(LATENCY_BOUNDS_MS)
+    ]
+    return f"CASE WHEN lat_n = 0 THEN NULL {' '.join(whens)} ELSE {LATENCY_BOUNDS_MS[-1]} END"
+
+
+def _rate_sql(k: str, n: str) -> str:
+    return f"CASE WHEN {n} > 0 THEN round(1.0 * {k} / {n}, 6) END"
+
+
+# Each of METRICS, in its order, from one step's sums (the inner query's columns): the
+# derived figures are computed by SQLite, so a chart's rows reach Python small.
+_METRIC_SQL: tuple[str, ...] = (
+    "CASE WHEN records > 0 THEN requests END",
+    "CASE WHEN records > 0 THEN errors END",
+    _rate_sql("errors", "requests"),
+    _pct_sql(50),
+    _pct_sql(95),
+    _rate_sql("cloud", "answered"),
+    "psi_max",
+    "CASE WHEN drift_records > 0 THEN round(psi_mean_sum / drift_records, 6) END",
+    "psi_output_max",
+    "CASE WHEN shadow_compared > 0 THEN shadow_compared END",
+    _rate_sql("shadow_agreed", "shadow_compared"),
+    _rate_sql("cloud_agreed", "cloud_compared"),
 )
-_I = {c: 3 + i for i, c in enumerate(_SELECTED)}  # column → index in a result row
-_I_PSI_MAX = 3 + len(_SELECTED)
-_I_PSI_OUT = _I_PSI_MAX + 1
-_LAT = slice(_I["l0"], _I["l0"] + len(LATENCY_COLUMNS))
-_CONF = slice(_I["c0"], _I["c0"] + len(CONFIDENCE_COLUMNS))
+assert len(_METRIC_SQL) == len(METRICS)
 
 
 # --------------------------------------------------------------------- parameters
@@ -241,14 +258,41 @@ def _oldest(conn: sqlite3.Connection, device: bool) -> tuple[int | None, int | N
     )
 
 
-def _select(table: str, step: int, where: list[str]) -> str:
-    sums = ", ".join(f"sum({c})" for c in _SELECTED)
-    return (
-        f"SELECT model, version, (bucket / {step}) * {step} AS b, {sums},"
-        f" max(psi_max), max(psi_output_max) FROM {table}"
-        f" WHERE {' AND '.join(where)} AND bucket >= ? AND bucket < ?"
-        " GROUP BY model, version, b"
-    )
+def _series_sql(table: str, table_step: int, step: int, where: str) -> str:
+    """One row per (model, version, step): METRICS. Steps of the table's own size read
+    the rows as they are; coarser ones sum them first."""
+    lat_n = " + ".join(LATENCY_COLUMNS)
+    if step == table_step:
+        inner = (
+            f"SELECT model, version, bucket AS b, {', '.join(_SUMMED)}, psi_max,"
+            f" psi_output_max, {lat_n} AS lat_n FROM {table} WHERE {where}"
+        )
+    else:
+        sums = ", ".join(f"sum({c}) AS {c}" for c in _SUMMED)
+        inner = (
+            f"SELECT model, version, (bucket / {step}) * {step} AS b, {sums},"
+            f" max(psi_max) AS psi_max, max(psi_output_max) AS psi_output_max,"
+            f" sum({lat_n}) AS lat_n FROM {table} WHERE {where} GROUP BY model, version, b"
+        )
+    return f"SELECT model, version, b, {', '.join(_METRIC_SQL)} FROM ({inner})"
+
+
+def _totals_sql(table: str, where: str) -> str:
+    sums = ", ".join(f"sum({c})" for c in _TOTALS)
+    return f"SELECT model, version, {sums} FROM {table} WHERE {where} GROUP BY model, version"
+
+
+def _read(
+    conn: sqlite3.Connection, w: Window, scope: str, where: list[str], args: list[Any]
+) -> dict[str, Any]:
+    table = f"ts_{scope}_{w.source}"
+    cond = " AND ".join([*where, "bucket >= ?", "bucket < ?"])
+    full = (*args, w.start, w.end)
+    totals = conn.execute(_totals_sql(table, cond), full).fetchall()
+    rows = conn.execute(
+        _series_sql(table, 60 if w.source == "minute" else 3600, w.step, cond), full
+    ).fetchall()
+    return build(rows, totals, w)
 
 
 def _rate(k: float, n: float) -> float | None:
@@ -264,65 +308,43 @@ def _natural(text: str) -> list[Any]:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", text) if p]
 
 
-def build(rows: list[sqlite3.Row | tuple[Any, ...]], w: Window) -> dict[str, Any]:
-    """Grouped rows (model, version, step start, sums..., maxes) → the columnar answer."""
-    keys = sorted({(r[0], r[1]) for r in rows}, key=lambda k: (k[0], _natural(k[1])))
-    line_of = {k: i for i, k in enumerate(keys)}
+def build(rows: list[Any], totals: list[Any], w: Window) -> dict[str, Any]:
+    """``rows``: (model, version, step start, *METRICS); ``totals``: (model, version,
+    *_TOTALS) over the range → the columnar answer."""
+    totals = sorted(totals, key=lambda r: (r[0], _natural(r[1])))
+    line_of = {(r[0], r[1]): j for j, r in enumerate(totals)}
     n = w.points
-    series: dict[str, list[list[Any]]] = {m: [[None] * n for _ in keys] for m in METRICS}
-    lat_tot = [[0] * len(LATENCY_COLUMNS) for _ in keys]
-    conf_tot = [[0] * len(CONFIDENCE_COLUMNS) for _ in keys]
-    tot = [dict.fromkeys(("requests", "errors", "answered", "cloud", "sc", "sa"), 0) for _ in keys]
+    series: dict[str, list[list[Any]]] = {m: [[None] * n for _ in totals] for m in METRICS}
+    columns = [(k + 3, series[m]) for k, m in enumerate(METRICS)]
     for r in rows:
         j = line_of[(r[0], r[1])]
-        i = (int(r[2]) - w.start) // w.step
-        if not 0 <= i < n:
-            continue
-        lat = list(r[_LAT])
-        for col, c in enumerate(lat):
-            lat_tot[j][col] += c
-        for col, c in enumerate(r[_CONF]):
-            conf_tot[j][col] += c
-        t = tot[j]
-        for name in ("requests", "errors", "answered", "cloud"):
-            t[name] += r[_I[name]]
-        t["sc"] += r[_I["shadow_compared"]]
-        t["sa"] += r[_I["shadow_agreed"]]
-        if r[_I["records"]]:
-            requests, errors = r[_I["requests"]], r[_I["errors"]]
-            series["requests"][j][i] = requests
-            series["errors"][j][i] = errors
-            series["error_rate"][j][i] = _rate(errors, requests)
-            series["p50_ms"][j][i] = _pct(lat, 50)[0]
-            series["p95_ms"][j][i] = _pct(lat, 95)[0]
-            series["fallback_rate"][j][i] = _rate(r[_I["cloud"]], r[_I["answered"]])
-        if r[_I["drift_records"]]:
-            series["psi_mean"][j][i] = round(r[_I["psi_mean_sum"]] / r[_I["drift_records"]], 6)
-        series["psi_max"][j][i] = r[_I_PSI_MAX]
-        series["psi_output"][j][i] = r[_I_PSI_OUT]
-        if r[_I["shadow_compared"]]:
-            series["shadow_compared"][j][i] = r[_I["shadow_compared"]]
-            series["shadow_agreement"][j][i] = _rate(
-                r[_I["shadow_agreed"]], r[_I["shadow_compared"]]
-            )
-        series["cloud_agreement"][j][i] = _rate(r[_I["cloud_agreed"]], r[_I["cloud_compared"]])
+        i = (r[2] - w.start) // w.step
+        if 0 <= i < n:
+            for k, out in columns:
+                out[j][i] = r[k]
     summary = []
-    for j in range(len(keys)):
-        t = tot[j]
-        p50, p50_above = _pct(lat_tot[j], 50)
-        p95, p95_above = _pct(lat_tot[j], 95)
+    lat_counts, conf_counts = [], []
+    ti = {c: 2 + k for k, c in enumerate(_TOTALS)}
+    lat = slice(ti["l0"], ti["l0"] + len(LATENCY_COLUMNS))
+    conf = slice(ti["c0"], ti["c0"] + len(CONFIDENCE_COLUMNS))
+    for r in totals:
+        lat_counts.append(list(r[lat]))
+        conf_counts.append(list(r[conf]))
+        p50, p50_above = _pct(lat_counts[-1], 50)
+        p95, p95_above = _pct(lat_counts[-1], 95)
+        requests, errors = r[ti["requests"]], r[ti["errors"]]
         summary.append(
             {
-                "requests": t["requests"],
-                "errors": t["errors"],
-                "error_rate": _rate(t["errors"], t["requests"]),
+                "requests": requests,
+                "errors": errors,
+                "error_rate": _rate(errors, requests),
                 "p50_ms": p50,
                 "p50_above": p50_above,
                 "p95_ms": p95,
                 "p95_above": p95_above,
-                "fallback_rate": _rate(t["cloud"], t["answered"]),
-                "shadow_compared": t["sc"],
-                "shadow_agreement": _rate(t["sa"], t["sc"]),
+                "fallback_rate": _rate(r[ti["cloud"]], r[ti["answered"]]),
+                "shadow_compared": r[ti["shadow_compared"]],
+                "shadow_agreement": _rate(r[ti["shadow_agreed"]], r[ti["shadow_compared"]]),
             }
         )
     return {
@@ -331,10 +353,10 @@ def build(rows: list[sqlite3.Row | tuple[Any, ...]], w: Window) -> dict[str, Any
         "source": w.source,
         "from": w.start,
         "to": w.end,
-        "lines": [{"model": m, "version": v} for m, v in keys],
+        "lines": [{"model": r[0], "version": r[1]} for r in totals],
         **series,
-        "latency_ms": {"le": list(LATENCY_BOUNDS_MS), "counts": lat_tot},
-        "confidence": {"le": list(CONFIDENCE_BOUNDS), "counts": conf_tot},
+        "latency_ms": {"le": list(LATENCY_BOUNDS_MS), "counts": lat_counts},
+        "confidence": {"le": list(CONFIDENCE_BOUNDS), "counts": conf_counts},
         "summary": summary,
     }
 
@@ -359,13 +381,12 @@ async def model_series(
         if known is None:
             raise NotFound(f"unknown model {model!r}")
         w = choose_window(lo, hi, step, *_oldest(conn, False))
-        where, args = ["model = ?"], [model]
+        where: list[str] = ["model = ?"]
+        args: list[Any] = [model]
         if versions is not None:
             where.append("version IN (SELECT value FROM json_each(?))")
             args.append(dumps(versions))
-        sql = _select(f"ts_version_{w.source}", w.step, where)
-        rows = conn.execute(sql, (*args, w.start, w.end)).fetchall()
-        return {"model": model, "device_id": None, **build(rows, w)}
+        return {"model": model, "device_id": None, **_read(conn, w, "version", where, args)}
 
     return await db.read(q)
 
@@ -393,9 +414,7 @@ async def device_series(
         if versions is not None:
             where.append("version IN (SELECT value FROM json_each(?))")
             args.append(dumps(versions))
-        sql = _select(f"ts_device_{w.source}", w.step, where)
-        rows = conn.execute(sql, (*args, w.start, w.end)).fetchall()
-        return {"model": model, "device_id": device_id, **build(rows, w)}
+        return {"model": model, "device_id": device_id, **_read(conn, w, "device", where, args)}
 
     return await db.read(q)
 
