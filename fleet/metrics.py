@@ -190,7 +190,7 @@ class _FleetCollector(Collector):
             value=link.published,
         )
         yield CounterMetricFamily(
-            PREFIX + "mqtt_reconnects",
+            PREFIX + "mqtt_connects",
             "Connections to the broker made (the first one included)",
             value=link.connects,
         )

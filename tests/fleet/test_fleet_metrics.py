@@ -154,6 +154,7 @@ async def test_metrics_move_with_real_traffic_and_pass_promtool(
     assert value(text, "edgefleet_fleet_group_devices", group="north", state="offline") == 2
     assert value(text, "edgefleet_fleet_group_devices", group="south", state="offline") == 1
     assert value(text, "edgefleet_fleet_mqtt_connected") == 1
+    assert value(text, "edgefleet_fleet_mqtt_connects_total") == 1
     assert value(text, "edgefleet_fleet_mqtt_messages_received_total") >= 4  # status, 2, garbage
     assert value(text, "edgefleet_fleet_mqtt_messages_published_total") >= 2  # the acks
     assert "edgefleet_fleet_db_write_queue_depth " in text
