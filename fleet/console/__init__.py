@@ -17,9 +17,17 @@ __all__ = ["setup"]
 def setup(app: web.Application) -> None:
     """Mount the console on the API's app (after ``app[API]`` is set)."""
     from edgefleet.fleet.api import API
-    from edgefleet.fleet.console import devices, hard_examples, live, models, pages, rollouts
+    from edgefleet.fleet.console import (
+        devices,
+        hard_examples,
+        live,
+        models,
+        pages,
+        policies,
+        rollouts,
+    )
 
-    for module in (pages, devices, models, rollouts, hard_examples):
+    for module in (pages, devices, models, rollouts, hard_examples, policies):
         app.add_routes(module.routes)
     feed = live.ChangeFeed(app[API].registry.db)
     app[live.FEED] = feed

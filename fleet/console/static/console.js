@@ -8,7 +8,8 @@
  *     [data-body='{"k": 1}'] [data-confirm="..."]> calls the JSON API.
  *   - Forms: <form data-api="/v1/assignments" data-method="POST"> posts its fields as
  *     JSON (type=number → number, checkbox → boolean, data-list="," → list, empty → left
- *     out); data-redirect="/ui/rollouts/{id}" follows with fields of the answer.
+ *     out, dotted names nest: fallback.mode; target_kind + target_value → "target");
+ *     data-redirect="/ui/rollouts/{id}" follows with fields of the answer.
  *   - Uploads: <form data-upload="/v1/models"> sends its file input's file as the raw
  *     body with a <progress> inside the form showing the bytes sent.
  *   - Charts: <div class="chart" data-chart="/v1/series/..." data-fields="p50_ms,p95_ms"
@@ -74,11 +75,21 @@
         else if (el.dataset.list !== undefined) v = v.split(el.dataset.list || ",").map(function (s) { return s.trim(); }).filter(Boolean);
         else if (el.dataset.json !== undefined) { try { v = JSON.parse(v); } catch (e) { throw new Error(el.name + ": not valid JSON"); } }
       }
+      if (el.name === "target_kind" || el.name === "target_value") return;  // see below
       var path = el.name.split(".");
       var at = out;
       for (var i = 0; i < path.length - 1; i++) at = at[path[i]] = at[path[i]] || {};
       at[path[path.length - 1]] = v;
     });
+    // A target picked as kind + value becomes the API's {"device": id} | {"group": g} | {"all": true}.
+    var kind = form.elements.namedItem("target_kind");
+    if (kind && kind.value) {
+      var value = form.elements.namedItem("target_value");
+      var v = value ? value.value.trim() : "";
+      if (kind.value === "all") out.target = { all: true };
+      else if (!v) throw new Error("name the " + kind.value + " (or pick all devices)");
+      else { out.target = {}; out.target[kind.value] = v; }
+    }
     return out;
   }
   EF.formJson = formJson;
