@@ -20,7 +20,10 @@ activated the version) count as not reached: the version is withdrawn from them
 (sticky aborts, fleet/rollouts.py). During a rollout's shadow stage its shadow devices
 (``rollout_devices.shadow``) get the candidate as ``shadow`` of the model they run.
 An assignment may name a fleet label instead of a version (``resolve_version_in``):
-the version it names when the assignment is made.
+the version it names when the assignment is made. ``unassign`` removes every
+assignment of a model to one target (refused while a rollout to that target is
+unfinished), so its devices fall to the next more general level, or to a document
+without the model.
 
 Threads: the ``*_in(conn, ...)`` functions run on the database's writer thread (inside
 ``FleetDB.write``); the coroutines run on the event loop and call ``publish`` there,
