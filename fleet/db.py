@@ -496,6 +496,25 @@ def _m7_console(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX audit_log_actor ON audit_log (actor, id)")
 
 
+def _m8_gate_series(db: sqlite_utils.Database) -> None:
+    # Issue 12, the rollout page's gate charts (fleet/console/rollouts.py): each gate's
+    # figures over time, written where the gates are evaluated (fleet/rollouts.py
+    # ``Rollouts._record_gates_in``). Bounded: one evaluation per rollout every
+    # ``Rollouts.series_interval_s`` at most (not one per report or telemetry batch),
+    # plus the evaluations that passed, failed or overrode a stage. The full evidence of
+    # those stays in ``rollout_decisions``; here only what a chart draws.
+    db.execute(
+        "CREATE TABLE rollout_gate_evals (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " rollout_id TEXT NOT NULL, at REAL NOT NULL, stage TEXT NOT NULL,"
+        " wave INTEGER NOT NULL, gate TEXT NOT NULL, signal TEXT NOT NULL,"
+        " outcome TEXT NOT NULL,"  # pass | fail | wait (what the gate said then)
+        " canary REAL, canary_low REAL, canary_high REAL, canary_n INTEGER,"
+        " baseline REAL, baseline_n INTEGER, threshold REAL)"
+    )
+    # The throttle's "last written" and the chart's range: both by rollout, then time.
+    db.execute("CREATE INDEX rollout_gate_evals_at ON rollout_gate_evals (rollout_id, at)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_revocation,
@@ -504,6 +523,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m5_drift_stats,
     _m6_telemetry_rollups,
     _m7_console,
+    _m8_gate_series,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

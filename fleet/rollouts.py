@@ -112,6 +112,10 @@ DEVICE_STATES = ("waiting", "pending", "succeeded", "failed", "rolled_back")
 FAILURE_EVENTS = frozenset({"activation_failed", "download_failed", "verify_failed"})
 MAX_FAILURES_LISTED = 100
 EVAL_INTERVAL_S = 1.0  # telemetry re-decides a rollout at most this often (tick() too)
+# The gate charts' history (rollout_gate_evals, migration 8): a rollout's gate figures are
+# stored at most this often while its gates wait (a decision is stored always). A week
+# of a waiting wave is ~120,000 rows per gate; the chart route thins them.
+SERIES_INTERVAL_S = 5.0
 _PCT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 Docs = list[tuple[str, bytes]]
@@ -194,6 +198,8 @@ class Rollouts:
         # rollout id → monotonic time of its last telemetry-triggered decision (a
         # throttle for on_telemetry; writer thread only)
         self._evaluated: dict[str, float] = {}
+        # How often the gate charts' history is written (``_record_gates_in``).
+        self.series_interval_s = SERIES_INTERVAL_S
 
     # ------------------------------------------------------------------ public API
 
@@ -460,6 +466,7 @@ class Rollouts:
             evidence: Sequence[gates.Evidence] = ()
             if stage == "shadow" and plan is not None and plan.shadow is not None:
                 _, evidence = self._shadow_gates_in(conn, rollout_id, plan.shadow, t)
+                self._record_gates_in(conn, rollout_id, "shadow", 0, evidence, t, force=True)
                 self._decision_in(conn, rollout_id, "shadow", 0, "override", evidence, t)
                 conn.execute(
                     "UPDATE rollouts SET stage = 'serving', serving_started_at = ? WHERE id = ?",
@@ -468,6 +475,7 @@ class Rollouts:
                 reached |= self._shadow_devices_in(conn, rollout_id)
             elif plan is not None and plan.gates and wave >= 1:
                 _, evidence = self._wave_gates_in(conn, rollout_id, plan, started or t)
+                self._record_gates_in(conn, rollout_id, "wave", wave, evidence, t, force=True)
                 self._decision_in(conn, rollout_id, "wave", wave, "override", evidence, t)
             log.info("rollout %s: advanced by the operator past wave %d", rollout_id, wave)
             reached |= self._next_wave_in(conn, rollout_id, wave, t)
@@ -701,6 +709,9 @@ class Rollouts:
             plan = None if plan_text is None else gates.Plan.model_validate(loads(plan_text))
             if stage == "shadow" and plan is not None and plan.shadow is not None:
                 shadow_outcome, shadow_ev = self._shadow_gates_in(conn, rid, plan.shadow, t)
+                self._record_gates_in(
+                    conn, rid, "shadow", 0, shadow_ev, t, force=shadow_outcome != "wait"
+                )
                 if shadow_outcome == "fail":
                     return reached | self._abort_in(conn, rid, plan, "shadow", 0, shadow_ev, t)
                 if shadow_outcome == "wait":
@@ -715,8 +726,12 @@ class Rollouts:
                 continue
             gate_outcome: gates.Outcome = "pass"
             evidence: Sequence[gates.Evidence] = ()
+            recorded = False
             if plan is not None and plan.gates and wave >= 1:
                 gate_outcome, evidence = self._wave_gates_in(conn, rid, plan, started or t)
+                recorded = self._record_gates_in(
+                    conn, rid, "wave", wave, evidence, t, force=gate_outcome == "fail"
+                )
                 if gate_outcome == "fail":
                     return reached | self._abort_in(conn, rid, plan, "wave", wave, evidence, t)
             counts = dict(
@@ -743,6 +758,8 @@ class Rollouts:
             if gate_outcome == "wait":
                 return reached  # the devices are done, the evidence is not yet
             if evidence:
+                if not recorded:  # the point that passed the wave is always on the chart
+                    self._record_gates_in(conn, rid, "wave", wave, evidence, t, force=True)
                 self._decision_in(conn, rid, "wave", wave, "pass", evidence, t)
             reached |= self._next_wave_in(conn, rid, wave, t)
 
@@ -852,6 +869,45 @@ class Rollouts:
                 ev = gates.decide_rate(gate, c, b, min_n, min_b)
             evidence.append(ev)
         return _combine(evidence), evidence
+
+    def _record_gates_in(
+        self,
+        conn: sqlite3.Connection,
+        rid: str,
+        stage: str,
+        wave: int,
+        evidence: Sequence[gates.Evidence],
+        t: float,
+        *,
+        force: bool,
+    ) -> bool:
+        """One point per gate on the rollout page's charts (``rollout_gate_evals``,
+        writer thread). While the gates wait, or pass with wave devices still pending,
+        at most one evaluation per ``series_interval_s`` per rollout is stored (decisions
+        run on every report and telemetry batch: storing each would grow without
+        bound); with ``force`` (the evaluation passes, fails or overrides a stage) it is
+        always stored. True if it stored the points."""
+        if not evidence:
+            return False
+        if not force:
+            last = conn.execute(
+                "SELECT max(at) FROM rollout_gate_evals WHERE rollout_id = ?", (rid,)
+            ).fetchone()[0]
+            if last is not None and t - last < self.series_interval_s:
+                return False
+        rows = []
+        for e in evidence:
+            c, b = e.canary, e.baseline
+            figures = [c.get("value"), c.get("low"), c.get("high"), c.get("n")]
+            figures += [b.get("value"), b.get("n"), e.threshold]
+            rows.append((rid, t, stage, wave, e.gate, e.signal, e.outcome, *figures))
+        conn.executemany(
+            "INSERT INTO rollout_gate_evals (rollout_id, at, stage, wave, gate, signal, outcome,"
+            " canary, canary_low, canary_high, canary_n, baseline, baseline_n, threshold)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return True
 
     def _decision_in(
         self,
