@@ -156,6 +156,22 @@ async def test_records_land_in_their_minute_and_hour_with_merged_percentiles(
     await add_device(db, "b")
     a, b = await sims("a"), await sims("b")
 
+    def shadow_rollout(conn: sqlite3.Connection) -> None:
+        # b was asked to shadow version 2 (a finished rollout's shadow device): its
+        # shadow reports count; a's, never asked, are refused by the ingest.
+        conn.execute(
+            "INSERT INTO rollouts (id, model, version, target_kind, target, waves,"
+            " max_failure_share, state, current_wave, created_at, updated_at)"
+            " VALUES ('r1', ?, '2', 'all', '', '[1]', 0.2, 'completed', 0, 0, 0)",
+            (M,),
+        )
+        conn.execute(
+            "INSERT INTO rollout_devices (rollout_id, device_id, wave, state, shadow)"
+            " VALUES ('r1', 'b', 0, 'succeeded', 1)"
+        )
+
+    await db.write(shadow_rollout)
+
     fallback = {
         "schema": 1,
         "items": [],
@@ -193,6 +209,7 @@ async def test_records_land_in_their_minute_and_hour_with_merged_percentiles(
             [
                 ("inference_stats", stats("1", M0 + 59, lat(b4=5))),
                 ("inference_stats", stats("2", M0 + 60, lat(b11=4))),  # next minute
+                ("shadow_stats", shadow("1", "2", M0 + 61, 45, 50)),
                 # outside every table's range: stored as a record, not rolled up
                 ("inference_stats", stats("1", NOW + 86400, lat(b1=7))),
                 ("inference_stats", stats("1", NOW - 200 * 86400, lat(b1=7))),
@@ -204,7 +221,7 @@ async def test_records_land_in_their_minute_and_hour_with_merged_percentiles(
     await send(a, doc_a)
     assert fleet.service.bus.ingest.stats.duplicate_records == dup_before + len(doc_a["records"])
     stored = await query(db, "SELECT count(*) FROM telemetry")
-    assert stored == [(10,)]  # 6 distinct of a, 4 of b: the far ones are kept too
+    assert stored == [(11,)]  # 6 distinct of a, 5 of b: the far ones are kept too
 
     doc = await fleet.call(
         "GET", f"/v1/series/models/{M}?from={M0 - 120}&to={M0 + 180}&step=minute"
@@ -221,7 +238,10 @@ async def test_records_land_in_their_minute_and_hour_with_merged_percentiles(
     assert doc["psi_max"][v1][i0] == 0.3
     assert doc["psi_mean"][v1][i0] == 0.075
     assert doc["cloud_agreement"][v1][i0] == 0.75
-    assert doc["shadow_agreement"][v2] == [None] * 5  # refused shadow report
+    # a's shadow report was refused; b's counts, for the candidate's line
+    assert doc["shadow_compared"][v2] == [None, None, None, 50, None]
+    assert doc["shadow_agreement"][v2] == [None, None, None, 0.9, None]
+    assert doc["shadow_compared"][v1] == [None] * 5
     assert doc["requests"][v2] == [None, None, None, 4, None]
     assert doc["p95_ms"][v2][i0 + 1] == 1000.0  # overflow: the last bound...
     assert doc["summary"][v2]["p95_above"] is True  # ...flagged in the summary
@@ -243,6 +263,7 @@ async def test_records_land_in_their_minute_and_hour_with_merged_percentiles(
         db, "SELECT device_id, version, bucket, requests FROM ts_device_hour ORDER BY 1, 2"
     )
     assert hours == [("a", "1", H0, 20), ("b", "1", H0, 5), ("b", "2", H0, 4)]
+    assert await query(db, "SELECT sum(shadow_compared) FROM ts_version_hour") == [(50,)]
     # Versions filter, and auto over a week: 10-minute steps from the minute table.
     week = await fleet.call("GET", f"/v1/series/models/{M}?from=-7d&version=2")
     assert week["step_s"] == 600 and week["source"] == "minute"
