@@ -143,9 +143,16 @@ async def enrol(session: aiohttp.ClientSession, base: str, device_id: str) -> tu
     return doc["device_id"], doc["mqtt"]["password"]
 
 
-def hard_example(i: int, device: str, *, image: bytes = b"", **header: Any) -> tuple[str, bytes]:
+def hard_example(
+    i: int,
+    device: str,
+    *,
+    image: bytes = b"",
+    inputs: dict[str, np.ndarray] | None = None,
+    **header: Any,
+) -> tuple[str, bytes]:
     """Item ``i`` of TEST_X as the tiny model (labels a, b, c) and a cloud saw it: the
-    upload's id (its sha256) and body."""
+    upload's id (its sha256) and body. ``inputs``: other input tensors than TEST_X's."""
     x = TEST_X[i % len(TEST_X) : i % len(TEST_X) + 1]
     probs = tiny_reference(x)
     doc = {
@@ -166,7 +173,7 @@ def hard_example(i: int, device: str, *, image: bytes = b"", **header: Any) -> t
         **header,
     }
     parts = {
-        "inputs": pack({"x": x}),
+        "inputs": pack(inputs if inputs is not None else {"x": x}),
         "edge_outputs": pack({"probs": probs}),
         "cloud_outputs": pack({"probs": np.ascontiguousarray(probs[:, ::-1])}),
         "image": image,
