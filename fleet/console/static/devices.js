@@ -1,13 +1,14 @@
 /* edgefleet console, device pages: the filter form, the device's charts, the groups and
  * enrolment-token forms. Loaded after console.js (both deferred, in document order) and
- * built on its EF helpers (EF.api with the CSRF token, EF.draw for uPlot, EF.toast).
+ * built on its EF helpers (EF.api with the CSRF token, EF.toast, EF.fire) and uPlot.
  *
  *   - form[data-autosubmit]: a changed <select> submits the (GET) filter form, so the
  *     URL always says what is shown.
  *   - #device-charts[data-series]: one GET of the device's time series (columnar JSON,
  *     one line per model version: fleet/timeseries.py), drawn into each
  *     [data-metric="f1,f2"] chart as one uPlot line per version and field, and the
- *     confidence histogram as bars; redrawn on "ef:telemetry" (at most every 3 s) and
+ *     confidence histogram as bars (console.js's EF.draw takes one column per field;
+ *     this answer has one per version, and a lone point must show as a dot); redrawn on "ef:telemetry" (at most every 3 s) and
  *     when a [data-range] button picks another range. Each chart gets data-points (the
  *     non-empty points drawn) for tests and people alike.
  *   - form[data-groups]: PUT {"groups": [...]} (an empty field clears the groups).
@@ -69,8 +70,38 @@
     });
   }
 
+  var PALETTE = ["#2b6cb0", "#38a169", "#d69e2e", "#805ad5", "#dd6b20", "#319795", "#c53030"];
+
+  /* One uPlot chart: a line per column, with its points drawn (a step with data
+   * between two empty ones is a dot, not nothing), and the threshold dashed. */
+  function plot(el, t, cols, labels, threshold) {
+    if (el._plot) { el._plot.destroy(); el._plot = null; }
+    el.textContent = "";
+    if (!t.length) {
+      var p = document.createElement("div");
+      p.className = "empty";
+      p.textContent = "No data in this range yet.";
+      el.appendChild(p);
+      return;
+    }
+    var series = [{}], data = [t];
+    cols.forEach(function (col, i) {
+      var color = PALETTE[i % PALETTE.length];
+      series.push({ label: labels[i], stroke: color, width: 2, spanGaps: false,
+        points: { show: true, size: 5, fill: color, stroke: color } });
+      data.push(col);
+    });
+    if (threshold !== undefined && threshold !== "") {
+      var th = Number(threshold);
+      series.push({ label: "threshold", stroke: "#c53030", dash: [6, 4], width: 1.5, points: { show: false } });
+      data.push(t.map(function () { return th; }));
+    }
+    var width = Math.max(260, el.clientWidth - 4);
+    el._plot = new window.uPlot({ width: width, height: 200, series: series, scales: { x: { time: true } } }, data, el);
+  }
+
   function drawCharts(root) {
-    var url = root.dataset.series + "?from=" + encodeURIComponent(root.dataset.from || "-24h");
+    var url = root.dataset.series + "?from=" + encodeURIComponent(root.dataset.from || "-1h");
     var errorEl = root.querySelector(".chart-error");
     return fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (r) {
@@ -93,9 +124,7 @@
             });
           });
           var points = countPoints(cols);
-          if (!points) data = { t: [] };  // EF.draw says "no data" for an empty range
-          if (el._plot) { el._plot.destroy(); el._plot = null; }
-          EF.draw(el, data, fields, { labels: labels, threshold: el.dataset.threshold });
+          plot(el, points ? data.t : [], cols, labels, el.dataset.threshold);
           el.dataset.points = String(points);
         });
         root.querySelectorAll("[data-hist]").forEach(function (el) {
