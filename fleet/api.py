@@ -159,6 +159,7 @@ class FleetApi:
     hard_examples: Any | None = None  # fleet.hard_examples.HardExamples (issue 11)
     sessions: Sessions | None = None  # console sign-ins (issue 12); None: cookies ignored
     audit: Audit | None = None  # the audit log (issue 12); None: nothing written
+    live_interval_s: float = 0.5  # console change stamps' period (fleet/console/live.py)
 
     def need_bus(self) -> Any:
         if self.bus is None:

@@ -27,6 +27,7 @@ embedded_broker: {host: 127.0.0.1, port: 1883}
 enrolment: {mqtt_host: mqtt.example.com, mqtt_port: 8883, ca_file: mqtt-ca.pem, token_ttl_s: 86400}
 broker_accounts: {mode: dynsec, username: edgefleet-admin, password_file: broker-admin.password}
 rollouts: {max_failure_share: 0.2}
+console: {session_ttl_s: 43200, live_interval_s: 0.5}   # the web console under /ui/
 ```
 """
 
@@ -269,6 +270,17 @@ class TelemetryConfig(_Section):
     retention: TelemetryRetention = Field(default_factory=TelemetryRetention)
 
 
+class ConsoleConfig(_Section):
+    """The web console under ``/ui/`` (fleet/console/): sign-in sessions and live pages."""
+
+    # Absolute, not sliding: a stolen cookie stops working at the latest this long after
+    # its sign-in (fleet/console/sessions.py).
+    session_ttl_s: float = Field(12 * 3600.0, ge=60.0, le=30 * 86400.0)
+    # How often the change stamps are read while a page watches (fleet/console/live.py):
+    # the live delay is at most this plus one fragment fetch.
+    live_interval_s: float = Field(0.5, ge=0.1, le=10.0)
+
+
 class FleetServiceConfig(_Section):
     data_dir: ConfigPath = Path("/var/lib/edgefleet/fleet")
     http: HttpConfig = Field(default_factory=HttpConfig)
@@ -283,6 +295,7 @@ class FleetServiceConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     hard_examples: HardExamplesConfig = Field(default_factory=HardExamplesConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
 
     @model_validator(mode="after")
     def _one_broker(self) -> FleetServiceConfig:

@@ -241,7 +241,7 @@ class FleetService:
             on_groups_changed=refresh,
             accounts=self.accounts,
         )
-        sessions = Sessions(self.db)
+        sessions = Sessions(self.db, ttl_s=cfg.console.session_ttl_s)
         gone = await sessions.clear_unknown(auth.principals())
         if gone:
             log.info("console: %d expired or orphaned session(s) ended", gone)
@@ -251,6 +251,7 @@ class FleetService:
             auth,
             sessions=sessions,
             audit=Audit(self.db),
+            live_interval_s=cfg.console.live_interval_s,
             bus=self.bus,
             max_failure_share=cfg.rollouts.max_failure_share,
             hard_examples=HardExamples(

@@ -29,7 +29,8 @@ def setup(app: web.Application) -> None:
 
     for module in (pages, devices, models, rollouts, hard_examples, policies):
         app.add_routes(module.routes)
-    feed = live.ChangeFeed(app[API].registry.db)
+    api = app[API]
+    feed = live.ChangeFeed(api.registry.db, interval=api.live_interval_s)
     app[live.FEED] = feed
 
     async def close_feed(_: web.Application) -> None:
