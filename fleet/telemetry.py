@@ -9,7 +9,8 @@ event loop or waits behind ingest writes.
 
 ``since`` (fleet clock, seconds) limits a view to records whose window started at or
 after it (device clocks: good enough for "the last day"); without it a view reads
-every record. Long-lived fleets will want roll-ups of old windows: not built yet.
+every record. Charts over time read the per-minute and per-hour roll-ups instead
+(fleet/rollup.py, served by fleet/timeseries.py), which retention keeps bounded.
 
 Each model version's summary also carries ``drift`` (``merge_drift`` over the
 ``drift_stats`` table: the newest figures of each device, worst device's PSI), with
