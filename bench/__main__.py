@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "mqtt": "bench.mqtt",
     "rollout_guard": "bench.rollout_guard",
     "shadow": "bench.shadow",
+    "console": "bench.console",
 }
 
 
