@@ -910,7 +910,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgefleet.fleet.demo import main as demo_main
 
-    return demo_main(Path(args.build))
+    return demo_main(Path(args.build), keep=args.keep)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -996,6 +996,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="push a new digits-edge version to a running agent (all in-process)"
     )
     s.add_argument("--build", default="models/build", help="`python -m models` output")
+    s.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the story, keep the fleet and the stores running (look around the console)",
+    )
     s.set_defaults(func=cmd_demo, needs_client=False)
 
     s = sub.add_parser("check-config", help="validate a fleet config file")

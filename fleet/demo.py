@@ -178,7 +178,7 @@ async def _start_agent(cfg: AgentConfig) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
-async def run_demo(build: Path, workdir: Path) -> int:
+async def run_demo(build: Path, workdir: Path, *, keep: bool = False) -> int:
     keys = sorted((build / "keys").glob("*.pub"))
     v1 = build / f"{MODEL}-1.bundle"
     cloud_bundle = build / f"{CLOUD_MODEL}-1.bundle"
@@ -215,6 +215,7 @@ async def run_demo(build: Path, workdir: Path) -> int:
         async with aiohttp.ClientSession() as session:
             api = Api(session, fleet.url, token)
             print(f"fleet service on {fleet.url}, embedded MQTT broker on port {fleet.mqtt_port}")
+            print(f"  watch it in the console: {fleet.url}/ui/ (sign in with the token {token})")
             for bundle, data in uploads:
                 doc = await api.call("POST", "/v1/models", data=data)
                 print(
@@ -330,6 +331,13 @@ async def run_demo(build: Path, workdir: Path) -> int:
             good_ok = good_doc.get("state") == "completed" and stable == NEW_VERSION
             print(f"  fleet label stable -> {MODEL} {stable}")
             await asyncio.sleep(1.0)  # the apps keep going on the new version
+            if keep:
+                # The stores and their apps keep running so a person can look around the
+                # console (rollouts with their gate evidence, devices, charts).
+                print(
+                    f"\nthe fleet keeps running: {fleet.url}/ui/ (token {token}); Ctrl-C stops it"
+                )
+                await asyncio.Event().wait()
             stop.set()
             await asyncio.gather(*loads)
             seen: Counter[str] = Counter()
@@ -457,10 +465,13 @@ async def _wait_online(api: Api, device: str, within_s: float = 20.0) -> None:
     raise RuntimeError(f"{device} did not come online within {within_s} s")
 
 
-def main(build: Path) -> int:
+def main(build: Path, *, keep: bool = False) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
-        return asyncio.run(run_demo(build, Path(tmp)))
+        try:
+            return asyncio.run(run_demo(build, Path(tmp), keep=keep))
+        except KeyboardInterrupt:
+            return 0
 
 
 if __name__ == "__main__":
