@@ -45,6 +45,7 @@ from edgefleet.fleet.hard_examples import HardExamples, _labels, check_id
 routes = web.RouteTableDef()
 
 QUEUE_LIMIT = 200  # rows shown; the counts cover them all
+COUNT_CAP = 10_000  # counts above it show as "10,000+"
 EXPORT_LIMIT = 100_000  # the API list's own ceiling
 HEATMAP_MAX = 32  # cells per side of a tensor's heat-map
 TOP_VALUES = 8
@@ -82,7 +83,10 @@ class Filters:
         for column, value in (("model", self.model), ("version", self.version),
                               ("reason", self.reason)):  # fmt: skip
             if value:
-                clauses.append(f"{column} = ?")
+                # "+column": no index. The one on (model, version, reason) would make
+                # SQLite fetch every matching row at random and sort them by rowid;
+                # walking the table backwards stops after a page of matches.
+                clauses.append(f"+{column} = ?")
                 args.append(value)
         if self.agree:
             clauses.append(str(AGREEMENT[self.agree]))
@@ -102,22 +106,35 @@ class Queue:
     rows: list[dict[str, Any]] = field(default_factory=list)
     total: int = 0  # matching the filters, any state
     unlabelled: int = 0
-    labelled_models: list[str] = field(default_factory=list)  # among the filtered, labelled
+    labelled: int = 0
     models: list[tuple[str, str]] = field(default_factory=list)  # (model, version) stored
     reasons: list[str] = field(default_factory=list)
 
 
 def read_queue(conn: sqlite3.Connection, f: Filters) -> Queue:
-    """The queue page's data (reader thread): unlabelled first, newest first."""
+    """The queue page's data (reader thread): unlabelled first, newest first.
+
+    Cheap on a large store (the budget allows hundreds of thousands): rows come in
+    rowid order (the order they were stored, i.e. ``received_at``'s) walked backwards,
+    so a page stops after ``QUEUE_LIMIT`` matches instead of sorting the table; the
+    filter choices come from a skip-scan of the (model, version, reason) index. The
+    counts are the one full pass.
+    """
     out = Queue()
-    where, args = f.where()
-    rows = conn.execute(
+    columns = (
         "SELECT id, device_id, model, version, reason, status, received_at, has_image,"
         " edge_class, edge_confidence, cloud_class, cloud_confidence, agree, label"
-        f" FROM hard_examples{where}"
-        " ORDER BY (label IS NOT NULL), received_at DESC, id LIMIT ?",
-        [*args, QUEUE_LIMIT],
-    ).fetchall()
+        " FROM hard_examples"
+    )
+    rows: list[sqlite3.Row] = []
+    states = ["unlabelled", "labelled"] if f.state == "all" else [f.state]
+    for state in states:
+        if len(rows) >= QUEUE_LIMIT:
+            break
+        where, args = Filters(f.model, f.version, f.reason, f.agree, state).where()
+        rows += conn.execute(
+            f"{columns}{where} ORDER BY rowid DESC LIMIT ?", [*args, QUEUE_LIMIT - len(rows)]
+        ).fetchall()
     names: dict[tuple[str, str], list[str]] = {}
     for r in rows:
         key = (r["model"], r["version"])
@@ -129,23 +146,58 @@ def read_queue(conn: sqlite3.Connection, f: Filters) -> Queue:
         doc["cloud_label"] = _name(labels, r["cloud_class"])
         doc["agree"] = None if r["agree"] is None else bool(r["agree"])
         out.rows.append(doc)
-    where_all, args_all = f.where(with_state=False)
-    total, labelled = conn.execute(
-        f"SELECT count(*), count(label) FROM hard_examples{where_all}", args_all
-    ).fetchone()
-    out.total, out.unlabelled = int(total), int(total) - int(labelled)
-    lab_where = where_all + (" AND " if where_all else " WHERE ") + "label IS NOT NULL"
-    out.labelled_models = [
-        r[0] for r in conn.execute(f"SELECT DISTINCT model FROM hard_examples{lab_where}", args_all)
-    ]
-    out.models = [
-        (r[0], r[1])
-        for r in conn.execute("SELECT DISTINCT model, version FROM hard_examples ORDER BY 1, 2")
-    ]
-    out.reasons = [
-        r[0] for r in conn.execute("SELECT DISTINCT reason FROM hard_examples ORDER BY 1")
-    ]
+
+    # Counted up to COUNT_CAP (then shown as "10,000+"): a count stops at the cap
+    # instead of reading every row of a large store.
+    def count(state: str, cap: int = COUNT_CAP + 1) -> int:
+        where, args = Filters(f.model, f.version, f.reason, f.agree, state).where()
+        sql = f"SELECT count(*) FROM (SELECT 1 FROM hard_examples{where} LIMIT ?)"
+        return int(conn.execute(sql, [*args, cap]).fetchone()[0])
+
+    out.unlabelled = count("unlabelled")
+    out.labelled = count("labelled", 1)  # only whether there are any (for the export)
+    out.total = count("all")
+    triples = _distinct_triples(conn)
+    out.models = sorted({(m, v) for m, v, _ in triples})
+    out.reasons = sorted({r for _, _, r in triples})
     return out
+
+
+def _distinct_triples(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """Every stored (model, version, reason), a few index seeks each (a skip-scan of
+    the index on those columns, fleet/db.py: ``min()`` of a prefix is one seek) rather
+    than a pass over every row."""
+    found: list[tuple[str, str, str]] = []
+
+    def first(sql: str, *args: str) -> str | None:
+        row = conn.execute(sql, args).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    model = first("SELECT min(model) FROM hard_examples")
+    while model is not None and len(found) < 10_000:
+        version = first("SELECT min(version) FROM hard_examples WHERE model = ?", model)
+        while version is not None:
+            reason = first(
+                "SELECT min(reason) FROM hard_examples WHERE model = ? AND version = ?",
+                model,
+                version,
+            )
+            while reason is not None:
+                found.append((model, version, reason))
+                reason = first(
+                    "SELECT min(reason) FROM hard_examples WHERE model = ? AND version = ?"
+                    " AND reason > ?",
+                    model,
+                    version,
+                    reason,
+                )
+            version = first(
+                "SELECT min(version) FROM hard_examples WHERE model = ? AND version > ?",
+                model,
+                version,
+            )
+        model = first("SELECT min(model) FROM hard_examples WHERE model > ?", model)
+    return found
 
 
 def _name(labels: list[str], cls: Any) -> str | None:
@@ -284,7 +336,8 @@ async def _queue_page(request: web.Request, selected: str | None) -> web.Respons
             selected = first["id"] if first else None
         if selected is not None:
             item = await _detail(request, store, check_id(selected))
-    export_model = f.model or (q.labelled_models[0] if len(q.labelled_models) == 1 else "")
+    stored_models = sorted({m for m, _ in q.models})
+    export_model = f.model or (stored_models[0] if len(stored_models) == 1 else "")
     template = "hard_examples_queue.html" if fragment else "hard_examples.html"
     return page(
         request,
@@ -296,10 +349,12 @@ async def _queue_page(request: web.Request, selected: str | None) -> web.Respons
         item=item,
         enabled=store is not None,
         query=f.query(),
-        export_query=f.query(model=export_model, state="") if export_model else None,
+        export_query=f.query(model=export_model, state="") if export_model and q.labelled else None,
+        several_models=len(stored_models) > 1 and not f.model and q.labelled > 0,
         agreements=[a for a in AGREEMENT if a],
         states=STATES,
         limit=QUEUE_LIMIT,
+        cap=COUNT_CAP,
     )
 
 

@@ -46,7 +46,15 @@ from tests.support.console_fleet import (
 )
 from tests.support.tls import make_tls
 
-PAGES = ["/ui/", "/ui/devices", "/ui/models", "/ui/rollouts", "/ui/hard-examples", "/ui/audit"]
+PAGES = [
+    "/ui/",
+    "/ui/devices",
+    "/ui/models",
+    "/ui/rollouts",
+    "/ui/hard-examples",
+    "/ui/policies",
+    "/ui/audit",
+]
 # What a page offers a person to change something with (console.js and the area scripts).
 ACTION_MARKS = re.compile(
     r'data-action=|data-api=|data-upload=|id="he-confirm"|id="he-classes"|<form[^>]*method="post"'
