@@ -12,6 +12,9 @@ What a person sees is asserted, after live updates where the story needs them:
   open page by itself;
 - a group named ``<script>alert(1)</script>`` (which the API refuses, written into the
   database as an older fleet or a hand edit could) prints as text, nothing runs;
+- groups edited on a device's page, an enrolment token made from the admin's form
+  (shown once, and it enrols a device the open list then shows), a revocation after
+  its confirmation;
 - the browser's console stays free of errors. Screenshots of each page go to
   tests/artifacts/screenshots/ (not committed).
 
@@ -219,6 +222,14 @@ def test_overview_devices_and_a_device_page_with_real_agents(
     wait_for(browser, '#events li[data-kind="command_done"]', timeout=20)
     screenshot(browser, "console device resync event")
 
+    # Groups edited on the page: stored, and the facts show them without a reload.
+    field = browser.find_element(By.ID, "groups-input")
+    field.clear()
+    field.send_keys("north, pilot")
+    browser.find_element(By.CSS_SELECTOR, "#groups-form button[type=submit]").click()
+    wait_for(browser, "#device-groups", text="pilot")
+    assert api.call("GET", "/v1/devices/store-n1")["groups"] == ["north", "pilot"]
+
     # A group named like a script prints as text; nothing runs.
     with sqlite3.connect(fleet.workdir / "data" / "fleet.sqlite", timeout=10) as conn:
         conn.execute("INSERT INTO device_groups (device_id, grp) VALUES ('store-s1', ?)", (XSS,))
@@ -238,6 +249,29 @@ def test_overview_devices_and_a_device_page_with_real_agents(
     agents["store-s1"].stop()
     wait_for(browser, '#groups tr[data-group="south"] .offline-n', text="1", timeout=15)
     assert browser.find_element(By.ID, "devices-online").text == "1"
+
+    # An enrolment token from the admin's form, shown once, enrols a new device, which
+    # the open list then shows by itself.
+    browser.get(fleet.url + "/ui/devices")
+    wait_rows(browser, ["store-n1", "store-s1"])
+    browser.find_element(By.ID, "enrol-device").send_keys("store-new")
+    browser.find_element(By.ID, "enrol-groups").send_keys("east")
+    browser.find_element(By.CSS_SELECTOR, "#enrol-form button[type=submit]").click()
+    token = wait_for(browser, "#enrol-token").text
+    assert token.startswith("efe_"), token
+    assert "store-new in east" in browser.find_element(By.ID, "enrol-meta").text
+    screenshot(browser, "console enrolment token")
+    assert api.call("POST", "/v1/enrol", {"token": token}, auth=False)["device_id"] == "store-new"
+    wait_rows(browser, ["store-n1", "store-new", "store-s1"])
+
+    # Revoke (admin), after confirming: the page shows it revoked by itself.
+    browser.get(fleet.url + "/ui/devices/store-s1")
+    browser.find_element(By.ID, "revoke").click()
+    confirm = WebDriverWait(browser, 5).until(lambda d: d.switch_to.alert)
+    assert "Revoke store-s1?" in confirm.text
+    confirm.accept()
+    wait_for(browser, "#device-state", text="revoked")
+    assert api.call("GET", "/v1/devices/store-s1")["revoked_at"] is not None
 
     errors = console_errors(browser)
     assert errors == [], "the browser's console:\n" + "\n".join(errors)
