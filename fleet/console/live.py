@@ -43,7 +43,10 @@ STAMPS: dict[str, str] = {
     " (SELECT max(rowid) FROM rollout_decisions) FROM rollouts",
     "models": "SELECT count(*), max(uploaded_at), (SELECT max(updated_at) FROM model_labels),"
     " (SELECT count(*) || ':' || coalesce(max(id), 0) FROM assignments) FROM model_versions",
-    "hard_examples": "SELECT max(rowid), count(label) FROM hard_examples",
+    # Not count(label): that reads every row (130 ms at 200,000 examples, every
+    # interval). A label set, cleared or deleted is always an API call, and every API
+    # change writes an audit row once answered: the audit log's newest id stands in.
+    "hard_examples": "SELECT max(rowid), (SELECT max(id) FROM audit_log) FROM hard_examples",
     "audit": "SELECT max(id) FROM audit_log",
 }
 KEEPALIVE_S = 15.0

@@ -181,6 +181,19 @@ async def test_label_three_with_the_keyboard_watch_the_queue_shrink_and_export(
         await run(wait_for, browser, f'#he-table tr[data-id="{hid}"]', None, 5.0)
         await run(wait_for, browser, "#he-unlabelled", "3")
         assert open_id(browser) == queue[3], "a live update took the labeller's place away"
+        # A label set elsewhere (another labeller, the CLI) leaves this queue by itself.
+        status, doc = await bearer(
+            http,
+            fleet.url,
+            "PUT",
+            f"/v1/hard-examples/{queue[4]}/label",
+            ADMIN,
+            json={"label": "a"},
+        )
+        assert status == 200, doc
+        await run(wait_for, browser, "#he-unlabelled", "2")
+        assert await run(queue_ids, browser) == [hid, queue[3]]
+        want[queue[4]] = "a"
 
         # Export: the page's link, fetched with the session.
         status, ctype, raw = await run(fetch_export, browser)
@@ -199,7 +212,7 @@ async def test_label_three_with_the_keyboard_watch_the_queue_shrink_and_export(
         out = tmp_path / "cli-export"
         client = Client(fleet.url, ADMIN)
         summary = await run(export_dataset, client, out, {"model": "tiny"})
-        assert summary["examples"] == 3
+        assert summary["examples"] == 4
         cli_index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
         assert cli_index == index
         for name, arrays in ours.items():
