@@ -16,7 +16,8 @@ devices for the paging come from ``create_device`` (no MQTT round trip needed).
   and the server refuses a read user's action through the session anyway;
 - names a device or an old database carry with ``<script>`` print escaped;
 - the overview's alerts: an accelerator fallback read from the real ``reported``
-  shape, and a telemetry backlog growing (records arriving later and later).
+  shape, a telemetry backlog growing (records arriving later and later), drift over
+  the threshold (telemetry rows written as the ingest stores them).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import yaml
 
 from edgefleet.core.mqtt import topics
 from edgefleet.fleet.config import load_fleet_config
-from edgefleet.fleet.console.overview import BACKLOG_WINDOW_S, read_overview
+from edgefleet.fleet.console.overview import BACKLOG_WINDOW_S, fallback_of, read_overview
 from edgefleet.fleet.devices import create_device
 from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Peer
@@ -451,10 +452,78 @@ async def test_overview_alerts_accelerator_fallback_and_backlog(
             )
 
     await db.write(rows_of_lag)
+
+    # Drift over the threshold: tiny 2's roll-up minute, and two devices' records (one
+    # of them an hour ago: only the last quarter hour counts devices).
+    def drift_rows(conn: Any) -> None:
+        conn.execute(
+            "INSERT INTO ts_version_minute (model, version, bucket, drift_records, psi_max)"
+            " VALUES ('tiny', '2', ?, 1, 0.41)",
+            (int(now // 60 * 60),),
+        )
+        for i, (device_id, received, psi) in enumerate(
+            [("store-a", now - 30, 0.41), ("store-b", now - 3000, 0.5), ("store-c", now, 0.1)]
+        ):
+            conn.execute(
+                "INSERT INTO drift_stats (id, device_id, model, version, window_start,"
+                " window_s, samples, psi_max, received_at) VALUES (?, ?, 'tiny', '2', ?, 60,"
+                " 100, ?, ?)",
+                (f"drift{i}", device_id, received - 60, psi, received),
+            )
+
+    await db.write(drift_rows)
     overview = await db.read(read_overview)
+    drift = [a for a in overview.alerts if a["kind"] == "drift"]
+    assert [a["text"] for a in drift] == [
+        "tiny 2: input drift PSI up to 0.41 in the last hour (threshold 0.25);"
+        " 1 device(s) above it in the last 15 min"
+    ]
+    assert drift[0]["href"] == "/ui/models/tiny"
     backlog = [a for a in overview.alerts if a["kind"] == "backlog"]
     assert len(backlog) == 1, overview.alerts
     assert "on 1 device(s): store-b" in backlog[0]["text"]
     assert "up to 5 min late" in backlog[0]["text"]
     assert backlog[0]["href"] == "/ui/devices/store-b"
     assert BACKLOG_WINDOW_S > 400  # the rows above are inside the window
+
+
+@pytest.mark.parametrize(
+    ("provider", "accelerators", "why"),
+    [
+        # The shape agents report (agent/sync.py report_accelerators).
+        (
+            "CPUExecutionProvider",
+            {
+                "onnx": [
+                    "TensorrtExecutionProvider",
+                    "CUDAExecutionProvider",
+                    "CPUExecutionProvider",
+                ]
+            },
+            "runs on CPUExecutionProvider although the device offers"
+            " TensorrtExecutionProvider, CUDAExecutionProvider",
+        ),
+        ("CUDAExecutionProvider", {"onnx": ["CUDAExecutionProvider"]}, ""),
+        # Azure is not an accelerator (core/backends/accelerators.py CPU_PROVIDERS).
+        ("CPUExecutionProvider", {"onnx": ["AzureExecutionProvider", "CPUExecutionProvider"]}, ""),
+        (
+            "XNNPACK",
+            {"litert": ["xnnpack", "/usr/lib/libedgetpu.so.1"]},
+            "runs on XNNPACK although the device offers /usr/lib/libedgetpu.so.1",
+        ),
+        (
+            "cpu-builtin",
+            {"litert": ["xnnpack"]},
+            "runs on cpu-builtin although the device offers XNNPACK",
+        ),
+        ("delegate:libedgetpu.so.1", {"litert": ["xnnpack", "libedgetpu.so.1"]}, ""),
+        ("XNNPACK", {"litert": ["xnnpack"]}, ""),
+        (None, {"onnx": ["CUDAExecutionProvider"]}, ""),
+        ("CPUExecutionProvider", None, ""),
+        ("CPUExecutionProvider", ["not", "a", "dict"], ""),
+    ],
+)
+def test_accelerator_fallback_reads_the_reported_shape(
+    provider: str | None, accelerators: Any, why: str
+) -> None:
+    assert fallback_of(provider, accelerators) == why
