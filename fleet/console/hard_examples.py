@@ -330,12 +330,16 @@ async def _queue_page(request: web.Request, selected: str | None) -> web.Respons
         else Queue()
     )
     item = None
+    missing = ""
     if store is not None and not fragment:
         if selected is None:
             first = next((r for r in q.rows if r["label"] is None), q.rows[0] if q.rows else None)
             selected = first["id"] if first else None
         if selected is not None:
-            item = await _detail(request, store, check_id(selected))
+            try:
+                item = await _detail(request, store, check_id(selected))
+            except NotFound as exc:  # deleted meanwhile, or a stale link: the queue still
+                missing = exc.message
     stored_models = sorted({m for m, _ in q.models})
     export_model = f.model or (stored_models[0] if len(stored_models) == 1 else "")
     template = "hard_examples_queue.html" if fragment else "hard_examples.html"
@@ -347,6 +351,7 @@ async def _queue_page(request: web.Request, selected: str | None) -> web.Respons
         q=q,
         f=f,
         item=item,
+        missing=missing,
         enabled=store is not None,
         query=f.query(),
         export_query=f.query(model=export_model, state="") if export_model and q.labelled else None,

@@ -133,6 +133,13 @@ async def test_label_three_with_the_keyboard_watch_the_queue_shrink_and_export(
             " return i && i.complete ? [i.naturalWidth, i.naturalHeight] : null;",
         )
         assert size == [40, 40], size
+        ctype = await run(
+            browser.execute_async_script,
+            "const done = arguments[0];"
+            " fetch(document.getElementById('he-image').src, {credentials: 'same-origin'})"
+            ".then((r) => done([r.status, r.headers.get('content-type')]));",
+        )
+        assert ctype == [200, "image/png"], ctype
         keys_text = (await run(wait_for, browser, "#he-keys")).text
         assert "Enter" in keys_text and "skip" in keys_text
         # The classes with their keys; the cloud's answer is picked to begin with.
@@ -263,6 +270,9 @@ async def test_a_tensor_example_shows_a_heat_map_and_export_refusals(
         assert pixels[2] != pixels[3], "the hot square looks like the cold border"
         await run(screenshot, browser, "hard example heat map")
 
+        # A stale link to an example that is gone: the queue, saying so.
+        await run(browser.get, f"{fleet.url}/ui/hard-examples/{'0' * 64}")
+        await run(wait_for, browser, "#he-missing", "no hard example")
         status, doc = await bearer(
             http, fleet.url, "GET", "/ui/hard-examples/export.zip?model=tiny", ADMIN
         )
