@@ -262,8 +262,9 @@ def tensor_views(npz: bytes) -> list[dict[str, Any]]:
                 "grid": None,
                 "top": [],
             }
-            if a.size and np.issubdtype(a.dtype, np.number):
-                x = a.astype(np.float64)
+            if a.size and a.dtype.kind in "biuf":  # bool, integers, floats
+                # NaN/inf shown as 0/the dtype's extremes: a heat-map needs numbers.
+                x = np.nan_to_num(a.astype(np.float64))
                 view.update(min=float(x.min()), max=float(x.max()), mean=float(x.mean()))
                 sq = np.squeeze(x)
                 if sq.ndim == 3 and min(sq.shape[0], sq.shape[-1]) <= 4:

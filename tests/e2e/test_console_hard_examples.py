@@ -310,3 +310,9 @@ def test_heat_map_grid_of_an_image_input() -> None:
     vec = np.array([[0.5, 3.0, -1.0, 2.0, 0.0]], np.float32)
     (view,) = tensor_views(npz(**{"input.x": vec}))
     assert view["grid"] is None and [i for i, _ in view["top"]] == [1, 3, 0, 4, 2]
+    odd = np.full((1, 16), np.nan, np.float32)
+    odd[0, 3] = np.inf
+    view, text = tensor_views(npz(**{"input.x": odd, "input.s": np.array(["a"])}))
+    assert json.dumps(view, allow_nan=False)  # what the page's script gets is JSON
+    assert len(view["grid"]) == 4 and view["grid"][0][3] == 1.0
+    assert (text["shape"], text["grid"], text["top"]) == ([1], None, [])  # named only
