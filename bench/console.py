@@ -748,9 +748,12 @@ async def live_delay(
             delays: list[float] = []
             misses = 0
             for i in range(reps):
-                # Quiet: past the page's redraw throttle (3 s), at any phase of the
-                # change feed's poll; busy: at any phase of the throttle too.
-                await asyncio.sleep(3.2 + random.random())
+                # Quiet: past the page's own redraw throttle (devices.js: 3 s), at any
+                # phase of the change feed's 0.5 s poll. Busy: spread over 2-5 s, so the
+                # records land at any phase of the page's redraw pace too.
+                await asyncio.sleep(
+                    3.2 + random.random() if phase == "quiet" else 2.0 + 3.0 * random.random()
+                )
                 seq += 1
                 delay, plots = await _watch_once(driver, dev, seq, 1000 + 37 * i, plots)
                 if delay is None:
@@ -797,6 +800,7 @@ async def measure(
     browser = await asyncio.to_thread(start_chromium)
     try:
         driver = browser.driver
+        res["chromium"] = driver.capabilities.get("browserVersion")
         await asyncio.to_thread(login, driver, base, token)
         pages = {"overview": "/ui/", "rollout": f"/ui/rollouts/{ctx.rollout}"}
         res["browser"] = await asyncio.to_thread(first_render, driver, base, pages, args.loads)
@@ -901,7 +905,8 @@ def render(res: dict[str, Any]) -> str:
         "",
         machine_markdown(res["machine"]),
         f"One `edge-fleet serve` process (SQLite), Mosquitto, the benchmark's client and"
-        f" Debian's headless Chromium share the cores. The database: {res['devices']:,}"
+        f" Debian's headless Chromium {res.get('chromium') or ''} share the cores."
+        f" The database: {res['devices']:,}"
         f" devices in 4 groups, {res['days']} days of per-minute telemetry roll-ups"
         f" ({rows.get('ts_version_minute', 0):,} version-minute,"
         f" {rows.get('ts_device_hour', 0):,} device-hour and"
@@ -993,7 +998,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=30, help="timed requests per URL")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--loads", type=int, default=5, help="browser loads per page")
-    parser.add_argument("--live-reps", type=int, default=5)
+    parser.add_argument("--live-reps", type=int, default=10, help="records per live phase")
     parser.add_argument(
         "--quick", action="store_true", help="200 devices, 1 day: a fast check of the harness"
     )
