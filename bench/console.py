@@ -35,9 +35,15 @@ Measured:
   in its data (the fleet stores and rolls it up, the change feed notices, the page's
   SSE fires, the chart re-fetches its series and redraws). When the device page has no
   such chart yet, a probe on the page does what the chart does (on the same SSE notice,
-  the same series query) and the result says so.
+  the same series query) and the result says so. Twice ``--live-reps`` records: on a
+  quiet fleet, then while another enrolled device publishes every 0.5 s (a busy fleet,
+  where the page's charts redraw at their own throttled pace); the headline
+  ``live_delay_s`` is the busy median.
 
-Writes ``bench/results/console.json`` and the "Console" section of docs/benchmarks.md.
+Writes ``bench/results/console.json`` (``devices``, ``page_p95_ms``: the slowest page's
+p95, ``first_render_ms``: the slower of the two pages' median first contentful paint,
+``live_delay_s``, and every figure behind them) and the "Console" section of
+docs/benchmarks.md. ``--quick`` (200 devices, 1 day) checks the harness and only prints.
 Exits 1 when a page or chart answers an error other than 404 (404: listed as missing,
 a page not built yet), when sign-in, the browser or the live measurement fails.
 """
