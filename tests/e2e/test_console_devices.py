@@ -9,7 +9,8 @@ What a person sees is asserted, after live updates where the story needs them:
 - the device list's filters (chosen in the form, kept in the URL) show the right rows;
 - a device's page shows its model and, after real traffic, a requests chart with data;
 - pressing Resync reaches the real agent: its ``command_done`` event appears on the
-  open page by itself;
+  open page by itself; so does Roll back, after a version 2 assigned over the API shows
+  up active on the page;
 - a group named ``<script>alert(1)</script>`` (which the API refuses, written into the
   database as an older fleet or a hand edit could) prints as text, nothing runs;
 - groups edited on a device's page, an enrolment token made from the admin's form
@@ -34,7 +35,11 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -42,7 +47,7 @@ from tests.support.agent_process import AgentProcess
 from tests.support.brokers import free_port
 from tests.support.browser import console_errors, login, screenshot, wait_for
 from tests.support.fleet_server import ServedFleet
-from tests.support.tiny import TEST_X, agent_config
+from tests.support.tiny import TEST_X, W2, agent_config
 
 XSS = "<script>alert(1)</script>"
 
@@ -61,6 +66,15 @@ class Api:
         if auth:
             req.add_header("Authorization", f"Bearer {self.token}")
         with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def upload(self, bundle: Path) -> Any:
+        req = urllib.request.Request(
+            self.url + "/v1/models", data=bundle.read_bytes(), method="POST"
+        )
+        req.add_header("Content-Type", "application/octet-stream")
+        req.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)
 
     def enrol(self, device_id: str, groups: list[str]) -> dict[str, Any]:
@@ -91,9 +105,11 @@ def infer(base: str, n: int) -> None:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[ServedFleet]:
+def fleet(tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[ServedFleet]:
     served = ServedFleet(
-        tmp_path, free_port(), ["--data-dir", str(tmp_path / "data"), "--mqtt-port", "0"]
+        tmp_path,
+        free_port(),
+        ["--data-dir", str(tmp_path / "data"), "--mqtt-port", "0", "--trust-key", str(keys[1])],
     )
     try:
         yield served
@@ -142,6 +158,23 @@ def agents(
             proc.stop()
 
 
+TINY_CELLS = '#models-table tr[data-model="tiny"] td'
+
+
+def settled(driver: webdriver.Chrome, fn: Callable[[webdriver.Chrome], Any]) -> Any:
+    """``fn(driver)``, tried again while a live refresh replaces the elements it reads
+    (a stale element: the part of the page was swapped for its fresh copy)."""
+    wait = WebDriverWait(
+        driver, 10, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)
+    )
+    return wait.until(lambda d: (fn(d),))[0]
+
+
+def read(driver: webdriver.Chrome, css: str) -> str:
+    """The text of the first element matching ``css`` (inside a live part or not)."""
+    return str(settled(driver, lambda d: d.find_element(By.CSS_SELECTOR, css).text))
+
+
 def rows(driver: webdriver.Chrome) -> list[str]:
     return [
         el.get_attribute("data-device") or ""
@@ -151,13 +184,22 @@ def rows(driver: webdriver.Chrome) -> list[str]:
 
 def wait_rows(driver: webdriver.Chrome, want: list[str], timeout: float = 10.0) -> None:
     try:
-        WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: rows(d) == want)
-    except Exception:
+        # A live refresh may replace a row while it is read: look again.
+        WebDriverWait(
+            driver,
+            timeout,
+            poll_frequency=0.05,
+            ignored_exceptions=(StaleElementReferenceException,),
+        ).until(lambda d: rows(d) == want)
+    except TimeoutException:
         raise AssertionError(f"rows {rows(driver)} != {want} on {driver.current_url}") from None
 
 
 def test_overview_devices_and_a_device_page_with_real_agents(
-    browser: webdriver.Chrome, fleet: ServedFleet, agents: dict[str, AgentProcess]
+    browser: webdriver.Chrome,
+    fleet: ServedFleet,
+    agents: dict[str, AgentProcess],
+    make_tiny_bundle: Any,
 ) -> None:
     api = Api(fleet)
     until(
@@ -172,11 +214,11 @@ def test_overview_devices_and_a_device_page_with_real_agents(
     # The overview: one device online in north, one in south, none offline.
     wait_for(browser, "h1", text="Fleet overview")
     for group in ("north", "south"):
-        row = wait_for(browser, f'#groups tr[data-group="{group}"]')
-        assert row.find_element(By.CSS_SELECTOR, ".online-n").text == "1"
-        assert row.find_element(By.CSS_SELECTOR, ".offline-n").text == "0"
-    assert browser.find_element(By.ID, "devices-online").text == "2"
-    assert "tiny" in browser.find_element(By.CSS_SELECTOR, ".model-mix").text
+        row = f'#groups tr[data-group="{group}"]'
+        assert read(browser, row + " .online-n") == "1"
+        assert read(browser, row + " .offline-n") == "0"
+    assert read(browser, "#devices-online") == "2"
+    assert "tiny" in read(browser, ".model-mix")
     screenshot(browser, "console devices overview")
 
     # The list, filtered from its form: the URL says what is shown.
@@ -199,12 +241,14 @@ def test_overview_devices_and_a_device_page_with_real_agents(
     # Real traffic on store-n1, then its page: the model, and a requests chart with data.
     infer(agents["store-n1"].base, 40)
     browser.get(fleet.url + "/ui/devices/store-n1")
-    model_row = wait_for(browser, '#models-table tr[data-model="tiny"]')
+    wait_for(browser, '#models-table tr[data-model="tiny"]')
     # Installed from the agent's own config (no assignment): version 1, not fleet-managed.
-    cells = [td.text for td in model_row.find_elements(By.TAG_NAME, "td")]
+    cells = settled(
+        browser, lambda d: [td.text for td in d.find_elements(By.CSS_SELECTOR, TINY_CELLS)]
+    )
     assert cells[:2] == ["tiny", "1"] and cells[4] == "unmanaged", cells
     assert cells[6] == "CPUExecutionProvider", cells
-    assert "north" in browser.find_element(By.ID, "device-groups").text
+    assert "north" in read(browser, "#device-groups")
     WebDriverWait(browser, 30, poll_frequency=0.2).until(
         lambda d: (
             int(d.find_element(By.ID, "chart-requests").get_attribute("data-points") or "0") > 0
@@ -230,6 +274,49 @@ def test_overview_devices_and_a_device_page_with_real_agents(
     wait_for(browser, "#device-groups", text="pilot")
     assert api.call("GET", "/v1/devices/store-n1")["groups"] == ["north", "pilot"]
 
+    # Version 2 assigned to store-n1 (the API): the open page shows it active, then the
+    # Roll back button (after its confirmation) reaches the agent, which answers with
+    # an event naming the model.
+    for bundle in (make_tiny_bundle("1"), make_tiny_bundle("2", W2)):
+        api.upload(bundle)
+    api.call(
+        "POST",
+        "/v1/assignments",
+        {"model": "tiny", "version": "2", "target": {"device": "store-n1"}},
+    )
+    until(
+        lambda: api.call("GET", "/v1/devices/store-n1")["models"]["tiny"],
+        lambda m: m["active"] == "2" and m["previous"] == "1" and m["state"] == "active",
+    )
+    wait_for(browser, '#models-table tr[data-model="tiny"]', text="active")
+    cells = settled(
+        browser, lambda d: [td.text for td in d.find_elements(By.CSS_SELECTOR, TINY_CELLS)]
+    )
+    assert cells[1] == "2" and cells[3] == "1", cells
+    done_before = len(
+        browser.find_elements(By.CSS_SELECTOR, '#events li[data-kind="command_done"]')
+    )
+    settled(
+        browser,
+        lambda d: d.find_element(
+            By.CSS_SELECTOR, '#models-table tr[data-model="tiny"] button.rollback'
+        ).click(),
+    )
+    confirm = WebDriverWait(browser, 5).until(lambda d: d.switch_to.alert)
+    assert confirm.text == "Roll tiny back to 1 on store-n1?"
+    confirm.accept()
+    wait_for(browser, "#toast", text="Rollback sent")
+    WebDriverWait(browser, 20, poll_frequency=0.1).until(
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, '#events li[data-kind="command_done"]'))
+            > done_before
+        ),
+        message="the rollback's event never showed",
+    )
+    newest = read(browser, '#events li[data-kind="command_done"]')
+    assert "tiny" in newest, newest
+    screenshot(browser, "console device rollback event")
+
     # A group named like a script prints as text; nothing runs.
     with sqlite3.connect(fleet.workdir / "data" / "fleet.sqlite", timeout=10) as conn:
         conn.execute("INSERT INTO device_groups (device_id, grp) VALUES ('store-s1', ?)", (XSS,))
@@ -237,7 +324,7 @@ def test_overview_devices_and_a_device_page_with_real_agents(
     assert XSS in wait_for(browser, "#device-groups").text
     browser.get(fleet.url + "/ui/devices")
     wait_rows(browser, ["store-n1", "store-s1"])
-    assert XSS in browser.find_element(By.CSS_SELECTOR, 'tr[data-device="store-s1"]').text
+    assert XSS in read(browser, 'tr[data-device="store-s1"]')
     browser.get(fleet.url + "/ui/")
     wait_for(browser, "#groups", text=XSS)
     with pytest.raises(NoAlertPresentException):
@@ -248,7 +335,7 @@ def test_overview_devices_and_a_device_page_with_real_agents(
     # An agent stops: the open overview counts it offline in its group by itself.
     agents["store-s1"].stop()
     wait_for(browser, '#groups tr[data-group="south"] .offline-n', text="1", timeout=15)
-    assert browser.find_element(By.ID, "devices-online").text == "1"
+    assert read(browser, "#devices-online") == "1"
 
     # An enrolment token from the admin's form, shown once, enrols a new device, which
     # the open list then shows by itself.
