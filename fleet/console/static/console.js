@@ -188,7 +188,9 @@
     var cols = [t];
     fields.forEach(function (f, i) {
       if (!data[f]) return;
-      series.push({ label: (opts.labels && opts.labels[i]) || f, stroke: PALETTE[i % PALETTE.length], width: 2, spanGaps: false });
+      // Few points (a new version, a short range): draw them as dots, or one point shows nothing.
+      series.push({ label: (opts.labels && opts.labels[i]) || f, stroke: PALETTE[i % PALETTE.length], width: 2,
+        spanGaps: false, points: { show: t.length <= 60, size: 6 } });
       cols.push(data[f]);
     });
     if (opts.threshold !== undefined && opts.threshold !== null && opts.threshold !== "") {
