@@ -84,10 +84,13 @@ def wait_open(driver: webdriver.Chrome, hid: str, timeout: float = 10.0) -> None
 
 
 def queue_ids(driver: webdriver.Chrome) -> list[str]:
-    return [
-        str(r.get_attribute("data-id"))
-        for r in driver.find_elements(By.CSS_SELECTOR, "#he-table tr.he-row")
-    ]
+    # One script call: a live update may replace the rows between two WebDriver calls.
+    return list(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll('#he-table tr.he-row'))"
+            ".map((r) => r.dataset.id);"
+        )
+    )
 
 
 def fetch_export(driver: webdriver.Chrome) -> tuple[int, str, bytes]:

@@ -32,7 +32,6 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.action_chains import ActionChains
-from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from edgefleet.fleet.service import FleetService
@@ -223,11 +222,13 @@ async def test_a_change_without_the_csrf_token_is_refused_and_the_audit_log_show
     assert doc["groups"] == ["south"]
 
     await run(browser.get, fleet.url + "/ui/audit")
-    table = await run(wait_for, browser, "#audit-table", "PUT /v1/devices/{id}/groups")
-    rows = [
-        [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-        for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")
-    ]
+    await run(wait_for, browser, "#audit-table", "PUT /v1/devices/{id}/groups")
+    # Read in one script call: a live update may replace the table at any moment.
+    rows = await run(
+        browser.execute_script,
+        "return Array.from(document.querySelectorAll('#audit-table tbody tr'))"
+        ".map((tr) => Array.from(tr.cells).map((td) => td.innerText.trim()));",
+    )
     # when, who, role, via, action, target, status, from, detail — newest first.
     mine = [r for r in rows if r[1] == "ops"]
     assert [(r[4], r[5], r[6]) for r in mine[:2]] == [
