@@ -35,6 +35,7 @@ from edgefleet.core.http import json_response
 from edgefleet.fleet.api import READ, _api, _bus_call, _jsonable, requires
 from edgefleet.fleet.console.render import page
 from edgefleet.fleet.db import dumps, loads
+from edgefleet.fleet.gates import GateSyntaxError, parse_gate
 
 routes = web.RouteTableDef()
 
@@ -164,8 +165,14 @@ def read_gate_series(conn: sqlite3.Connection, rid: str, since: float | None) ->
         e["t"].append(r[3])
         e["wave"].append(r[4])
         e["outcome"].append(r[5])
-        for i, c in enumerate(_SERIES_COLUMNS):
-            e[c].append(_finite(r[6 + i]))
+        point = dict(zip(_SERIES_COLUMNS, map(_finite, r[6:]), strict=True))
+        if not point["canary_n"]:
+            # No canary item yet: Wilson's (0, 1) says nothing; not drawn as a band.
+            point["canary_low"] = point["canary_high"] = None
+        if point["threshold"] is None:
+            point["threshold"] = _threshold(r[1], point["baseline"])
+        for c in _SERIES_COLUMNS:
+            e[c].append(point[c])
     decisions = [
         {"stage": st, "wave": w, "outcome": o, "at": at}
         for st, w, o, at in conn.execute(
@@ -181,6 +188,19 @@ def read_gate_series(conn: sqlite3.Connection, rid: str, since: float | None) ->
         "gates": list(gates.values()),
         "decisions": decisions,
     }
+
+
+def _threshold(text: str, baseline: float | None) -> float | None:
+    """The line a gate draws before it decides anything (the gates store a threshold
+    only past the minimum sample): ``b`` for an absolute gate, ``a * baseline + b``
+    once the baseline has a figure."""
+    try:
+        gate = parse_gate(text)
+    except GateSyntaxError:
+        return None
+    if not gate.relative:
+        return gate.b
+    return None if baseline is None else gate.a * baseline + gate.b
 
 
 def latest_figures(series: dict[str, Any]) -> list[dict[str, Any]]:

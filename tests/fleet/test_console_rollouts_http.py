@@ -212,6 +212,9 @@ async def test_rollout_pages_render_every_state_with_its_buttons_and_the_gate_hi
     assert gate["canary_n"][-1] == 100 and gate["threshold"][-1] == 0.05
     assert gate["canary_low"][-1] > 0.05  # the evidence: its interval is above the line
     assert gate["outcome"][0] == "wait" and gate["canary_n"][0] == 0
+    # Before any canary item: no interval drawn, the absolute threshold drawn already.
+    assert gate["canary_low"][0] is None and gate["canary_high"][0] is None
+    assert gate["threshold"][0] == 0.05
     assert [(d["stage"], d["wave"], d["outcome"]) for d in series["decisions"]] == [
         ("wave", 1, "fail")
     ]

@@ -27,13 +27,14 @@
   function draw(el, doc) {
     var field = el.dataset.field, unit = el.dataset.unit;
     var lines = doc.lines || [], cols = doc[field] || [];
-    el.innerHTML = "";
     var any = cols.some(function (c) { return c && c.some(function (x) { return x != null; }); });
     el.dataset.points = any ? String(doc.t.length) : "0";
     if (!doc.t || !doc.t.length || !any) {
+      if (el._plot) { el._plot.destroy(); el._plot = null; }
+      el.innerHTML = "";
       var p = document.createElement("div");
       p.className = "empty";
-      p.textContent = "No telemetry in the last 24 h.";
+      p.textContent = "No telemetry in this range.";
       el.appendChild(p);
       return;
     }
@@ -49,8 +50,15 @@
       data.push(doc.t.map(function () { return th; }));
     }
     var axis = unit === "pct" ? function (u, vals) { return vals.map(function (v) { return (100 * v).toFixed(0) + " %"; }); } : undefined;
+    var scales = { x: { time: true } };
+    // Rates: 0 % at the bottom, and a flat line of zeros is not drawn as "0 to 10,000 %".
+    if (unit === "pct") scales.y = { range: function (u, lo, hi) { return [0, hi > 0 ? Math.min(1, hi * 1.2) : 0.1]; } };
+    series.slice(1).forEach(function (s) { s.points = { show: true, size: 4 }; });
+    var old = el._plot;
+    el.innerHTML = "";
+    if (old) old.destroy();
     el._plot = new window.uPlot({ width: Math.max(320, el.clientWidth || 520), height: 200,
-      scales: { x: { time: true } }, series: series, axes: [{}, { values: axis, size: 56 }] }, data, el);
+      scales: scales, series: series, axes: [{}, { values: axis, size: 56 }] }, data, el);
   }
 
   function load() {
@@ -156,5 +164,13 @@
     if (!box) return;
     load();
     document.body.addEventListener("ef:telemetry", soon);
+    // The range buttons: the same charts over another window (step "auto" keeps them cheap).
+    document.querySelectorAll("#model-range [data-range]").forEach(function (btn) {
+      btn.addEventListener("click", function () {
+        box.dataset.series = box.dataset.base + "?from=" + encodeURIComponent(btn.dataset.range);
+        document.querySelectorAll("#model-range [data-range]").forEach(function (b) { b.classList.toggle("primary", b === btn); });
+        load();
+      });
+    });
   });
 })();

@@ -19,6 +19,7 @@
   }
 
   function draw(el, g) {
+    if (el._plot) { el._plot.destroy(); el._plot = null; }
     el.innerHTML = "";
     el.dataset.points = String(g.t.length);
     if (!g.t.length) {
