@@ -111,12 +111,23 @@
     if (!id || busy || !$("#he-confirm")) return;
     if (!picked) { toast("Pick a class first (press its key).", true); return; }
     var label = picked;
+    // The candidates for "next" in the queue's order as it is now: a live refresh may
+    // replace the rows (without this one) before the answer comes back.
+    var after = [];
+    var all = rows();
+    var at = all.indexOf(rowOf(id));
+    all.slice(at + 1).concat(all.slice(0, Math.max(at, 0))).forEach(function (r) {
+      if (r.dataset.id !== id && !r.dataset.label) after.push(r.dataset.id);
+    });
     busy = true;
     EF.api("PUT", "/v1/hard-examples/" + encodeURIComponent(id) + "/label", { label: label })
       .then(function () {
         toast("Labelled " + id.slice(0, 10) + " as " + label + ".");
         var row = rowOf(id);
-        var next = neighbour(1, true);
+        var next = after.filter(function (c) {
+          var r = rowOf(c);
+          return r && !r.dataset.label;
+        })[0] || null;
         if (row) {
           var queue = $("#he-queue");
           var count = $("#he-unlabelled");
