@@ -114,7 +114,7 @@ def start_rollout(driver: webdriver.Chrome, base: str) -> str:
     driver.find_element(By.ID, "a-target").send_keys("north")
     Select(driver.find_element(By.ID, "a-version")).select_by_value("2")
     driver.find_element(By.ID, "a-waves").send_keys("1, 100%")
-    driver.find_element(By.ID, "a-gates").send_keys("error_rate <= 0.5")
+    driver.find_element(By.ID, "a-gates").send_keys("error_rate <= baseline + 0.1")
     driver.find_element(By.ID, "a-minreq").send_keys("20")
     driver.find_element(By.ID, "a-minbase").send_keys("20")
     # No full-page screenshot here: Chrome's capture beyond the viewport leaves the next
@@ -190,7 +190,7 @@ async def test_upload_roll_out_watch_the_waves_and_roll_back_in_the_browser(
 
         rid = await in_thread(start_rollout, browser, fleet.base)
         rollout = await fleet.call("GET", f"/v1/rollouts/{rid}")
-        assert rollout["plan"]["gates"] == ["error_rate <= 0.5"]
+        assert rollout["plan"]["gates"] == ["error_rate <= baseline + 0.1"]
         assert rollout["plan"]["waves"] == [1, "100%"] and rollout["plan"]["min_requests"] == 20
         assert rollout["target"] == {"group": "north"}
         await in_thread(screenshot, browser, "console rollout started")

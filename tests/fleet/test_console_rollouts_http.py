@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import aiohttp
 import orjson
 import pytest
 
+from edgefleet.fleet.console.rollouts import MAX_POINTS
 from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto
 from tests.support.fleet_sim import SimDevice, batch, stats_data, until
@@ -366,3 +368,105 @@ async def test_model_pages_figures_placement_labels_upload_and_removal(
     html = await admin.page("/ui/models/tiny")
     assert "Not assigned anywhere." in html
     assert (await admin.get("/ui/models/nope"))[0] == 404
+
+
+def shadow_stats(candidate: str, compared: int, agreed: int) -> dict[str, Any]:
+    """A ``shadow_stats`` record's data as agent/shadow.py sends it (core/protocol.py)."""
+    return {
+        "model": "tiny",
+        "version": "1",
+        "candidate": candidate,
+        "task": "classification",
+        "window_start": time.time() - 60,
+        "window_s": 60.0,
+        "sampled": compared,
+        "compared": compared,
+        "agreed": agreed,
+        "errors": 0,
+        "dropped_queue": 0,
+        "dropped_budget": 0,
+        "conf_delta_sum": 0.0,
+        "conf_delta_sumsq": 0.0,
+        "candidate_latency_ms_sum": 1.0 * compared,
+        "active_latency_ms_sum": 1.0 * compared,
+    }
+
+
+async def test_a_shadow_stage_shows_its_stores_its_gate_chart_and_its_end(
+    fleet: Setup, mosquitto: Mosquitto
+) -> None:
+    admin = fleet.admin
+    sims = [await fleet.device(mosquitto.port, f"store-{i}", ["north"]) for i in range(2)]
+    await fleet.call(
+        "POST", "/v1/assignments", json={"model": "tiny", "version": "1", "target": {"all": True}}
+    )
+    await until(lambda: all(s.active.get("tiny") == "1" for s in sims))
+    plan = {
+        "waves": ["100%"],
+        "shadow": {"devices": 1, "min_items": 100, "gates": ["shadow_agreement >= 0.9"]},
+    }
+    started = await fleet.call(
+        "POST",
+        "/v1/assignments",
+        json={"model": "tiny", "version": "2", "target": {"group": "north"}, "plan": plan},
+    )
+    rid, shadow_id = started["id"], started["shadow_devices"][0]
+    html = await admin.page(f"/ui/rollouts/{rid}")
+    assert 'id="rollout-stage">shadow stage<' in html
+    assert 'id="stage-shadow" data-state="running"' in html
+    assert f'href="/ui/devices/{shadow_id}"' in html
+    assert 'data-stage="shadow" data-gate="shadow_agreement &gt;= 0.9"' in html
+    # The shadow store compares 120 items and agrees on all: the stage ends, waves follow.
+    sim = next(s for s in sims if s.device_id == shadow_id)
+    records = [("shadow_stats", shadow_stats("2", 120, 120))]
+    await sim.link.publish(sim.topic("telemetry"), orjson.dumps(batch(shadow_id, records)))
+    done = await until(lambda: rollout_state(fleet, rid, "completed"))
+    assert [(d["stage"], d["outcome"]) for d in done["decisions"]] == [("shadow", "pass")]
+    html = await admin.page(f"/ui/rollouts/{rid}")
+    assert 'id="stage-shadow" data-state="done"' in html and "Shadow stage: gates passed" in html
+    assert "100.00 %" in html and "120 of 120" in html  # the agreement and its sample
+    status, series = await admin.json(f"/v1/rollouts/{rid}/gates/series")
+    assert status == 200
+    (gate,) = series["gates"]
+    assert gate["stage"] == "shadow" and gate["outcome"][-1] == "pass"
+    assert gate["canary"][-1] == 1.0 and gate["canary_n"][-1] == 120
+    assert gate["threshold"][-1] == 0.9 and set(gate["wave"]) == {0}
+
+
+async def test_the_gate_history_is_thinned_for_a_long_wave_and_keeps_its_decisions(
+    fleet: Setup, mosquitto: Mosquitto
+) -> None:
+    """A wave that waited a week: far more evaluations than a chart draws. The route
+    answers at most about MAX_POINTS per gate, evenly spread, with every evaluation
+    that decided something and the last one."""
+    await fleet.device(mosquitto.port, "store-0", ["north"])
+    started = await fleet.call(
+        "POST",
+        "/v1/assignments",
+        json={"model": "tiny", "version": "2", "target": {"group": "north"},
+              "plan": {"waves": ["100%"], "gates": ["error_rate <= 0.05"]}},
+    )  # fmt: skip
+    rid = started["id"]
+    await fleet.call("POST", f"/v1/rollouts/{rid}/pause")  # no new evaluation meanwhile
+    t0 = time.time() - 7 * 86400
+    n = 3 * MAX_POINTS + 7
+
+    def job(conn: Any) -> None:
+        conn.execute("DELETE FROM rollout_gate_evals WHERE rollout_id = ?", (rid,))
+        conn.executemany(
+            "INSERT INTO rollout_gate_evals (rollout_id, at, stage, wave, gate, signal, outcome,"
+            " canary, canary_low, canary_high, canary_n, baseline, baseline_n, threshold)"
+            " VALUES (?, ?, 'wave', 1, 'error_rate <= 0.05', 'error_rate', ?, 0.01, 0.0, 0.03,"
+            " ?, NULL, NULL, 0.05)",
+            [(rid, t0 + 10.0 * i, "pass" if i == 1234 else "wait", 100 + i) for i in range(n)],
+        )
+
+    await fleet.svc.bus.db.write(job)
+    status, series = await fleet.admin.json(f"/v1/rollouts/{rid}/gates/series")
+    assert status == 200 and series["stride"] == 4
+    (gate,) = series["gates"]
+    assert MAX_POINTS // 2 < len(gate["t"]) <= MAX_POINTS + 2
+    assert gate["t"] == sorted(gate["t"]) and gate["t"][-1] == t0 + 10.0 * (n - 1)
+    assert gate["canary_n"][gate["outcome"].index("pass")] == 100 + 1234
+    html = await fleet.admin.page(f"/ui/rollouts/{rid}")
+    assert f'data-points="{len(gate["t"])}"' in html
