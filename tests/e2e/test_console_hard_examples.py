@@ -15,6 +15,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,6 +37,7 @@ from tests.support.browser import console_errors, login, screenshot, wait_for
 from tests.support.console_fleet import (
     ADMIN,
     OPERATOR,
+    ConsoleClient,
     bearer,
     console_config,
     enrol,
@@ -319,3 +321,73 @@ def test_heat_map_grid_of_an_image_input() -> None:
     assert json.dumps(view, allow_nan=False)  # what the page's script gets is JSON
     assert len(view["grid"]) == 4 and view["grid"][0][3] == 1.0
     assert (text["shape"], text["grid"], text["top"]) == ([1], None, [])  # named only
+
+
+async def test_queue_filters_order_and_export_selection_over_http(fleet: FleetService) -> None:
+    """The queue's filters (model, version, reason, agreement, state) and order (unlabelled
+    first, newest first), and the export of what the filters select, over plain HTTP."""
+    async with aiohttp.ClientSession() as http:
+        creds = await enrol(http, fleet.url, "shop-1")
+        ids = []
+        for i, (kind, agree) in enumerate(
+            [("unsure", False), ("audit", True), ("unsure", None), ("audit", False)]
+        ):
+            extra: dict[str, Any] = {"kind": kind, "agree": agree}
+            if agree is None:  # no cloud answer at all
+                extra.update(cloud_model=None, cloud_version=None, cloud_class=None,
+                             cloud_confidence=None, status="expired")  # fmt: skip
+            hid, body = hard_example(i, "shop-1", **extra)
+            assert await upload(http, fleet.url, creds, hid, body) == 201, extra
+            ids.append(hid)
+        status, doc = await bearer(
+            http, fleet.url, "PUT", f"/v1/hard-examples/{ids[3]}/label", ADMIN, json={"label": "b"}
+        )
+        assert status == 200, doc
+
+    async with ConsoleClient(fleet.url) as browser:
+        assert (await browser.login(OPERATOR)).status == 303
+
+        async def listed(query: str) -> tuple[list[str], str]:
+            status, text, _ = await browser.page(f"/ui/hard-examples?{query}")
+            assert status == 200, (query, text[:300])
+            found = re.findall(r'<tr class="he-row[^"]*" data-id="([0-9a-f]{64})"', text)
+            count = re.search(r'id="he-unlabelled">(\d+)<', text)
+            return found, count.group(1) if count else ""
+
+        assert await listed("") == ([ids[2], ids[1], ids[0]], "3")  # unlabelled, newest first
+        assert await listed("state=all") == ([ids[2], ids[1], ids[0], ids[3]], "3")
+        assert await listed("state=labelled") == ([ids[3]], "3")
+        assert await listed("reason=audit&state=all") == ([ids[1], ids[3]], "1")
+        assert await listed("agree=disagree") == ([ids[0]], "1")
+        assert await listed("agree=agree") == ([ids[1]], "1")
+        assert await listed("agree=unknown") == ([ids[2]], "1")
+        assert await listed("model=tiny&version=1&state=all") == (
+            [ids[2], ids[1], ids[0], ids[3]],
+            "3",
+        )
+        assert await listed("model=other") == ([], "0")
+        status, text, _ = await browser.page("/ui/hard-examples?state=maybe")
+        assert status == 400
+        # The fragment live updates fetch: the queue alone.
+        status, text, _ = await browser.page("/ui/hard-examples", headers={"HX-Request": "true"})
+        assert (
+            status == 200 and "he-table" in text and "<html" not in text and "he-item" not in text
+        )
+
+        # Export: what the filters select (labelled only), with the page's link.
+        status, text, _ = await browser.page("/ui/hard-examples?reason=audit&state=all")
+        href = re.search(r'id="he-export" href="([^"]+)"', text)
+        assert href is not None, text
+        async with browser.session.get(fleet.url + href.group(1).replace("&amp;", "&")) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "application/zip"
+            assert "hard-examples-tiny.zip" in r.headers["Content-Disposition"]
+            raw = await r.read()
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            index = [json.loads(x) for x in zf.read("index.jsonl").decode().splitlines()]
+            with np.load(io.BytesIO(zf.read("eval.npz")), allow_pickle=False) as ev:
+                assert ev["x"].shape == (1, 4) and list(ev["y"]) == [1]
+        assert [(r["id"], r["label"], r["reason"]) for r in index] == [(ids[3], "b", "audit")]
+        async with browser.session.get(
+            fleet.url + "/ui/hard-examples/export.zip?reason=unsure"
+        ) as r:
+            assert r.status == 404  # nothing labelled among them
