@@ -7,6 +7,9 @@ signs in and labels three examples with the keyboard only (class keys, Enter, ``
 skip, arrows to go back), sees the queue shrink, sees a new upload appear by itself,
 and downloads the export: the same folder ``edge-fleet hard-examples export`` writes
 (compared file by file). Screenshots under tests/artifacts/screenshots/.
+
+Also, cheaper: the compact tensor view on its own, and the queue's filters, order,
+counts and filtered export over plain HTTP (a cookie-jar client signed in as a browser).
 """
 
 from __future__ import annotations
