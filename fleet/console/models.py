@@ -114,8 +114,7 @@ async def models_page(request: web.Request) -> web.Response:
     models = await api.registry.list_models()
 
     def q(conn: sqlite3.Connection) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        live = [r for r in read_rollout_list(conn, None, None) if r["state"] != "completed"]
-        return read_placement(conn, None), live
+        return read_placement(conn, None), read_rollout_list(conn, None, None, live_only=True)
 
     placement, rollouts = await api.registry.db.read(q)
     live: dict[str, dict[str, Any]] = {}
@@ -147,7 +146,7 @@ async def model_page(request: web.Request) -> web.Response:
     def q(conn: sqlite3.Connection) -> tuple[Any, ...]:
         return (
             read_placement(conn, name).get(name, {}),
-            read_rollout_list(conn, None, name)[:20],
+            read_rollout_list(conn, None, name, limit=20),
             read_targets(conn),
         )
 

@@ -39,7 +39,7 @@ from edgefleet.fleet.gates import GateSyntaxError, parse_gate
 
 routes = web.RouteTableDef()
 
-LIST_LIMIT = 200  # rollouts on the list page (newest first)
+LIST_LIMIT = 100  # rollouts on the list page (newest first)
 MAX_POINTS = 1000  # per gate on a chart: a week-long wave is thinned to this
 STATES = ("running", "paused", "stopped", "completed", "rolled_back")
 WAVE_STATES = ("succeeded", "failed", "pending", "waiting", "rolled_back")
@@ -58,14 +58,22 @@ _SERIES_COLUMNS = (
 
 
 def read_rollout_list(
-    conn: sqlite3.Connection, state: str | None, model: str | None
+    conn: sqlite3.Connection,
+    state: str | None,
+    model: str | None,
+    *,
+    live_only: bool = False,
+    limit: int = LIST_LIMIT,
 ) -> list[dict[str, Any]]:
-    """The newest ``LIST_LIMIT`` rollouts with their device counts per state (two
-    queries, whatever the number of rollouts and devices)."""
+    """The newest ``limit`` rollouts (``live_only``: running, paused or stopped ones)
+    with their device counts per state (two queries, whatever the number of rollouts
+    and devices)."""
     where, args = [], []
     if state:
         where.append("state = ?")
         args.append(state)
+    if live_only:
+        where.append("state IN ('running', 'paused', 'stopped')")
     if model:
         where.append("model = ?")
         args.append(model)
@@ -75,7 +83,7 @@ def read_rollout_list(
         + (" WHERE " + " AND ".join(where) if where else "")
         + " ORDER BY created_at DESC LIMIT ?"
     )
-    rows = conn.execute(sql, (*args, LIST_LIMIT)).fetchall()
+    rows = conn.execute(sql, (*args, limit)).fetchall()
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
         out[r[0]] = {
@@ -95,15 +103,16 @@ def read_rollout_list(
             "counts": dict.fromkeys(WAVE_STATES, 0),
         }
     if out:
-        for rid, st, n, waves in conn.execute(
-            "SELECT rollout_id, state, count(*), max(wave) FROM rollout_devices"
-            " WHERE rollout_id IN (SELECT value FROM json_each(?)) GROUP BY 1, 2",
+        # In the order of the covering index rollout_devices_wave (migration 8).
+        for rid, wave, st, n in conn.execute(
+            "SELECT rollout_id, wave, state, count(*) FROM rollout_devices"
+            " WHERE rollout_id IN (SELECT value FROM json_each(?)) GROUP BY 1, 2, 3",
             (dumps(list(out)),),
         ):
             entry = out[rid]
-            entry["counts"][st] = n
+            entry["counts"][st] = entry["counts"].get(st, 0) + n
             entry["devices"] += n
-            entry["waves"] = max(entry["waves"], waves or 0)
+            entry["waves"] = max(entry["waves"], wave or 0)
     return list(out.values())
 
 
