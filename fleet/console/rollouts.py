@@ -252,6 +252,7 @@ async def rollouts_page(request: web.Request) -> web.Response:
         states=STATES,
         wave_states=WAVE_STATES,
         query=request.query_string,
+        limit=LIST_LIMIT,
     )
 
 
