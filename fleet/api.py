@@ -1015,7 +1015,13 @@ async def get_hard_example(request: web.Request) -> web.Response:
 @requires(READ)
 async def hard_example_image(request: web.Request) -> web.Response:
     body, content_type = await _hard_examples(request).image(request.match_info["id"])
-    return web.Response(body=body, content_type=content_type)
+    # Device-supplied bytes: the browser must take them for what the type says, never
+    # sniff them into HTML (the console shows them in an <img>).
+    return web.Response(
+        body=body,
+        content_type=content_type,
+        headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"},
+    )
 
 
 @routes.get("/v1/hard-examples/{id}/tensors")
