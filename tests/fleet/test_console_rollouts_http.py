@@ -352,7 +352,14 @@ async def test_model_pages_figures_placement_labels_upload_and_removal(
     assert '<span class="badge">staging</span>' in html
     assert '<option value="staging">label: staging</option>' in html  # assign by label
     assert 'data-model="tiny"' in html and 'id="assign-form"' in html
-    assert "<dt>staging</dt><dd>2</dd>" in html
+    assert "<dt>staging</dt><dd>2 <button" in html
+    # The label's remove button, as the page sends it.
+    assert 'data-action="/v1/models/tiny/labels/staging" data-method="DELETE"' in html
+    status, doc = await admin.api("DELETE", "/v1/models/tiny/labels/staging")
+    assert status == 200, doc
+    assert "<dt>staging</dt>" not in await admin.page("/ui/models/tiny")
+    status, doc = await admin.api("PUT", "/v1/models/tiny/labels/staging", {"version": "2"})
+    assert status == 200
 
     # A version in use cannot go: the 409 the console shows names what uses it.
     status, doc = await admin.api("DELETE", "/v1/models/tiny/versions/1")
