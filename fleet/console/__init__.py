@@ -19,6 +19,7 @@ def setup(app: web.Application) -> None:
     from edgefleet.fleet.api import API
     from edgefleet.fleet.console import (
         devices,
+        events,
         hard_examples,
         live,
         models,
@@ -27,7 +28,7 @@ def setup(app: web.Application) -> None:
         rollouts,
     )
 
-    for module in (pages, devices, models, rollouts, hard_examples, policies):
+    for module in (pages, devices, models, rollouts, hard_examples, policies, events):
         app.add_routes(module.routes)
     api = app[API]
     feed = live.ChangeFeed(api.registry.db, interval=api.live_interval_s)

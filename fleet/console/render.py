@@ -45,6 +45,7 @@ NAV = [
     ("models", "/ui/models", "Models"),
     ("rollouts", "/ui/rollouts", "Rollouts"),
     ("hard_examples", "/ui/hard-examples", "Hard examples"),
+    ("events", "/ui/timeline", "Events"),
     ("policies", "/ui/policies", "Policies"),
     ("audit", "/ui/audit", "Audit log"),
 ]
