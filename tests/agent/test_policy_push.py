@@ -20,11 +20,17 @@ from edgefleet.agent.fleet_link import FLEET
 from edgefleet.agent.server.context import SERVICES
 from edgefleet.core.mqtt import topics
 from edgefleet.fleet.cli import main as fleet_main
-from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto, Peer
 from tests.support.cloud_helpers import TOKEN as CLOUD_TOKEN
 from tests.support.cloud_helpers import cloud_config, infer
-from tests.support.quality_fleet import TOKEN, Fleet, fleet_config, fleet_section, until
+from tests.support.quality_fleet import (
+    TOKEN,
+    Fleet,
+    fleet_config,
+    fleet_section,
+    running_fleet,
+    until,
+)
 from tests.support.tiny import TEST_X, agent_config
 
 X1 = TEST_X[:1]
@@ -35,14 +41,8 @@ async def fleet(
     tmp_path: Path, keys: tuple[Path, Path], mosquitto: Mosquitto, start_agent: Any
 ) -> AsyncIterator[Fleet]:
     """Depends on ``start_agent`` so the fleet stops before the agents."""
-    svc = await FleetService(fleet_config(tmp_path, keys, mosquitto.port)).start()
-    async with aiohttp.ClientSession() as session:
-        try:
-            async with asyncio.timeout(10):
-                await svc.bus.wait_connected()
-            yield Fleet(svc, session)
-        finally:
-            await svc.stop()
+    async with running_fleet(fleet_config(tmp_path, keys, mosquitto.port)) as client:
+        yield client
 
 
 @pytest.fixture

@@ -14,16 +14,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto
 from tests.support.browser import console_errors, login, screenshot, wait_for
-from tests.support.quality_fleet import TOKEN, Fleet, fleet_config, until
+from tests.support.quality_fleet import TOKEN, Fleet, fleet_config, running_fleet, until
 
 READ_TOKEN = "console-read-token-0123456789abcdef"
 
@@ -38,14 +36,8 @@ async def fleet(
         mosquitto.port,
         auth={"token": TOKEN, "tokens": [{"name": "viewer", "role": "read", "token": READ_TOKEN}]},
     )
-    svc = await FleetService(cfg).start()
-    async with aiohttp.ClientSession() as session:
-        try:
-            async with asyncio.timeout(10):
-                await svc.bus.wait_connected()
-            yield Fleet(svc, session)
-        finally:
-            await svc.stop()
+    async with running_fleet(cfg) as client:
+        yield client
 
 
 def _set_group_policy(driver: webdriver.Chrome, base: str) -> None:

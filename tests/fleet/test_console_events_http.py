@@ -10,28 +10,20 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from edgefleet.core import protocol
 from edgefleet.core.mqtt import topics
-from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto, Peer
-from tests.support.quality_fleet import TOKEN, Fleet, fleet_config, until
+from tests.support.quality_fleet import TOKEN, Fleet, fleet_config, running_fleet, until
 
 
 @pytest.fixture
 async def fleet(
     tmp_path: Path, keys: tuple[Path, Path], mosquitto: Mosquitto
 ) -> AsyncIterator[Fleet]:
-    svc = await FleetService(fleet_config(tmp_path, keys, mosquitto.port)).start()
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
-        try:
-            async with asyncio.timeout(10):
-                await svc.bus.wait_connected()
-            yield Fleet(svc, session)
-        finally:
-            await svc.stop()
+    async with running_fleet(fleet_config(tmp_path, keys, mosquitto.port), cookies=True) as client:
+        yield client
 
 
 def event(device: str, n: int, kind: str, model: str, reason: str) -> bytes:

@@ -12,16 +12,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
 from edgefleet.core.mqtt import topics
-from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto, Peer
 from tests.support.fleet_sim import SimDevice, batch, stats_data
 from tests.support.prom import promtool_check, sample
-from tests.support.quality_fleet import TOKEN, Fleet, fleet_config, until
+from tests.support.quality_fleet import TOKEN, Fleet, fleet_config, running_fleet, until
 
 READ_TOKEN = "read-" + secrets.token_hex(16)
 
@@ -36,14 +34,8 @@ async def fleet(
         mosquitto.port,
         auth={"token": TOKEN, "tokens": [{"name": "prom", "role": "read", "token": READ_TOKEN}]},
     )
-    svc = await FleetService(cfg).start()
-    async with aiohttp.ClientSession() as session:
-        try:
-            async with asyncio.timeout(10):
-                await svc.bus.wait_connected()
-            yield Fleet(svc, session)
-        finally:
-            await svc.stop()
+    async with running_fleet(cfg) as client:
+        yield client
 
 
 async def scrape(fleet: Fleet, token: str = READ_TOKEN) -> str:

@@ -8,7 +8,6 @@ bad queries are refused with 400 saying what is wrong.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import sqlite3
 import time
@@ -16,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import sqlite_utils
 
@@ -24,11 +22,10 @@ from edgefleet.core.errors import BadRequest
 from edgefleet.fleet import db as fleet_db
 from edgefleet.fleet.db import FleetDB, dumps
 from edgefleet.fleet.rollup import FIGURES, TABLE, Retention, prune
-from edgefleet.fleet.service import FleetService
 from edgefleet.fleet.timeseries import MAX_POINTS, choose_window
 from tests.support.brokers import Mosquitto
 from tests.support.fleet_sim import SimDevice, add_device, add_version, batch, query, stats_data
-from tests.support.quality_fleet import Fleet, fleet_config, until
+from tests.support.quality_fleet import Fleet, fleet_config, running_fleet, until
 
 M = "digits-edge"
 NOW = time.time()
@@ -102,14 +99,8 @@ async def fleet(
         # and the fleet-wide minute table, not the device minute table.
         telemetry={"retention": {"minute_device_h": 1, "interval_s": 1, "batch_rows": 100}},
     )
-    svc = await FleetService(cfg).start()
-    async with aiohttp.ClientSession() as session:
-        try:
-            async with asyncio.timeout(10):
-                await svc.bus.wait_connected()
-            yield Fleet(svc, session)
-        finally:
-            await svc.stop()
+    async with running_fleet(cfg) as client:
+        yield client
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ tests/e2e/test_hard_example_upload.py, tests/fleet/test_hard_examples.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,22 @@ class Fleet:
 
     async def device(self, device_id: str) -> dict[str, Any]:
         return dict(await self.call("GET", f"/v1/devices/{device_id}"))
+
+
+@contextlib.asynccontextmanager
+async def running_fleet(cfg: FleetServiceConfig, *, cookies: bool = False) -> AsyncIterator[Fleet]:
+    """A fleet service started in this loop, its MQTT side connected, and a client for
+    it; stopped on exit. ``cookies``: the client keeps cookies from 127.0.0.1 (aiohttp's
+    default jar drops cookies of IP hosts), for console sessions."""
+    svc = await FleetService(cfg).start()
+    jar = aiohttp.CookieJar(unsafe=True) if cookies else None
+    async with aiohttp.ClientSession(cookie_jar=jar) as session:
+        try:
+            async with asyncio.timeout(10):
+                await svc.bus.wait_connected()
+            yield Fleet(svc, session)
+        finally:
+            await svc.stop()
 
 
 async def until(
