@@ -250,7 +250,8 @@ def tensor_views(npz: bytes) -> list[dict[str, Any]]:
     image once its size-1 axes (and a channel axis of ≤ 4) are dropped, else the top
     values with their flat indices."""
     views: list[dict[str, Any]] = []
-    with np.load(io.BytesIO(npz), allow_pickle=False) as arrays:  # never unpickle
+    buffer = io.BytesIO(npz)
+    with np.load(buffer, allow_pickle=False) as arrays:  # never unpickle
         for key in arrays.files:
             if not key.startswith("input."):
                 continue
