@@ -977,7 +977,7 @@ def render(res: dict[str, Any]) -> str:
         " data holds the record's request count. Quiet fleet (nothing else arriving):"
         f" {quiet.get('delays_s')} s. Busy (another device publishing every 0.5 s, so the"
         f" telemetry notice fires all the time and the page redraws at its own pace;"
-        " static/devices.js redraws a device's charts at most every 3 s):"
+        " static/devices.js redraws a device's charts at most once a second):"
         f" {busy.get('delays_s')} s.",
     ]
     others = res.get("box_load", {}).get("others_share_of_box", 0.0)
