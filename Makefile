@@ -28,14 +28,16 @@ demo: $(STAMP)
 test: $(STAMP) lint
 	deploy/ensure-test-tools.sh
 	$(PY) -m pytest -q
-	# The agent runs on uvloop by default: the in-process async tests run on it too.
+	# Both services run on uvloop by default: the in-process async tests run on it too.
 	EDGEFLEET_TEST_LOOP=uvloop $(PY) -m pytest -q tests/agent/test_api.py \
 		tests/agent/test_dataplane.py tests/agent/test_device_link.py \
 		tests/agent/test_model_store.py tests/agent/test_batcher.py \
 		tests/agent/test_cloud_faults.py tests/agent/test_fallback_modes.py \
 		tests/core/test_mqtt_link.py tests/agent/test_mqtt_telemetry.py \
 		tests/agent/test_mqtt_agent.py tests/agent/test_sync.py \
-		tests/fleet/test_fleet_bus.py tests/e2e/test_fleet_e2e.py
+		tests/fleet/test_fleet_bus.py tests/e2e/test_fleet_e2e.py \
+		tests/fleet/test_console_auth.py tests/fleet/test_timeseries.py \
+		tests/fleet/test_fleet_metrics.py tests/fleet/test_console_events_http.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
