@@ -519,6 +519,19 @@ def _m8_gate_series(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX rollout_devices_wave ON rollout_devices (rollout_id, wave, state)")
 
 
+def _m9_device_outbox(db: sqlite_utils.Database) -> None:
+    # Issue 12: what each device's newest telemetry batch said of its outbox (records
+    # waiting on the store PC, the outbox's running drop counters when full), kept by
+    # fleet/ingest.py for the console's backlog and lost-telemetry alerts and /metrics.
+    for column, kind in (
+        ("outbox_waiting", "INTEGER"),
+        ("outbox_dropped_low", "INTEGER"),
+        ("outbox_dropped_high", "INTEGER"),
+        ("outbox_at", "REAL"),  # fleet clock: when that batch arrived
+    ):
+        db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_revocation,
@@ -528,6 +541,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m6_telemetry_rollups,
     _m7_console,
     _m8_gate_series,
+    _m9_device_outbox,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -285,6 +285,9 @@ class BatchMsg:
     # drift_stats rows and invalid drift records (fleet.telemetry_math.drift_rows)
     drift: list[tuple[Any, ...]] = field(default_factory=list)
     bad_drift: int = 0
+    # The batch's word on the device's outbox (waiting, dropped_low, dropped_high: the
+    # drop counters are the outbox's running totals); None when the batch has none.
+    outbox: tuple[int, int, int] | None = None
 
 
 def signal_rows(
@@ -367,6 +370,7 @@ def batch_msg(b: protocol.TelemetryBatch, t: float) -> BatchMsg:
                 bad_shadow += 1
                 continue
             signals.extend(signal_rows(r.id, device_id, sh, t))
+    outbox = b.outbox
     return BatchMsg(
         device_id,
         b.batch_id,
@@ -380,6 +384,9 @@ def batch_msg(b: protocol.TelemetryBatch, t: float) -> BatchMsg:
         t,
         signals,
         bad_shadow,
+        outbox=None
+        if outbox is None
+        else (outbox.waiting, outbox.dropped_low, outbox.dropped_high),
     )
 
 
@@ -667,6 +674,21 @@ class Ingest:
                 new.append(row)
         return new
 
+    def _outbox_in(self, conn: sqlite3.Connection, stored: list[BatchMsg]) -> None:
+        """Each device's outbox as its newest batch told it: records waiting on the store
+        PC and its drop counters (the console's backlog and lost-telemetry alerts, the
+        fleet's /metrics). A resent older batch never overwrites a newer word."""
+        conn.executemany(
+            "UPDATE devices SET outbox_waiting = ?, outbox_dropped_low = ?,"
+            " outbox_dropped_high = ?, outbox_at = ?"
+            " WHERE id = ? AND coalesce(outbox_at, 0) <= ?",
+            [
+                (*b.outbox, b.received_at, b.device_id, b.received_at)
+                for b in stored
+                if b.outbox is not None
+            ],
+        )
+
     def _touch_in(self, conn: sqlite3.Connection, seen: dict[str, float]) -> None:
         conn.executemany(
             "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE id = ?",
@@ -744,6 +766,7 @@ class Ingest:
             )
             new_events = self._insert_events_in(conn, [row for b in stored for row in b.events])
             self._touch_in(conn, {b.device_id: b.received_at for b in stored})
+            self._outbox_in(conn, stored)
             # Chart roll-ups of the new records, in this same transaction (fleet/rollup.py).
             roll_up_in(conn, stored, refused, self.retention)
             return known, inserted, new_events

@@ -83,6 +83,9 @@ class DbSnapshot:
     group_devices: dict[tuple[str, str], int] = field(default_factory=dict)  # (group, state)
     rollouts: dict[str, int] = field(default_factory=dict)  # state → rollouts
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (stage, outcome)
+    # What the devices' newest batches said of their outboxes (fleet/ingest.py).
+    outbox_waiting: int = 0
+    outbox_dropped: dict[str, int] = field(default_factory=dict)  # priority → records
 
 
 _DEVICE_STATE_SQL = (
@@ -92,7 +95,7 @@ _DEVICE_STATE_SQL = (
 
 
 def read_snapshot(conn: sqlite3.Connection) -> DbSnapshot:
-    """Reader thread: the database's figures, four grouped counts."""
+    """Reader thread: the database's figures, four grouped counts and the outbox sums."""
     snap = DbSnapshot()
     for state, n in conn.execute(
         f"SELECT {_DEVICE_STATE_SQL} AS s, count(*) FROM devices d GROUP BY s"
@@ -109,6 +112,12 @@ def read_snapshot(conn: sqlite3.Connection) -> DbSnapshot:
         "SELECT stage, outcome, count(*) FROM rollout_decisions GROUP BY stage, outcome"
     ):
         snap.decisions[(stage or "", outcome or "")] = n
+    waiting, low, high = conn.execute(
+        "SELECT total(outbox_waiting), total(outbox_dropped_low), total(outbox_dropped_high)"
+        " FROM devices WHERE revoked_at IS NULL"
+    ).fetchone()
+    snap.outbox_waiting = int(waiting)
+    snap.outbox_dropped = {"low": int(low), "high": int(high)}
     return snap
 
 
@@ -165,6 +174,21 @@ class _FleetCollector(Collector):
         for (stage, outcome), n in sorted(snap.decisions.items()):
             decisions.add_metric([stage, outcome], n)
         yield decisions
+        yield GaugeMetricFamily(
+            PREFIX + "device_outbox_waiting",
+            "Telemetry records waiting in the devices' outboxes, as their newest batches"
+            " said (the fleet-wide backlog)",
+            value=snap.outbox_waiting,
+        )
+        dropped = GaugeMetricFamily(
+            PREFIX + "device_outbox_dropped",
+            "Telemetry records the devices' full outboxes dropped, by priority (the"
+            " devices' running totals, as their newest batches said)",
+            labels=["priority"],
+        )
+        for priority, n in sorted(snap.outbox_dropped.items()):
+            dropped.add_metric([priority], n)
+        yield dropped
 
     def _bus_figures(self, bus: Any) -> Iterator[Metric]:
         link = bus.link.stats

@@ -8,7 +8,10 @@ stores; each names what to open next:
   last hour (the rule of thumb: PSI > 0.25 is a real shift), with how many devices saw it;
 - devices offline for longer than ``OFFLINE_ALERT_S``;
 - telemetry backlog growing: devices whose records arrive later and later (see
-  ``_backlog``);
+  ``_backlog``), and devices whose newest batch says more than
+  ``OUTBOX_BACKLOG_RECORDS`` records wait in their outbox;
+- telemetry lost on a store PC: a device whose outbox, full, dropped records (the drop
+  counters its newest batch carries, ``_outbox``);
 - accelerator fallbacks: a model running on the CPU on a device whose ``reported``
   accelerators offer something faster (see ``fallback_of``).
 
@@ -139,6 +142,7 @@ def _alerts(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
             }
         )
     alerts += _backlog(conn, now)
+    alerts += _outbox(conn, now)
     alerts += _accelerator_alerts(conn)
     return alerts
 
@@ -198,16 +202,59 @@ def _recent_rowid(conn: sqlite3.Connection, since: float) -> int | None:
     return int(lo)
 
 
+OUTBOX_BACKLOG_RECORDS = 1000
+OUTBOX_FRESH_S = 3600.0  # a batch older than this says nothing about the outbox now
+
+
+def _outbox(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+    """What the devices' newest batches said of their outboxes (fleet/ingest.py keeps
+    it in ``devices``): records dropped because the outbox was full (telemetry lost
+    for good: a ``bad`` alert), and many records waiting to be sent."""
+    alerts: list[dict[str, Any]] = []
+    rows = conn.execute(
+        "SELECT id, outbox_waiting, outbox_dropped_low, outbox_dropped_high FROM devices"
+        " WHERE revoked_at IS NULL AND outbox_at > ?"
+        " AND (outbox_dropped_low + outbox_dropped_high > 0 OR outbox_waiting >= ?)"
+        " ORDER BY outbox_dropped_high + outbox_dropped_low DESC, outbox_waiting DESC",
+        (now - OUTBOX_FRESH_S, OUTBOX_BACKLOG_RECORDS),
+    ).fetchall()
+    lost = [r for r in rows if r[2] + r[3] > 0]
+    if lost:
+        low, high = sum(r[2] for r in lost), sum(r[3] for r in lost)
+        alerts.append(
+            {
+                "level": "bad",
+                "kind": "outbox_dropped",
+                "text": f"telemetry lost on {len(lost)} device(s): a full outbox dropped"
+                f" {low:,} low- and {high:,} high-priority records"
+                f" ({_names([r[0] for r in lost], len(lost))})",
+                "href": f"/ui/devices/{quote(lost[0][0], safe='')}",
+            }
+        )
+    waiting = [r for r in rows if r[1] >= OUTBOX_BACKLOG_RECORDS]
+    if waiting:
+        alerts.append(
+            {
+                "level": "warn",
+                "kind": "outbox_waiting",
+                "text": f"{len(waiting)} device(s) hold {OUTBOX_BACKLOG_RECORDS:,} or more"
+                f" unsent telemetry records (most: {waiting[0][1]:,} on {waiting[0][0]})",
+                "href": f"/ui/devices/{quote(waiting[0][0], safe='')}",
+            }
+        )
+    return alerts
+
+
 def _backlog(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
     """Devices whose telemetry backlog grows.
 
-    The fleet does not store the outbox counts a batch carries, so the backlog is read
-    from the records themselves: a device sends its outbox oldest first (by priority),
-    so ``received_at - ts`` of what arrives is how far behind it is. Behind by more
-    than ``BACKLOG_LAG_S`` and by ``BACKLOG_GROWTH_S`` more than in the previous half
-    window: the backlog grows. (A steady clock difference between device and fleet
-    cancels out of the growth; a device that sends nothing at all shows as offline
-    or silent instead.)
+    Growth is read from the records themselves (the outbox's size in the newest batch
+    is one number, ``_outbox``; lateness over a window shows the trend): a device
+    sends its outbox oldest first (by priority), so ``received_at - ts`` of what
+    arrives is how far behind it is. Behind by more than ``BACKLOG_LAG_S`` and by
+    ``BACKLOG_GROWTH_S`` more than in the previous half window: the backlog grows.
+    (A steady clock difference between device and fleet cancels out of the growth; a
+    device that sends nothing at all shows as offline or silent instead.)
     """
     start = _recent_rowid(conn, now - BACKLOG_WINDOW_S)
     if start is None:
