@@ -49,7 +49,7 @@ from edgefleet.core.mqtt.connection import MqttConnection
 from edgefleet.core.mqtt.errors import LinkClosed, LinkRefused, PublishTimeout
 from edgefleet.fleet.db import FleetDB
 from edgefleet.fleet.desired import DesiredStates
-from edgefleet.fleet.ingest import Ingest, IngestStats
+from edgefleet.fleet.ingest import DEVICE_BURST, DEVICE_RATE_PER_S, Ingest, IngestStats
 from edgefleet.fleet.rollouts import Rollouts
 from edgefleet.fleet.telemetry import TelemetryViews
 
@@ -79,6 +79,8 @@ class FleetBus:
         bundle_url: Callable[[str, str], str],
         shared_group: str | None = None,
         tick_s: float = 5.0,
+        device_rate_per_s: float = DEVICE_RATE_PER_S,
+        device_burst: int = DEVICE_BURST,
     ) -> None:
         self.db = db
         self.shared_group = shared_group
@@ -92,7 +94,13 @@ class FleetBus:
         self.desired = DesiredStates(db, self._publish_retained, bundle_url)
         self.rollouts = Rollouts(db, self.desired)
         self.telemetry = TelemetryViews(db)
-        self.ingest = Ingest(db, self._publish_ack, self.rollouts)
+        self.ingest = Ingest(
+            db,
+            self._publish_ack,
+            self.rollouts,
+            device_rate_per_s=device_rate_per_s,
+            device_burst=device_burst,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
 

@@ -27,6 +27,7 @@ embedded_broker: {host: 127.0.0.1, port: 1883}
 enrolment: {mqtt_host: mqtt.example.com, mqtt_port: 8883, ca_file: mqtt-ca.pem, token_ttl_s: 86400}
 broker_accounts: {mode: dynsec, username: edgefleet-admin, password_file: broker-admin.password}
 rollouts: {max_failure_share: 0.2}
+ingest: {device_rate_per_s: 20, device_burst: 200}   # per-device token bucket
 console: {session_ttl_s: 43200, live_interval_s: 0.5}   # the web console under /ui/
 ```
 """
@@ -196,6 +197,11 @@ class IngestConfig(_Section):
     # Several fleet workers: each subscribes to `$share/<group>/...` so the broker
     # splits device traffic between them (DESIGN.md, Scale). None: one worker.
     shared_group: str | None = None
+    # The per-device token bucket (fleet/ingest.py, "Per-device rate limit"): messages a
+    # second sustained, and at once. Over it a message is dropped unparsed and not
+    # acked, so the device's outbox sends it again later: nothing is lost.
+    device_rate_per_s: float = Field(20.0, gt=0, le=100_000)
+    device_burst: int = Field(200, ge=1, le=1_000_000)
 
     @field_validator("shared_group")
     @classmethod

@@ -99,7 +99,7 @@ MESSAGES: dict[str, type[protocol.Message]] = {
     topics.EVENTS: protocol.Event,
     topics.TELEMETRY: protocol.TelemetryBatch,
 }
-DEVICE_RATE_PER_S = 20.0  # messages per second and device, sustained (module doc)
+DEVICE_RATE_PER_S = 20.0  # messages per second and device, sustained (module doc; ingest.*)
 DEVICE_BURST = 200  # messages a device may send at once (catching up after an outage)
 MAX_BUCKETS = 100_000  # devices tracked at once; past it the fullest buckets are forgotten
 

@@ -212,6 +212,8 @@ class FleetService:
             client_id=broker_cfg.client_id or FLEET_MQTT_USER,
             bundle_url=self.bundle_url,
             shared_group=cfg.ingest.shared_group,
+            device_rate_per_s=cfg.ingest.device_rate_per_s,
+            device_burst=cfg.ingest.device_burst,
         )
         from edgefleet.fleet.rollup import RetentionJob
 

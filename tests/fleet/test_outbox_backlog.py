@@ -107,3 +107,28 @@ async def test_outbox_counts_reach_the_device_page_the_alerts_and_metrics(
         assert "outbox_waiting" not in kinds and "outbox_dropped" in kinds
     finally:
         await asyncio.to_thread(peer.close)
+
+
+async def test_the_ingest_rate_limit_is_a_fleet_config_key(
+    tmp_path: Path, keys: tuple[Path, Path], mosquitto: Mosquitto
+) -> None:
+    """``ingest.device_rate_per_s``/``device_burst`` reach the running ingest: a
+    device's third quick batch is over a burst of 2 and refused (unacked, counted)."""
+    cfg = fleet_config(
+        tmp_path, keys, mosquitto.port, ingest={"device_rate_per_s": 0.01, "device_burst": 2}
+    )
+    async with running_fleet(cfg) as fleet:
+        await fleet.enrol("store-r", [])
+        peer = Peer(mosquitto.port, "sim-store-r")
+        telemetry = topics.device_topic("store-r", topics.TELEMETRY)
+        try:
+            for seq in range(1, 4):
+                await asyncio.to_thread(peer.publish, telemetry, batch("store-r", seq, 0, 0, 0))
+            stats = fleet.service.bus.stats
+            await until(lambda: asyncio.sleep(0, stats.rejected.get("rate_limited", 0)), bool)
+            await until(lambda: asyncio.sleep(0, stats.records), lambda n: n == 2)
+            assert stats.rejected["rate_limited"] == 1
+        finally:
+            await asyncio.to_thread(peer.close)
+    with pytest.raises(ValueError, match="device_burst"):
+        fleet_config(tmp_path, keys, mosquitto.port, ingest={"device_burst": 0})
