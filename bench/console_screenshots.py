@@ -3,10 +3,11 @@
 ``python -m bench.console_screenshots`` starts ``edge-fleet demo --keep`` (four real
 agents, a cloud endpoint, the bad version stopped by a gate and version 2 promoted),
 waits for its story to end, signs in to its console in Debian's headless Chromium
-(tests/support/browser.py) and saves the overview, the rollouts, the rolled-back and
-the promoted rollout, a store's page and the model's page as PNGs of the window
-(1366×900), then stops the demo. Not a benchmark: it lives here beside the console
-bench because it needs the same browser and the built models (`python -m models`).
+(tests/support/browser.py) and saves the overview, the rolled-back rollout (with its
+evidence and gate charts), the promoted one, a store's page and the model's page as
+PNGs of the window (1366×900), then stops the demo. Not a benchmark: it lives here
+beside the console bench because it needs the same browser and the built models
+(`python -m models`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ def main() -> int:
         _shot(driver, "overview")
         driver.get(url + "/ui/rollouts")
         wait_for(driver, "table")
-        _shot(driver, "rollouts")
         links = {
             row.find_element(By.CSS_SELECTOR, ".badge").text: row.find_element(
                 By.CSS_SELECTOR, "a"
@@ -84,8 +84,19 @@ def main() -> int:
             if href:
                 driver.get(href)
                 time.sleep(1.5)  # the gate charts fetch and draw
-                driver.execute_script("window.scrollTo(0, document.body.scrollHeight / 3)")
                 _shot(driver, name)
+                if state != "rolled_back":
+                    continue
+                # The failed gate's evidence, then the gates over time.
+                for part, suffix in (("Decisions", "evidence"), ("Gates over time", "gates")):
+                    driver.execute_script(
+                        "for (const h of document.querySelectorAll('h2'))"
+                        " if (h.textContent.startsWith(arguments[0]))"
+                        " { h.scrollIntoView(); window.scrollBy(0, -60); break; }",
+                        part,
+                    )
+                    time.sleep(0.3)
+                    _shot(driver, f"{name}-{suffix}")
         driver.get(url + "/ui/devices/store-0001")
         time.sleep(1.5)
         _shot(driver, "device")
