@@ -9,7 +9,6 @@ hide the buttons a role may not use; the server refuses them anyway.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import mimetypes
 from urllib.parse import urlsplit
@@ -17,12 +16,13 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from edgefleet.core.errors import NotFound
-from edgefleet.fleet.api import OPEN, PRINCIPAL, READ, SESSION, VIA, _api, requires
+from edgefleet.core.http import json_response
+from edgefleet.fleet.api import OPEN, PRINCIPAL, READ, VIA, _api, _query_int, requires
 from edgefleet.fleet.audit import AuditEntry
 from edgefleet.fleet.console import live
 from edgefleet.fleet.console.overview import read_overview
-from edgefleet.fleet.console.render import SECURITY_HEADERS, STATIC, page
-from edgefleet.fleet.console.sessions import COOKIE, CSRF_FIELD
+from edgefleet.fleet.console.render import STATIC, page
+from edgefleet.fleet.console.sessions import COOKIE
 
 log = logging.getLogger(__name__)
 
@@ -174,18 +174,14 @@ async def audit_page(request: web.Request) -> web.Response:
 @routes.get("/v1/audit")
 @requires(READ)
 async def audit_json(request: web.Request) -> web.Response:
-    """The audit log as JSON for scripts (newest first; ``before`` pages back)."""
+    """The audit log as JSON for scripts (newest first; ``before`` an id to page back;
+    ``limit`` 1..1000; ``actor`` one token's name). A bad number is a 400."""
     api = _api(request)
-    before_raw = request.query.get("before")
-    before = int(before_raw) if before_raw and before_raw.isdigit() else None
-    limit_raw = request.query.get("limit", "100")
-    limit = min(int(limit_raw), 1000) if limit_raw.isdigit() and int(limit_raw) > 0 else 100
-    rows = (
-        await api.audit.list(limit=limit, before=before, actor=request.query.get("actor"))
-        if api.audit
-        else []
-    )
-    return web.json_response({"entries": rows})
+    limit = _query_int(request, "limit", 100, 1, 1000)
+    before = _query_int(request, "before", 0, 1, 2**63 - 1) if "before" in request.query else None
+    actor = request.query.get("actor") or None
+    rows = await api.audit.list(limit=limit, before=before, actor=actor) if api.audit else []
+    return json_response({"entries": rows})
 
 
 @routes.get("/ui/events")
@@ -194,9 +190,4 @@ async def events(request: web.Request) -> web.StreamResponse:
     return await live.stream(request)
 
 
-def csrf_ok(request: web.Request, offered: str) -> bool:
-    session = request.get(SESSION)
-    return session is not None and hmac.compare_digest(session.csrf, offered)
-
-
-__all__ = ["CSRF_FIELD", "SECURITY_HEADERS", "csrf_ok", "routes"]
+__all__ = ["routes"]

@@ -1,6 +1,7 @@
 """The console's fleet-wide events page (``/ui/timeline``, the CLI's ``events``): real
 events from a simulated device over a real Mosquitto, filtered by device and model,
-newest first, escaped, a bad limit refused."""
+newest first, escaped, a bad limit refused; and the audit log's JSON (``/v1/audit``):
+paging and precise 400s."""
 
 from __future__ import annotations
 
@@ -82,3 +83,18 @@ async def test_events_page_lists_filters_and_escapes(fleet: Fleet, mosquitto: Mo
     ]
     async with fleet.session.get(fleet.base + "/ui/timeline?limit=7") as r:
         assert r.status == 400 and "limit must be one of" in (await r.json())["error"]
+
+
+async def test_the_audit_log_pages_and_refuses_bad_numbers(fleet: Fleet) -> None:
+    for label in ("a", "b", "c"):  # three audited changes (404s: still audited)
+        status, _ = await fleet.raw("PUT", f"/v1/devices/nope-{label}/groups", json={"groups": []})
+        assert status == 404
+    entries = (await fleet.call("GET", "/v1/audit"))["entries"]
+    assert [e["target"] for e in entries] == ["id=nope-c", "id=nope-b", "id=nope-a"]
+    newest = entries[0]["id"]
+    page = (await fleet.call("GET", f"/v1/audit?limit=1&before={newest}"))["entries"]
+    assert [e["target"] for e in page] == ["id=nope-b"]
+    for query in ("limit=0", "limit=1001", "limit=x", "before=0", "before=-1"):
+        status, doc = await fleet.raw("GET", f"/v1/audit?{query}")
+        assert status == 400, (query, doc)
+        assert query.split("=")[0] in doc["error"]
