@@ -22,10 +22,10 @@ import pytest
 
 from edgefleet.converters.cli import EXIT_OK
 from edgefleet.converters.cli import main as convert_main
-from edgefleet.core.hard_example_wire import encode_upload, pack
 from edgefleet.fleet.cli import main as fleet_main
 from edgefleet.fleet.service import FleetService
 from tests.support.brokers import Mosquitto
+from tests.support.console_fleet import hard_example
 from tests.support.quality_fleet import TOKEN, Fleet, fleet_config
 from tests.support.tiny import TEST_X, tiny_reference
 
@@ -57,32 +57,7 @@ def example(
     i: int, device: str = "shop-1", *, image: bytes = b"", **header: Any
 ) -> tuple[str, bytes]:
     """Item ``i`` of TEST_X as the tiny model (labels a, b, c) and the cloud saw it."""
-    x = TEST_X[i : i + 1]
-    probs = tiny_reference(x)
-    doc = {
-        "device_id": device,
-        "model": "tiny",
-        "version": "1",
-        "kind": "unsure",
-        "status": "answered",
-        "created_at": 1_700_000_000.0 + i,
-        "cloud_model": "tiny-cloud",
-        "cloud_version": "1",
-        "edge_class": int(probs.argmax()),
-        "edge_confidence": float(probs.max()),
-        "cloud_class": (int(probs.argmax()) + 1) % 3,
-        "cloud_confidence": 0.9,
-        "agree": False,
-        "image_type": "image/png" if image else None,
-        **header,
-    }
-    parts = {
-        "inputs": pack({"x": x}),
-        "edge_outputs": pack({"probs": probs}),
-        "cloud_outputs": pack({"probs": probs[:, ::-1].copy()}),
-        "image": image,
-    }
-    return encode_upload(doc, parts)
+    return hard_example(i, device, image=image, **header)
 
 
 async def device_put(
