@@ -29,8 +29,7 @@ import numpy as np
 
 from edgefleet.core.errors import ConfigError
 from edgefleet.fleet.cli import Client, FleetRefused, Unreachable, _emit, _q, target_str
-
-_IMAGE_EXT = {"image/jpeg": "jpg", "image/png": "png"}
+from edgefleet.fleet.hard_example_export import ExportWriter
 
 
 def _target(args: argparse.Namespace) -> dict[str, Any]:
@@ -253,44 +252,34 @@ def export_dataset(client: Client, out: Path, filters: dict[str, Any]) -> dict[s
     if len(models) > 1:
         raise ConfigError(f"examples of several models {sorted(models)}: pick one with --model")
     (out / "images").mkdir(parents=True, exist_ok=True)
-    inputs: dict[str, list[np.ndarray]] = {}
-    ys: list[int] = []
-    cloud: list[int | None] = []
-    lines: list[str] = []
+
+    def write(name: str, data: bytes) -> None:
+        (out / name).write_bytes(data)
+
+    export = ExportWriter(write)
     for r in rows:
         hid = str(r["id"])
         doc = client.get(f"/v1/hard-examples/{hid}")
         raw, _ = get_bytes(client, f"/v1/hard-examples/{hid}/tensors")
         buf = io.BytesIO(raw)
         with np.load(buf, allow_pickle=False) as npz:  # never unpickle fleet data
-            for name in npz.files:
-                if name.startswith("input."):
-                    inputs.setdefault(name.removeprefix("input."), []).append(npz[name])
-        image_file = None
+            inputs = {
+                name.removeprefix("input."): npz[name]
+                for name in npz.files
+                if name.startswith("input.")
+            }
+        image, ctype = None, None
         if doc.get("has_image"):
-            img, ctype = get_bytes(client, f"/v1/hard-examples/{hid}/image")
-            image_file = f"images/{hid}.{_IMAGE_EXT.get(ctype, 'bin')}"
-            (out / image_file).write_bytes(img)
-        ys.append(int(doc["label_id"]))
-        cloud.append(doc.get("cloud_class"))
-        keys = ("id", "device_id", "model", "version", "reason", "label", "label_id",
-                "edge_class", "edge_label", "edge_confidence", "cloud_class", "cloud_label",
-                "cloud_confidence")  # fmt: skip
-        lines.append(json.dumps({**{k: doc.get(k) for k in keys}, "image": image_file}))
-    arrays: dict[str, Any] = {name: np.concatenate(parts, axis=0) for name, parts in inputs.items()}
-    arrays["y"] = np.asarray(ys, dtype=np.int64)
-    np.savez(out / "eval.npz", **arrays)
-    with_cloud = all(c is not None for c in cloud)
-    if with_cloud:
-        np.savez(out / "cloud.npz", y_pred=np.asarray(cloud, dtype=np.int64))
-    (out / "index.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            image, ctype = get_bytes(client, f"/v1/hard-examples/{hid}/image")
+        export.add(doc, inputs, image, ctype)
+    export.finish()
     return {
         "examples": len(rows),
         "model": models.pop(),
         "out": str(out),
         "eval": str(out / "eval.npz"),
-        "cloud_predictions": str(out / "cloud.npz") if with_cloud else None,
-        "images": sum(1 for line in lines if json.loads(line)["image"]),
+        "cloud_predictions": str(out / "cloud.npz") if export.with_cloud else None,
+        "images": export.images,
     }
 
 

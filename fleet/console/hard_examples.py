@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import re
 import sqlite3
 import zipfile
@@ -40,6 +39,7 @@ from edgefleet.core.hard_example_wire import decode_upload, unpack
 from edgefleet.fleet.api import READ, _api, requires
 from edgefleet.fleet.console.render import page
 from edgefleet.fleet.db import loads
+from edgefleet.fleet.hard_example_export import ExportWriter
 from edgefleet.fleet.hard_examples import HardExamples, _labels, check_id
 
 routes = web.RouteTableDef()
@@ -51,7 +51,6 @@ HEATMAP_MAX = 32  # cells per side of a tensor's heat-map
 TOP_VALUES = 8
 STATES = ("unlabelled", "labelled", "all")
 AGREEMENT = {"": None, "disagree": "agree = 0", "agree": "agree = 1", "unknown": "agree IS NULL"}
-_IMAGE_EXT = {"image/jpeg": "jpg", "image/png": "png"}
 # Keys that pick a class when a label has no one-character name of its own; never "s"
 # (skip), and never a key the page uses for something else.
 _KEY_POOL = "1234567890abcdefghijklmnopqrtuvwxyz"
@@ -250,8 +249,7 @@ def tensor_views(npz: bytes) -> list[dict[str, Any]]:
     image once its size-1 axes (and a channel axis of ≤ 4) are dropped, else the top
     values with their flat indices."""
     views: list[dict[str, Any]] = []
-    buffer = io.BytesIO(npz)
-    with np.load(buffer, allow_pickle=False) as arrays:  # never unpickle
+    with np.load(io.BytesIO(npz), allow_pickle=False) as arrays:  # never unpickle
         for key in arrays.files:
             if not key.startswith("input."):
                 continue
@@ -427,9 +425,6 @@ async def export_zip(request: web.Request) -> web.StreamResponse:
 _EXPORT_KEYS = ("id", "device_id", "model", "version", "reason", "label", "label_id",
                 "edge_class", "edge_confidence", "cloud_class", "cloud_confidence")  # fmt: skip
 _EXPORT_COLUMNS = ", ".join(_EXPORT_KEYS) + ", meta"
-_INDEX_KEYS = ("id", "device_id", "model", "version", "reason", "label", "label_id",
-               "edge_class", "edge_label", "edge_confidence", "cloud_class", "cloud_label",
-               "cloud_confidence")  # fmt: skip
 
 
 class _Sink(io.RawIOBase):
@@ -452,16 +447,13 @@ class _Sink(io.RawIOBase):
 
 
 class _Export:
-    """The CLI's export folder (fleet/cli_quality.py) written into a streamed ZIP.
+    """The export format (fleet/hard_example_export.py) into a streamed ZIP.
     ``add`` and ``finish`` run on worker threads, one at a time."""
 
     def __init__(self) -> None:
         self.sink = _Sink()
         self.zf = zipfile.ZipFile(self.sink, "w", compression=zipfile.ZIP_DEFLATED)
-        self.inputs: dict[str, list[np.ndarray]] = {}
-        self.ys: list[int] = []
-        self.cloud: list[int | None] = []
-        self.lines: list[str] = []
+        self.writer = ExportWriter(self.zf.writestr)
 
     def add(self, path: Path, doc: dict[str, Any]) -> None:
         try:
@@ -469,30 +461,12 @@ class _Export:
         except FileNotFoundError:
             return  # deleted since the list was read: not part of the export
         _, parts = decode_upload(body)
-        image_file = None
-        if "image" in parts:
-            image_file = f"images/{doc['id']}.{_IMAGE_EXT.get(doc['image_type'], 'bin')}"
-            self.zf.writestr(image_file, parts["image"])
-        for name, value in unpack(parts["inputs"]).items():
-            self.inputs.setdefault(name, []).append(value)
-        self.ys.append(int(doc["label_id"]))
-        self.cloud.append(doc.get("cloud_class"))
-        index = {k: doc.get(k) for k in _INDEX_KEYS}
-        self.lines.append(json.dumps({**index, "image": image_file}))
+        image = parts["image"] if "image" in parts else None
+        self.writer.add(doc, unpack(parts["inputs"]), image, doc["image_type"])
 
     def finish(self) -> None:
-        """``eval.npz``, ``cloud.npz`` (when every example has a cloud answer),
-        ``index.jsonl``, then the ZIP's directory."""
-        arrays: dict[str, Any] = {n: np.concatenate(p, axis=0) for n, p in self.inputs.items()}
-        arrays["y"] = np.asarray(self.ys, dtype=np.int64)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        self.zf.writestr("eval.npz", buf.getvalue())
-        if self.ys and all(c is not None for c in self.cloud):
-            buf = io.BytesIO()
-            np.savez(buf, y_pred=np.asarray(self.cloud, dtype=np.int64))
-            self.zf.writestr("cloud.npz", buf.getvalue())
-        self.zf.writestr("index.jsonl", "".join(line + "\n" for line in self.lines))
+        """The dataset's closing files, then the ZIP's directory."""
+        self.writer.finish()
         self.zf.close()
 
 
