@@ -19,7 +19,7 @@ models: $(STAMP)
 # (embedded broker, all in-process); then start the agent, send it real images, print answers.
 demo: $(STAMP)
 	$(PY) -m models --if-missing
-	$(VENV)/bin/edge-fleet demo --build models/build
+	$(VENV)/bin/edge-demo --build models/build
 	$(VENV)/bin/edge-agent demo --config models/build/agent.yaml
 
 # Format, lint, types (mypy --strict with the pydantic plugin, on the four product

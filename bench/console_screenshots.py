@@ -1,6 +1,6 @@
 """The console screenshots in docs/img/, taken from the README's demo fleet.
 
-``python -m bench.console_screenshots`` starts ``edge-fleet demo --keep`` (four real
+``python -m bench.console_screenshots`` starts ``edge-demo --keep`` (four real
 agents, a cloud endpoint, the bad version stopped by a gate and version 2 promoted),
 waits for its story to end, signs in to its console in Debian's headless Chromium
 (tests/support/browser.py) and saves the overview, the rolled-back rollout (with its
@@ -31,7 +31,7 @@ READY = re.compile(r"the fleet keeps running: (http://\S+)/ui/ \(token (\S+)\)")
 
 def _start_demo() -> tuple[subprocess.Popen[str], str, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgefleet.fleet", "demo", "--keep", "--build", "models/build"],
+        [sys.executable, "-m", "edgefleet.demo", "--keep", "--build", "models/build"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -813,7 +813,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 fleet.agents = await start_real_agents(
                     args.agents, session, base, token, broker.port, workdir, runners
                 )
-                from edgefleet.fleet.demo import render_digits
+                from edgefleet.demo.fleet_story import render_digits
 
                 images = await asyncio.to_thread(render_digits, MODELS_BUILD / "digits-test.npz")
                 apps = [

@@ -222,7 +222,7 @@ fi
 BUILD=$(mktemp -d)
 trap 'rm -rf "$BUILD"' EXIT
 tar -C "$SRC" --exclude=__pycache__ --exclude='*.egg-info' -cf - \
-  pyproject.toml README.md core agent fleet converters | tar -C "$BUILD" -xf -
+  pyproject.toml README.md core agent fleet converters demo | tar -C "$BUILD" -xf -
 
 PIP_ARGS=(--disable-pip-version-check --no-input --quiet)
 if [ -n "$WHEELHOUSE" ]; then

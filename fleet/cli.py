@@ -907,12 +907,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return runner.run(serve(cfg))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from edgefleet.fleet.demo import main as demo_main
-
-    return demo_main(Path(args.build), keep=args.keep)
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
     from edgefleet.fleet.config import load_fleet_config
 
@@ -991,17 +985,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.add_argument("--log-format", choices=logs.FORMATS, help="text or json lines on stderr")
     s.set_defaults(func=cmd_serve, needs_client=False)
-
-    s = sub.add_parser(
-        "demo", help="push a new digits-edge version to a running agent (all in-process)"
-    )
-    s.add_argument("--build", default="models/build", help="`python -m models` output")
-    s.add_argument(
-        "--keep",
-        action="store_true",
-        help="after the story, keep the fleet and the stores running (look around the console)",
-    )
-    s.set_defaults(func=cmd_demo, needs_client=False)
 
     s = sub.add_parser("check-config", help="validate a fleet config file")
     s.add_argument("--config", required=True)

@@ -36,7 +36,18 @@ TOP_LEVEL = {
     for p in ROOT.iterdir()
     if (not p.name.startswith(".") or p.name == ".ci") and not p.name.endswith(".egg-info")
 }
-FOLDERS = ("agent", "core", "fleet", "converters", "tests", "bench", "models", "deploy", "docs")
+FOLDERS = (
+    "agent",
+    "core",
+    "fleet",
+    "converters",
+    "demo",
+    "tests",
+    "bench",
+    "models",
+    "deploy",
+    "docs",
+)
 # Made at run time or by a build, not in the repository: prefix -> what makes it.
 GENERATED = {
     "models/build": "python -m models (make demo)",

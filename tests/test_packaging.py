@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PRODUCTS = ("core", "agent", "fleet", "converters")
+PRODUCTS = ("core", "agent", "fleet", "converters", "demo")
 
 
 @pytest.fixture(scope="module")

@@ -55,9 +55,9 @@ def test_fleet_demo_rolls_the_bad_version_back_and_promotes_version_2(build, tmp
     embedded broker with a real cloud endpoint: the ~20-points-worse version is rolled
     back by a failed gate in its canary wave, version 2 passes its shadow stage and
     gated waves and gets the ``stable`` label, and no app request fails."""
-    script = Path(sys.executable).parent / "edge-fleet"
+    script = Path(sys.executable).parent / "edge-demo"
     r = subprocess.run(
-        [str(script), "demo", "--build", str(build)],
+        [str(script), "--build", str(build)],
         capture_output=True,
         text=True,
         cwd=tmp_path,

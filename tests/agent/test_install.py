@@ -255,7 +255,7 @@ def test_install_enrol_serve_upgrade_uninstall(
     for name in ("pyproject.toml", "README.md", "constraints.txt"):
         tree.mkdir(exist_ok=True)
         shutil.copy2(REPO / name, tree / name)
-    for name in ("core", "agent", "fleet", "converters", "deploy"):
+    for name in ("core", "agent", "fleet", "converters", "demo", "deploy"):
         shutil.copytree(
             REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
         )

@@ -1,4 +1,4 @@
-"""``edge-fleet demo``: a bad model version is stopped by the fleet on what it does; a
+"""``edge-demo``: a bad model version is stopped by the fleet on what it does; a
 good one goes through shadow and gated waves and is promoted.
 
 Everything runs in this process on loopback, with nothing installed beyond the
@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -472,7 +471,3 @@ def main(build: Path, *, keep: bool = False) -> int:
             return asyncio.run(run_demo(build, Path(tmp), keep=keep))
         except KeyboardInterrupt:
             return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(Path("models/build")))

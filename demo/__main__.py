@@ -1,0 +1,5 @@
+import sys
+
+from edgefleet.demo.cli import main
+
+sys.exit(main())
