@@ -30,7 +30,7 @@ import asyncio
 import sqlite3
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +121,20 @@ def read_snapshot(conn: sqlite3.Connection) -> DbSnapshot:
     return snap
 
 
+def _family(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    doc: str,
+    labels: list[str],
+    samples: Iterable[tuple[list[str], float]],
+) -> Metric:
+    """One labelled family: ``PREFIX + name`` with a sample per (label values, value)."""
+    family = kind(PREFIX + name, doc, labels=labels)
+    for values, value in samples:
+        family.add_metric(values, value)
+    return family
+
+
 class _FleetCollector(Collector):
     """Counters the bus, the ingest and the database writer keep, and the last
     ``DbSnapshot``; read on the event loop at the scrape (``FleetMetrics.exposition``)."""
@@ -142,53 +156,48 @@ class _FleetCollector(Collector):
 
     def _db_figures(self) -> Iterator[Metric]:
         snap = self.snapshot
-        devices = GaugeMetricFamily(
-            PREFIX + "devices",
+        yield _family(
+            GaugeMetricFamily,
+            "devices",
             "Enrolled devices by state (online, offline, revoked); each device once",
-            labels=["state"],
+            ["state"],
+            (([state], snap.devices.get(state, 0)) for state in DEVICE_STATES),
         )
-        for state in DEVICE_STATES:
-            devices.add_metric([state], snap.devices.get(state, 0))
-        yield devices
-        grouped = GaugeMetricFamily(
-            PREFIX + "group_devices",
+        yield _family(
+            GaugeMetricFamily,
+            "group_devices",
             "Devices by group and state (a device in two groups counts in both)",
-            labels=["group", "state"],
+            ["group", "state"],
+            (([grp, state], n) for (grp, state), n in sorted(snap.group_devices.items())),
         )
-        for (grp, state), n in sorted(snap.group_devices.items()):
-            grouped.add_metric([grp, state], n)
-        yield grouped
-        rollouts = GaugeMetricFamily(
-            PREFIX + "rollouts",
+        yield _family(
+            GaugeMetricFamily,
+            "rollouts",
             "Rollouts by state (running, paused, stopped, completed, rolled_back)",
-            labels=["state"],
+            ["state"],
+            (([state], n) for state, n in sorted(snap.rollouts.items())),
         )
-        for state, n in sorted(snap.rollouts.items()):
-            rollouts.add_metric([state], n)
-        yield rollouts
-        decisions = CounterMetricFamily(
-            PREFIX + "gate_decisions",
+        yield _family(
+            CounterMetricFamily,
+            "gate_decisions",
             "Rollout gate decisions recorded, by stage (shadow, wave) and outcome (pass, fail)",
-            labels=["stage", "outcome"],
+            ["stage", "outcome"],
+            (([stage, outcome], n) for (stage, outcome), n in sorted(snap.decisions.items())),
         )
-        for (stage, outcome), n in sorted(snap.decisions.items()):
-            decisions.add_metric([stage, outcome], n)
-        yield decisions
         yield GaugeMetricFamily(
             PREFIX + "device_outbox_waiting",
             "Telemetry records waiting in the devices' outboxes, as their newest batches"
             " said (the fleet-wide backlog)",
             value=snap.outbox_waiting,
         )
-        dropped = GaugeMetricFamily(
-            PREFIX + "device_outbox_dropped",
+        yield _family(
+            GaugeMetricFamily,
+            "device_outbox_dropped",
             "Telemetry records the devices' full outboxes dropped, by priority (the"
             " devices' running totals, as their newest batches said)",
-            labels=["priority"],
+            ["priority"],
+            (([priority], n) for priority, n in sorted(snap.outbox_dropped.items())),
         )
-        for priority, n in sorted(snap.outbox_dropped.items()):
-            dropped.add_metric([priority], n)
-        yield dropped
 
     def _bus_figures(self, bus: Any) -> Iterator[Metric]:
         link = bus.link.stats
@@ -223,31 +232,28 @@ class _FleetCollector(Collector):
             "MQTT messages handed to the ingest (status, reported, events, telemetry)",
             value=s.messages,
         )
-        refused = CounterMetricFamily(
-            PREFIX + "ingest_refused",
+        yield _family(
+            CounterMetricFamily,
+            "ingest_refused",
             "Messages the ingest refused, by reason (not_json, schema, invalid, oversized,"
             " device_mismatch, newer_schema, topic, rate_limited, unknown_device)",
-            labels=["reason"],
+            ["reason"],
+            (([reason], n) for reason, n in sorted(s.rejected.items())),
         )
-        for reason, n in sorted(s.rejected.items()):
-            refused.add_metric([reason], n)
-        yield refused
-        by_leaf = CounterMetricFamily(
-            PREFIX + "ingest_refused_by_leaf",
+        yield _family(
+            CounterMetricFamily,
+            "ingest_refused_by_leaf",
             "Messages the ingest refused, by topic leaf",
-            labels=["leaf"],
+            ["leaf"],
+            (([leaf], n) for leaf, n in sorted(s.rejected_by_leaf.items())),
         )
-        for leaf, n in sorted(s.rejected_by_leaf.items()):
-            by_leaf.add_metric([leaf], n)
-        yield by_leaf
-        applied = CounterMetricFamily(
-            PREFIX + "ingest_applied",
+        yield _family(
+            CounterMetricFamily,
+            "ingest_applied",
             "Messages applied: status, reported, new events, telemetry batches stored and acked",
-            labels=["kind"],
+            ["kind"],
+            (([kind], getattr(s, attr)) for attr, kind in _APPLIED.items()),
         )
-        for attr, kind in _APPLIED.items():
-            applied.add_metric([kind], getattr(s, attr))
-        yield applied
         yield CounterMetricFamily(
             PREFIX + "telemetry_records_stored",
             "New telemetry records stored (rate(): records stored per second)",
@@ -258,14 +264,13 @@ class _FleetCollector(Collector):
             "Telemetry records received again (a resend) and not stored twice",
             value=s.duplicate_records,
         )
-        bad = CounterMetricFamily(
-            PREFIX + "telemetry_records_invalid",
+        yield _family(
+            CounterMetricFamily,
+            "telemetry_records_invalid",
             "Records stored raw only: their data failed its kind's model",
-            labels=["kind"],
+            ["kind"],
+            (([kind], getattr(s, attr)) for attr, kind in _BAD_RECORDS.items()),
         )
-        for attr, kind in _BAD_RECORDS.items():
-            bad.add_metric([kind], getattr(s, attr))
-        yield bad
         yield CounterMetricFamily(
             PREFIX + "telemetry_acks_sent",
             "Telemetry acks published (after the batch's write committed)",

@@ -34,7 +34,7 @@ from aiohttp import web
 from edgefleet.core.errors import BadRequest
 from edgefleet.fleet.api import READ, _api, requires
 from edgefleet.fleet.console.overview import NO_GROUP, fallback_of
-from edgefleet.fleet.console.render import page
+from edgefleet.fleet.console.render import live_page, page
 from edgefleet.fleet.db import loads
 
 routes = web.RouteTableDef()
@@ -265,10 +265,9 @@ def _facets(conn: sqlite3.Connection) -> dict[str, list[tuple[str, int]]]:
 async def devices_page(request: web.Request) -> web.Response:
     f = DeviceQuery.from_query(request.query)
     data = await _api(request).registry.db.read(lambda conn: read_device_list(conn, f))
-    template = "devices_body.html" if request.headers.get("HX-Request") else "devices.html"
-    return page(
+    return live_page(
         request,
-        template,
+        "devices",
         active="devices",
         title="Devices",
         f=f,
@@ -360,10 +359,9 @@ async def device_page(request: web.Request) -> web.Response:
             title="Unknown device",
             device_id=device_id,
         )
-    template = "device_body.html" if request.headers.get("HX-Request") else "device.html"
-    return page(
+    return live_page(
         request,
-        template,
+        "device",
         active="devices",
         title=f"Device {device_id}",
         dev=dev,

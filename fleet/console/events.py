@@ -11,7 +11,7 @@ from aiohttp import web
 
 from edgefleet.core.errors import BadRequest
 from edgefleet.fleet.api import READ, _api, requires
-from edgefleet.fleet.console.render import page
+from edgefleet.fleet.console.render import live_page
 
 routes = web.RouteTableDef()
 LIMITS = (50, 100, 200, 500)
@@ -30,10 +30,9 @@ async def events_page(request: web.Request) -> web.Response:
     # Every field the template reads, present (an event kind may lack some).
     keys = ("kind", "device_id", "model", "version", "previous", "rollout", "reason")
     rows = [{**{k: e.get(k) for k in keys}, "received_at": e.get("received_at")} for e in found]
-    template = "events_body.html" if request.headers.get("HX-Request") else "events.html"
-    return page(
+    return live_page(
         request,
-        template,
+        "events",
         active="events",
         title="Events",
         events=rows,

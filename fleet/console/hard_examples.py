@@ -37,7 +37,7 @@ from aiohttp import web
 from edgefleet.core.errors import BadRequest, NotFound
 from edgefleet.core.hard_example_wire import decode_upload, unpack
 from edgefleet.fleet.api import READ, _api, requires
-from edgefleet.fleet.console.render import page
+from edgefleet.fleet.console.render import is_fragment, page
 from edgefleet.fleet.db import loads
 from edgefleet.fleet.hard_example_export import ExportWriter
 from edgefleet.fleet.hard_examples import HardExamples, _labels, check_id
@@ -323,7 +323,7 @@ async def queue_page(request: web.Request) -> web.Response:
 async def _queue_page(request: web.Request, selected: str | None) -> web.Response:
     f = Filters.of(request)
     store = _store(request)
-    fragment = bool(request.headers.get("HX-Request"))
+    fragment = is_fragment(request)
     q = (
         await _api(request).registry.db.read(lambda c: read_queue(c, f))
         if store is not None
@@ -475,7 +475,7 @@ class _Export:
 async def one(request: web.Request) -> web.Response:
     """One example's panel (fragment for ``HX-Request``), else the queue with it selected."""
     hid = request.match_info["id"]
-    if not request.headers.get("HX-Request"):
+    if not is_fragment(request):
         return await _queue_page(request, hid)
     store = _store(request)
     if store is None:

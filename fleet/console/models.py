@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from edgefleet.fleet.api import READ, _api, _bus_call, requires
-from edgefleet.fleet.console.render import page
+from edgefleet.fleet.console.render import live_page
 from edgefleet.fleet.console.rollouts import read_rollout_list
 
 routes = web.RouteTableDef()
@@ -103,10 +103,6 @@ def read_targets(conn: sqlite3.Connection) -> dict[str, list[str]]:
     return {"groups": groups, "devices": devices}
 
 
-def _fragment(request: web.Request) -> bool:
-    return bool(request.headers.get("HX-Request"))
-
-
 @routes.get("/ui/models")
 @requires(READ)
 async def models_page(request: web.Request) -> web.Response:
@@ -124,10 +120,9 @@ async def models_page(request: web.Request) -> web.Response:
     # Models that devices run but the registry no longer holds still show (by name).
     for name in sorted(set(placement) - {m["name"] for m in models}):
         models.append({"name": name, "versions": [], "labels": {}, "latest": None})
-    template = "models_body.html" if _fragment(request) else "models.html"
-    return page(
+    return live_page(
         request,
-        template,
+        "models",
         active="models",
         title="Models",
         models=models,
@@ -156,10 +151,9 @@ async def model_page(request: web.Request) -> web.Response:
         bus = api.bus
         assignments = await _bus_call(lambda: bus.desired.list_assignments(name))
     versions = [{**v, "fig": figures(v.get("metrics") or {})} for v in model["versions"]]
-    template = "model_body.html" if _fragment(request) else "model.html"
-    return page(
+    return live_page(
         request,
-        template,
+        "model",
         active="models",
         title=f"Model {name}",
         m=model,

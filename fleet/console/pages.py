@@ -21,7 +21,7 @@ from edgefleet.fleet.api import OPEN, PRINCIPAL, READ, VIA, _api, _query_int, re
 from edgefleet.fleet.audit import AuditEntry
 from edgefleet.fleet.console import live
 from edgefleet.fleet.console.overview import read_overview
-from edgefleet.fleet.console.render import STATIC, page
+from edgefleet.fleet.console.render import STATIC, live_page, page
 from edgefleet.fleet.console.sessions import COOKIE
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 async def overview(request: web.Request) -> web.Response:
     api = _api(request)
     data = await api.registry.db.read(read_overview)
-    template = "overview_body.html" if request.headers.get("HX-Request") else "overview.html"
-    return page(request, template, active="overview", title="Overview", o=data)
+    return live_page(request, "overview", active="overview", title="Overview", o=data)
 
 
 @routes.get("/ui/audit")
@@ -167,8 +166,9 @@ async def audit_page(request: web.Request) -> web.Response:
     before = int(before_raw) if before_raw and before_raw.isdigit() else None
     actor = request.query.get("actor") or None
     rows = await api.audit.list(limit=100, before=before, actor=actor) if api.audit else []
-    template = "audit_body.html" if request.headers.get("HX-Request") else "audit.html"
-    return page(request, template, active="audit", title="Audit log", rows=rows, actor=actor or "")
+    return live_page(
+        request, "audit", active="audit", title="Audit log", rows=rows, actor=actor or ""
+    )
 
 
 @routes.get("/v1/audit")

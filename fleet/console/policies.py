@@ -15,7 +15,7 @@ from aiohttp import web
 
 from edgefleet.core.protocol import ConfidenceRule, FallbackMode
 from edgefleet.fleet.api import READ, _api, requires
-from edgefleet.fleet.console.render import page
+from edgefleet.fleet.console.render import live_page
 from edgefleet.fleet.policies import load_policies
 
 routes = web.RouteTableDef()
@@ -43,10 +43,9 @@ def _read(conn: sqlite3.Connection) -> dict[str, Any]:
 @requires(READ)
 async def policies_page(request: web.Request) -> web.Response:
     data = await _api(request).registry.db.read(_read)
-    template = "policies_body.html" if request.headers.get("HX-Request") else "policies.html"
-    return page(
+    return live_page(
         request,
-        template,
+        "policies",
         active="policies",
         title="Fallback policies",
         modes=get_args(FallbackMode),

@@ -125,6 +125,17 @@ def render_text(template: str, **ctx: Any) -> str:
     return ENV.get_template(template).render(**ctx)
 
 
+def is_fragment(request: web.Request) -> bool:
+    """htmx is refreshing a live part of a page (``HX-Request``), not loading it."""
+    return bool(request.headers.get("HX-Request"))
+
+
+def live_page(request: web.Request, view: str, /, **ctx: Any) -> web.Response:
+    """``<view>.html``, or ``<view>_body.html`` alone when htmx refreshes the page's live
+    part (the full template includes the body one)."""
+    return page(request, f"{view}_body.html" if is_fragment(request) else f"{view}.html", **ctx)
+
+
 def page(request: web.Request, template: str, *, status: int = 200, **ctx: Any) -> web.Response:
     """A whole page or an htmx fragment (the template decides), with the console's
     security headers."""

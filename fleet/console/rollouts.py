@@ -33,7 +33,7 @@ from aiohttp import web
 from edgefleet.core.errors import BadRequest, NotFound
 from edgefleet.core.http import json_response
 from edgefleet.fleet.api import READ, _api, _bus_call, _jsonable, requires
-from edgefleet.fleet.console.render import page
+from edgefleet.fleet.console.render import live_page
 from edgefleet.fleet.db import dumps, loads
 from edgefleet.fleet.gates import GateSyntaxError, parse_gate
 
@@ -227,10 +227,6 @@ def latest_figures(series: dict[str, Any]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------ pages
 
 
-def _fragment(request: web.Request) -> bool:
-    return bool(request.headers.get("HX-Request"))
-
-
 @routes.get("/ui/rollouts")
 @requires(READ)
 async def rollouts_page(request: web.Request) -> web.Response:
@@ -240,10 +236,9 @@ async def rollouts_page(request: web.Request) -> web.Response:
         raise BadRequest(f"state must be one of {', '.join(STATES)}")
     model = request.query.get("model") or None
     rows = await api.registry.db.read(lambda conn: read_rollout_list(conn, state, model))
-    template = "rollouts_body.html" if _fragment(request) else "rollouts.html"
-    return page(
+    return live_page(
         request,
-        template,
+        "rollouts",
         active="rollouts",
         title="Rollouts",
         rollouts=rows,
@@ -264,11 +259,10 @@ async def rollout_page(request: web.Request) -> web.Response:
     rid = request.match_info["id"]
     r = _jsonable(await _bus_call(lambda: bus.rollouts.get(rid)))
     series = await api.registry.db.read(lambda conn: read_gate_series(conn, rid, None))
-    template = "rollout_body.html" if _fragment(request) else "rollout.html"
     plan = r.get("plan") or {}
-    return page(
+    return live_page(
         request,
-        template,
+        "rollout",
         active="rollouts",
         title=f"Rollout {r['model']} {r['version']}",
         r=r,

@@ -12,9 +12,8 @@
  *     data-redirect="/ui/rollouts/{id}" follows with fields of the answer.
  *   - Uploads: <form data-upload="/v1/models"> sends its file input's file as the raw
  *     body with a <progress> inside the form showing the bytes sent.
- *   - Charts: <div class="chart" data-chart="/v1/series/..." data-fields="p50_ms,p95_ms"
- *     [data-threshold="120"] [data-topic="telemetry"]> draws columnar JSON with uPlot
- *     ({"t": [...], "<field>": [...]}) and redraws on its topic.
+ *   - Shared with the pages' own scripts (devices.js, models.js, rollouts.js, which
+ *     draw their charts with uPlot): EF.api, EF.getJson, EF.toast, EF.fire, EF.PALETTE.
  */
 (function () {
   "use strict";
@@ -170,64 +169,17 @@
     xhr.send(file);
   }
 
-  /* -------------------------------------------------------------------- charts */
-  var PALETTE = ["#2b6cb0", "#38a169", "#d69e2e", "#805ad5", "#dd6b20", "#319795", "#c53030"];
+  /* ------------------------------------------------ shared by the pages' charts */
+  // Series colours (devices.js, models.js, rollouts.js draw their charts with uPlot).
+  EF.PALETTE = ["#2b6cb0", "#38a169", "#d69e2e", "#805ad5", "#dd6b20", "#319795", "#c53030"];
 
-  EF.draw = function (el, data, fields, opts) {
-    opts = opts || {};
-    var t = data.t || [];
-    el.innerHTML = "";
-    if (!t.length) {
-      var p = document.createElement("div");
-      p.className = "empty";
-      p.textContent = "No data in this range yet.";
-      el.appendChild(p);
-      return null;
-    }
-    var series = [{}];
-    var cols = [t];
-    fields.forEach(function (f, i) {
-      if (!data[f]) return;
-      // Few points (a new version, a short range): draw them as dots, or one point shows nothing.
-      series.push({ label: (opts.labels && opts.labels[i]) || f, stroke: PALETTE[i % PALETTE.length], width: 2,
-        spanGaps: false, points: { show: t.length <= 60, size: 6 } });
-      cols.push(data[f]);
-    });
-    if (opts.threshold !== undefined && opts.threshold !== null && opts.threshold !== "") {
-      var th = Number(opts.threshold);
-      series.push({ label: "threshold", stroke: "#c53030", dash: [6, 4], width: 1.5 });
-      cols.push(t.map(function () { return th; }));
-    }
-    var width = Math.max(300, el.clientWidth || 600);
-    var plot = new window.uPlot({ width: width, height: opts.height || 220, series: series,
-      axes: [{}, { label: opts.ylabel || "" }], scales: { x: { time: true } } }, cols, el);
-    el._plot = plot;
-    return plot;
+  // GET a JSON document with the session; rejects with the API's {"error"} message.
+  EF.getJson = function (url) {
+    return fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (r) {
+        return r.json().then(function (d) { if (!r.ok) throw new Error(d.error || r.status); return d; });
+      });
   };
-
-  function loadChart(el) {
-    var fields = (el.dataset.fields || "").split(",").filter(Boolean);
-    var labels = el.dataset.labels ? el.dataset.labels.split(",") : null;
-    return fetch(el.dataset.chart, { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (r) { return r.json().then(function (d) { if (!r.ok) throw new Error(d.error || r.status); return d; }); })
-      .then(function (d) {
-        EF.draw(el, d, fields, { threshold: el.dataset.threshold, ylabel: el.dataset.ylabel, labels: labels });
-        el.dataset.loadedAt = String(Date.now());
-      })
-      .catch(function (err) { el.textContent = "Chart unavailable: " + err.message; });
-  }
-  EF.loadChart = loadChart;
-
-  function initCharts(root) {
-    (root || document).querySelectorAll("[data-chart]").forEach(function (el) {
-      if (el._wired) return;
-      el._wired = true;
-      loadChart(el);
-      var topic = el.dataset.topic || "telemetry";
-      document.body.addEventListener("ef:" + topic, function () { loadChart(el); });
-    });
-  }
-  EF.initCharts = initCharts;
 
   /* ---------------------------------------------------------------------- live */
   function connect() {
@@ -248,8 +200,6 @@
     document.body.addEventListener("htmx:configRequest", function (ev) {
       ev.detail.headers["X-CSRF-Token"] = csrf;
     });
-    document.body.addEventListener("htmx:afterSwap", function (ev) { initCharts(ev.target); });
-    initCharts(document);
     connect();
   });
 })();

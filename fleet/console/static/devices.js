@@ -72,7 +72,7 @@
   }
 
   var REDRAW_MS = 1000;
-  var PALETTE = ["#2b6cb0", "#38a169", "#d69e2e", "#805ad5", "#dd6b20", "#319795", "#c53030"];
+  var PALETTE = EF.PALETTE;
 
   /* One uPlot chart: a line per column, with its points drawn (a step with data
    * between two empty ones is a dot, not nothing), and the threshold dashed. */
@@ -105,10 +105,7 @@
   function drawCharts(root) {
     var url = root.dataset.series + "?from=" + encodeURIComponent(root.dataset.from || "-1h");
     var errorEl = root.querySelector(".chart-error");
-    return fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (r) {
-        return r.json().then(function (d) { if (!r.ok) throw new Error(d.error || r.status); return d; });
-      })
+    return EF.getJson(url)
       .then(function (doc) {
         if (errorEl) errorEl.hidden = true;
         var lines = doc.lines || [];

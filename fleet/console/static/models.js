@@ -14,7 +14,7 @@
  */
 (function () {
   "use strict";
-  var PALETTE = ["#2b6cb0", "#38a169", "#d69e2e", "#805ad5", "#dd6b20", "#319795", "#c53030"];
+  var PALETTE = EF.PALETTE;
   var box, timer = null, last = 0;
 
   function fmt(unit) {
@@ -63,8 +63,7 @@
 
   function load() {
     last = Date.now();
-    return fetch(box.dataset.series, { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (r) { return r.json().then(function (d) { if (!r.ok) throw new Error(d.error || r.status); return d; }); })
+    return EF.getJson(box.dataset.series)
       .then(function (doc) {
         box.querySelectorAll(".series-chart").forEach(function (el) { draw(el, doc); });
         box.dataset.loadedAt = String(Date.now());

@@ -61,8 +61,7 @@
     if (busy) { again = true; return; }
     busy = true;
     last = Date.now();
-    fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (r) { return r.json().then(function (d) { if (!r.ok) throw new Error(d.error || r.status); return d; }); })
+    EF.getJson(url)
       .then(function (doc) {
         var byKey = {};
         doc.gates.forEach(function (g) { byKey[g.stage + "\u0000" + g.gate] = g; });
