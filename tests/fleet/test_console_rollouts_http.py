@@ -138,6 +138,20 @@ async def fleet(
         await svc.stop()
 
 
+async def fleet_stored_active(fleet: Setup, sims: list[SimDevice], version: str) -> None:
+    """Until the fleet has stored every sim's report of tiny ``version`` active: a sim
+    knows first, and a plan assigned before the fleet does finds no baseline."""
+
+    async def stored() -> bool:
+        for sim in sims:
+            doc = await fleet.call("GET", f"/v1/devices/{sim.device_id}")
+            if (doc["models"].get("tiny") or {}).get("active") != version:
+                return False
+        return True
+
+    await until(stored)
+
+
 def buttons(html: str) -> set[str]:
     """The ids of the operator buttons on a rollout page."""
     return set(re.findall(r'id="btn-(\w+)"', html))
@@ -157,6 +171,7 @@ async def test_rollout_pages_render_every_state_with_its_buttons_and_the_gate_hi
         "POST", "/v1/assignments", json={"model": "tiny", "version": "1", "target": {"all": True}}
     )
     await until(lambda: all(s.active.get("tiny") == "1" for s in sims))
+    await fleet_stored_active(fleet, sims, "1")
     fleet.svc.bus.rollouts.series_interval_s = 0.0  # every evaluation on the chart
     plan = {"waves": ["100%"], "gates": ["error_rate <= 0.05"], "min_requests": 50}
     started = await fleet.call(
@@ -332,6 +347,7 @@ async def test_model_pages_figures_placement_labels_upload_and_removal(
         "POST", "/v1/assignments", json={"model": "tiny", "version": "1", "target": {"all": True}}
     )
     await until(lambda: all(s.active.get("tiny") == "1" for s in sims))
+    await fleet_stored_active(fleet, sims, "1")
     await until(lambda: fleet.call("GET", "/v1/devices/store-1"))
     html = await admin.page("/ui/models")
     assert re.findall(r'data-version="(\d)"', html) == ["3", "2", "1"]
@@ -408,6 +424,7 @@ async def test_a_shadow_stage_shows_its_stores_its_gate_chart_and_its_end(
         "POST", "/v1/assignments", json={"model": "tiny", "version": "1", "target": {"all": True}}
     )
     await until(lambda: all(s.active.get("tiny") == "1" for s in sims))
+    await fleet_stored_active(fleet, sims, "1")
     plan = {
         "waves": ["100%"],
         "shadow": {"devices": 1, "min_items": 100, "gates": ["shadow_agreement >= 0.9"]},
